@@ -1,0 +1,72 @@
+"""The root of lorastream's exceptions.
+
+Every error that lorastream raises on purpose derives from :class:`LorastreamError`,
+so a caller (the CLI first of all) can catch the project's own errors and
+nothing else. Each package adds its own small tree beside its code::
+
+    LorastreamError
+    ├── schemas.SchemaError            a document that breaks the wire contract
+    ├── streams.StreamsError           the scoring stage
+    ├── trainer.TrainerError           the training stage
+    │   ├── AdapterStoreError          a missing or corrupt adapter file
+    │   └── StepError                  a LoRA step that raised or gave a non-finite loss
+    └── lorastream.BrokerError         the local broker could not be assembled or started
+"""
+
+from __future__ import annotations
+
+__all__ = ["KafkaPosition", "LorastreamError", "SchemaError"]
+
+
+class KafkaPosition:
+    """Where a record lies: topic, partition and offset, for error messages."""
+
+    __slots__ = ("offset", "partition", "topic")
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def __repr__(self) -> str:
+        return f"KafkaPosition({self.topic!r}, {self.partition}, {self.offset})"
+
+
+class LorastreamError(Exception):
+    """Base of every error lorastream raises on purpose."""
+
+
+class SchemaError(LorastreamError):
+    """A document that breaks the wire contract.
+
+    ``problems`` lists ``(field, message)`` pairs, the field as a dotted path
+    (``"source.offset"``) or ``"$"`` for the document as a whole, so that a
+    person can find and fix each one. ``position`` says where the document was
+    read from when it came from Kafka; ``line`` when it came from a file.
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        problems: list[tuple[str, str]],
+        *,
+        position: KafkaPosition | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.type_name = type_name
+        self.problems = problems
+        self.position = position
+        self.line = line
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = ""
+        if self.position is not None:
+            where = f" at {self.position}"
+        elif self.line is not None:
+            where = f" on line {self.line}"
+        details = "; ".join(f"{field}: {message}" for field, message in self.problems)
+        return f"invalid {self.type_name}{where}: {details}"

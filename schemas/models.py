@@ -1,0 +1,204 @@
+"""The three documents of the wire contract, as typed, immutable models.
+
+``GenerationResult`` is what upstream systems produce; it is validated
+strictly (unknown fields are rejected, so that a misspelt ``baseline`` is an
+error instead of a silent ROUGE of 0). ``LearningEvent`` and
+``AdapterUpdate`` are produced by lorastream itself; readers tolerate fields
+added by newer versions. Every document carries ``schema_version``; version 1
+is the only one this code reads.
+
+The JSON Schema files in ``schemas/json/`` state the same rules for producers
+in other languages; ``tests/schemas/test_json_schema.py`` holds the two
+against each other.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+__all__ = [
+    "ADAPTER_PATTERN",
+    "SCHEMA_VERSION",
+    "AdapterUpdate",
+    "GenerationResult",
+    "LearningEvent",
+    "LoraSpec",
+    "SourcePosition",
+    "WindowSpec",
+]
+
+SCHEMA_VERSION = 1
+ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _rfc3339_string(value: Any) -> Any:
+    # pydantic would also take a bare number of seconds; the contract says RFC 3339.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time string, such as 2026-01-31T12:00:00Z")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_string)]
+AdapterName = Annotated[
+    StrictStr,
+    Field(pattern=ADAPTER_PATTERN, description="Names files, so only these characters."),
+]
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Offset = Annotated[StrictInt, Field(ge=0)]
+
+
+def _supported_version(version: int) -> int:
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"version {version} is not supported by this lorastream, which reads version "
+            f"{SCHEMA_VERSION}"
+        )
+    return version
+
+
+SchemaVersion = Annotated[StrictInt, AfterValidator(_supported_version)]
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="ignore")
+
+
+class GenerationResult(_Document):
+    """One generation by an upstream inference system, to be scored."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    id: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    adapter: AdapterName = "default"
+    prompt: StrictStr
+    response: StrictStr
+    baseline: StrictStr | None = None
+    entropy_delta: FiniteFloat | None = None
+    entropy_before: FiniteFloat | None = None
+    entropy_after: FiniteFloat | None = None
+    created_at: Timestamp | None = None
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _entropy_is_known(self) -> GenerationResult:
+        pair = (self.entropy_before, self.entropy_after)
+        if (pair[0] is None) != (pair[1] is None):
+            missing = "entropy_after" if pair[1] is None else "entropy_before"
+            raise ValueError(
+                f"entropy_before and entropy_after come as a pair; {missing} is missing"
+            )
+        if self.entropy_delta is None and pair[0] is None:
+            raise ValueError(
+                "one of entropy_delta, or the pair entropy_before and entropy_after, is required"
+            )
+        if self.entropy_delta is None and not math.isfinite(self.effective_entropy_delta):
+            raise ValueError("entropy_after - entropy_before overflows to a non-finite number")
+        return self
+
+    @property
+    def effective_entropy_delta(self) -> float:
+        """``entropy_delta`` when given, else ``entropy_after - entropy_before``."""
+        if self.entropy_delta is not None:
+            return self.entropy_delta
+        assert self.entropy_before is not None and self.entropy_after is not None
+        return self.entropy_after - self.entropy_before
+
+
+class SourcePosition(_Document):
+    """Where a document was read: the Kafka topic, partition and offset."""
+
+    topic: StrictStr
+    partition: Annotated[StrictInt, Field(ge=0)]
+    offset: Offset
+
+
+class LearningEvent(_Document):
+    """A scored generation that qualified for training."""
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    id: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    adapter: AdapterName
+    prompt: StrictStr
+    response: StrictStr
+    baseline: StrictStr | None = None
+    rouge_score: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)]
+    entropy_delta: FiniteFloat
+    is_breakthrough: StrictBool
+    timestamp: Timestamp
+    source: SourcePosition
+    metadata: dict[str, Any] | None = None
+
+
+class LoraSpec(_Document):
+    """The LoRA hyper-parameters a version was trained with."""
+
+    r: Annotated[StrictInt, Field(ge=1)]
+    alpha: Annotated[FiniteFloat | StrictInt, Field(gt=0)]
+    target_modules: list[StrictStr]
+    dropout: Annotated[FiniteFloat, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class WindowSpec(_Document):
+    """The learning events a version was trained on."""
+
+    topic: StrictStr
+    partition: Annotated[StrictInt, Field(ge=0)]
+    first_offset: Offset
+    last_offset: Offset
+    size: Annotated[StrictInt, Field(ge=1)]
+    event_ids: list[StrictStr]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WindowSpec:
+        if self.last_offset < self.first_offset:
+            raise ValueError("last_offset is before first_offset")
+        if len(self.event_ids) != self.size:
+            raise ValueError(f"size is {self.size} but event_ids holds {len(self.event_ids)} ids")
+        return self
+
+
+class AdapterUpdate(_Document):
+    """The announcement of one trained adapter version."""
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    adapter: AdapterName
+    version: Annotated[StrictInt, Field(ge=1)]
+    parent_version: Annotated[StrictInt, Field(ge=1)] | None
+    base_model: StrictStr
+    base_model_fingerprint: StrictStr | None = None
+    uri: StrictStr
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    format: Literal["peft"] = "peft"
+    lora: LoraSpec
+    window: WindowSpec
+    train_loss: FiniteFloat
+    created_at: Timestamp
+
+    @model_validator(mode="after")
+    def _lineage(self) -> AdapterUpdate:
+        expected = None if self.version == 1 else self.version - 1
+        if self.parent_version != expected:
+            raise ValueError(
+                f"parent_version must be {expected} for version {self.version}, "
+                f"not {self.parent_version}"
+            )
+        return self

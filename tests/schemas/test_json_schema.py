@@ -1,0 +1,110 @@
+"""The JSON Schema files and the Python types state the same contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel
+
+from schemas import AdapterUpdate, GenerationResult, LearningEvent, SchemaError, decode
+from schemas.resources import SCHEMA_FILES, schema_document, schema_path
+from tests.schemas.cases import GENERATION_ACCEPTS, GENERATION_REJECTS
+from tests.schemas.test_models import _adapter_update, _learning_event
+
+TYPES: dict[str, type[BaseModel]] = {
+    "GenerationResult": GenerationResult,
+    "LearningEvent": LearningEvent,
+    "AdapterUpdate": AdapterUpdate,
+}
+
+
+def _validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(
+        schema_document(name), format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_FILES))
+def test_schema_file_is_valid_draft_2020_12(name: str) -> None:
+    doc = schema_document(name)
+    assert doc["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert doc["title"] == name
+    Draft202012Validator.check_schema(doc)
+    assert schema_path(name).is_file()
+
+
+def _properties_and_required(model: type[BaseModel]) -> tuple[set[str], set[str]]:
+    fields = model.model_fields
+    required = {name for name, field in fields.items() if field.is_required()}
+    return set(fields), required
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_FILES))
+def test_fields_and_required_fields_agree(name: str) -> None:
+    doc = schema_document(name)
+    properties, required = _properties_and_required(TYPES[name])
+    assert set(doc["properties"]) == properties
+    assert set(doc["required"]) == required
+
+
+@pytest.mark.parametrize(
+    ("parent", "field", "model"),
+    [
+        ("LearningEvent", "source", "SourcePosition"),
+        ("AdapterUpdate", "lora", "LoraSpec"),
+        ("AdapterUpdate", "window", "WindowSpec"),
+    ],
+)
+def test_nested_objects_agree(parent: str, field: str, model: str) -> None:
+    import schemas
+
+    nested = schema_document(parent)["properties"][field]
+    properties, required = _properties_and_required(getattr(schemas, model))
+    assert set(nested["properties"]) == properties
+    assert set(nested["required"]) == required
+
+
+def _verdicts(name: str, doc: Any) -> tuple[bool, bool]:
+    by_schema = _validator(name).is_valid(doc)
+    try:
+        decode(orjson.dumps(doc), TYPES[name])
+        by_python = True
+    except SchemaError:
+        by_python = False
+    return by_schema, by_python
+
+
+AGREEMENT_CASES: list[tuple[str, str, Any]] = (
+    [("GenerationResult", f"reject-{i}", d) for i, d, _ in GENERATION_REJECTS]
+    + [("GenerationResult", f"accept-{i}", d) for i, d in GENERATION_ACCEPTS]
+    + [
+        ("LearningEvent", "valid", _learning_event()),
+        ("LearningEvent", "rouge-above-1", _learning_event(rouge_score=1.5)),
+        ("LearningEvent", "missing-source", {**_learning_event(), "source": None}),
+        ("LearningEvent", "bad-timestamp", _learning_event(timestamp="2026-01-31")),
+        ("LearningEvent", "flag-not-bool", _learning_event(is_breakthrough=1)),
+        ("AdapterUpdate", "valid", _adapter_update()),
+        ("AdapterUpdate", "first-version", _adapter_update(version=1, parent_version=None)),
+        ("AdapterUpdate", "bad-sha", _adapter_update(sha256="ABC")),
+        ("AdapterUpdate", "not-peft", _adapter_update(format="bin")),
+        ("AdapterUpdate", "version-0", _adapter_update(version=0, parent_version=None)),
+    ]
+)
+
+
+# Rules that JSON Schema cannot state; the schema files say so in their descriptions.
+BEYOND_JSON_SCHEMA = {"reject-entropy-pair-overflows"}
+
+
+@pytest.mark.parametrize(
+    ("name", "case", "doc"), [pytest.param(n, i, d, id=f"{n}-{i}") for n, i, d in AGREEMENT_CASES]
+)
+def test_schema_file_and_python_type_give_the_same_verdict(name: str, case: str, doc: Any) -> None:
+    by_schema, by_python = _verdicts(name, doc)
+    if case in BEYOND_JSON_SCHEMA:
+        assert (by_schema, by_python) == (True, False)
+    else:
+        assert by_schema == by_python, f"JSON Schema says {by_schema}, Python says {by_python}"
