@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -116,11 +117,16 @@ class GenerationResult(_Document):
 
     @property
     def effective_entropy_delta(self) -> float:
-        """``entropy_delta`` when given, else ``entropy_after - entropy_before``."""
+        """``entropy_delta`` as given, else ``entropy_after - entropy_before``.
+
+        The difference is taken on the numbers as written (decimal), so that
+        ``2.15 - 2.3`` is ``-0.15`` exactly rather than ``-0.15000000000000036``:
+        a threshold of 0.15 must mean what the producer reads in its own data.
+        """
         if self.entropy_delta is not None:
             return self.entropy_delta
         assert self.entropy_before is not None and self.entropy_after is not None
-        return self.entropy_after - self.entropy_before
+        return float(Decimal(repr(self.entropy_after)) - Decimal(repr(self.entropy_before)))
 
 
 class SourcePosition(_Document):
