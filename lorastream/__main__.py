@@ -1,0 +1,3 @@
+from lorastream.cli import main
+
+main()

@@ -1,0 +1,497 @@
+"""The ``lorastream`` command line: one script in front of every stage.
+
+Every command reads its configuration through :func:`load_settings`:
+flags first, then the environment (the variables in the README), then
+defaults. lorastream's own errors print as ``Name: message`` on stderr and
+exit 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from lorastream.settings import Settings, load_settings
+from schemas.errors import LorastreamError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="lorastream",
+    help="Continual LoRA fine-tuning on Apache Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+broker_app = typer.Typer(
+    help="A local single-node Apache Kafka (KRaft) for machines without Docker.",
+    no_args_is_help=True,
+)
+topics_app = typer.Typer(help="The pipeline's Kafka topics.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Announced adapter versions.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(topics_app, name="topics")
+app.add_typer(adapters_app, name="adapters")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _common(
+    ctx: typer.Context,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap-servers",
+            "-b",
+            help="Kafka bootstrap servers [env: KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092].",
+        ),
+    ] = None,
+    topic_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--topic-prefix",
+            help="Prefix for every topic, the consumer groups and the transactional id [env: LORASTREAM_TOPIC_PREFIX].",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}
+
+
+def settings_of(ctx: typer.Context, **flags: Any) -> Settings:
+    return load_settings(**(ctx.obj or {}), **flags)
+
+
+# ── broker ───────────────────────────────────────────────────────────────────
+
+
+def _local_broker(settings: Settings, port: int | None) -> Any:
+    from lorastream.broker import LocalBroker
+
+    if port is None:
+        port = int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[-1])
+    return LocalBroker(settings.home / "broker", port=port, controller_port=port + 1)
+
+
+PortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--port",
+        help="Listener port (default: the port of KAFKA_BOOTSTRAP_SERVERS, 9092); the controller uses the next one.",
+    ),
+]
+
+
+@broker_app.command("start")
+def broker_start(ctx: typer.Context, port: PortOption = None) -> None:
+    """Assemble Kafka from Maven Central (once), start it, wait until it answers."""
+    broker = _local_broker(settings_of(ctx), port)
+    with err.status("starting Kafka (the first start downloads the jars with Maven)…"):
+        bootstrap = broker.start()
+    out.print(bootstrap)
+
+
+@broker_app.command("stop")
+def broker_stop(ctx: typer.Context, port: PortOption = None) -> None:
+    """Stop the local broker cleanly (nothing happens if it is not running)."""
+    stopped = _local_broker(settings_of(ctx), port).stop()
+    err.print("stopped" if stopped else "not running")
+
+
+@broker_app.command("status")
+def broker_status(ctx: typer.Context, port: PortOption = None) -> None:
+    """Say whether the local broker runs; exit 1 when it does not."""
+    status = _local_broker(settings_of(ctx), port).status()
+    if status.running:
+        out.print(
+            f"running  pid {status.pid}  {status.bootstrap}  Kafka {status.kafka_version}  log {status.log_path}"
+        )
+    else:
+        out.print(f"not running  ({status.bootstrap}, Kafka {status.kafka_version})")
+        raise typer.Exit(1)
+
+
+# ── topics ───────────────────────────────────────────────────────────────────
+
+
+@topics_app.command("create")
+def topics_create(
+    ctx: typer.Context,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 3,
+    replication_factor: Annotated[int, typer.Option(min=1, help="Replicas per partition.")] = 1,
+) -> None:
+    """Create the pipeline's topics; those that exist are left as they are."""
+    from lorastream.admin import create_topics, topic_specs
+
+    settings = settings_of(ctx)
+    specs = topic_specs(settings.topics, partitions, replication_factor)
+    outcome = asyncio.run(
+        create_topics(settings.bootstrap_servers, specs, settings.kafka_client_options())
+    )
+    for name, what in outcome.items():
+        out.print(f"{what:8} {name}")
+
+
+# ── score ────────────────────────────────────────────────────────────────────
+
+
+@app.command("score")
+def score(
+    ctx: typer.Context,
+    rouge_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Breakthrough needs ROUGE-L above this [env: LORASTREAM_ROUGE_THRESHOLD, 0.7]."
+        ),
+    ] = None,
+    breakthrough_entropy: Annotated[
+        float | None,
+        typer.Option(
+            help="Breakthrough needs the entropy delta below this [env: LORASTREAM_BREAKTHROUGH_ENTROPY, -0.1]."
+        ),
+    ] = None,
+    qualify_entropy: Annotated[
+        float | None,
+        typer.Option(
+            help="Non-breakthroughs qualify when |entropy delta| is above this [env: LORASTREAM_QUALIFY_ENTROPY, 0.15]."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port [env: LORASTREAM_METRICS_PORT]."),
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Faust's log level.")] = "warning",
+) -> None:
+    """Run the Faust scoring worker: generation-results → learning-events (+ dead letters)."""
+    import faust
+    from prometheus_client import start_http_server
+
+    from streams import ScoringConfig, create_app
+    from streams.metrics import ScoringMetrics
+
+    settings = settings_of(
+        ctx,
+        rouge_threshold=rouge_threshold,
+        breakthrough_entropy=breakthrough_entropy,
+        qualify_entropy=qualify_entropy,
+        metrics_port=metrics_port,
+    )
+    metrics = ScoringMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    config = ScoringConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        topics=settings.topics,
+        app_id=settings.scorer_app_id,
+        thresholds=settings.thresholds,
+        data_dir=settings.home / "faust",
+        credentials=settings.faust_credentials(),
+    )
+    faust_app = create_app(config, metrics)
+    err.print(
+        f"scoring {config.topics.generation_results} → {config.topics.learning_events} "
+        f"on {settings.bootstrap_servers} (group {config.app_id})"
+    )
+    worker = faust.Worker(faust_app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+# ── produce ──────────────────────────────────────────────────────────────────
+
+
+@app.command("produce")
+def produce(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON Lines: one GenerationResult per line.", exists=True, dir_okay=False
+        ),
+    ],
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Produce nothing if any line is bad.")
+    ] = False,
+) -> None:
+    """Validate every line of FILE, report the bad ones by number, produce the good ones."""
+    from rich.progress import Progress
+
+    from lorastream.produce import produce_file, validate_file
+
+    settings = settings_of(ctx)
+    report = validate_file(file)
+    for error in report.bad:
+        err.print(f"{file}:{error.line}: {error.describe()}", markup=False, highlight=False)
+    if report.bad and strict:
+        err.print(f"{len(report.bad)} bad line(s); --strict: nothing produced")
+        raise typer.Exit(1)
+    topic = settings.topics.generation_results
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task(f"producing to {topic}", total=report.good)
+        sent = asyncio.run(
+            produce_file(
+                file,
+                settings.bootstrap_servers,
+                topic,
+                settings.kafka_client_options(),
+                on_sent=lambda n: progress.advance(task, n),
+            )
+        )
+    out.print(f"produced {sent} to {topic}; {len(report.bad)} bad line(s), {report.blank} blank")
+    if report.bad:
+        raise typer.Exit(1)
+
+
+# ── train ────────────────────────────────────────────────────────────────────
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    window_size: Annotated[
+        int | None, typer.Option(help="Events per window [env: LORASTREAM_WINDOW_SIZE, 16].")
+    ] = None,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local Hugging Face causal LM directory [env: LORASTREAM_BASE_MODEL; default: the built-in tiny model]."
+        ),
+    ] = None,
+    adapter_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where versions are written [env: LORASTREAM_ADAPTER_DIR, ./adapters]."),
+    ] = None,
+    max_tries: Annotated[
+        int | None,
+        typer.Option(
+            help="Tries per window before it is quarantined [env: LORASTREAM_MAX_TRIES, 3]."
+        ),
+    ] = None,
+    max_wait_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Train a partial window after this long [env: LORASTREAM_MAX_WAIT_SECONDS; default: wait for a full one]."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env: LORASTREAM_DEVICE].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the initial LoRA weights [env: LORASTREAM_SEED, 0].")
+    ] = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Stable id of this instance; names its transactional id [env: LORASTREAM_INSTANCE_ID, 0]."
+        ),
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="AdamW learning rate [env: LORASTREAM_LEARNING_RATE].")
+    ] = None,
+    lora_r: Annotated[
+        int | None, typer.Option(help="LoRA rank [env: LORASTREAM_LORA_R, 8].")
+    ] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha [env: LORASTREAM_LORA_ALPHA, 16].")
+    ] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated modules [env: LORASTREAM_LORA_TARGET_MODULES, q_proj,v_proj]."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port [env: LORASTREAM_METRICS_PORT]."),
+    ] = None,
+) -> None:
+    """Run the trainer: learning-events → LoRA steps → adapter-updates, exactly once."""
+    import os
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from trainer import Trainer, TrainerMetrics
+    from trainer.setup import trainer_config
+
+    settings = settings_of(
+        ctx,
+        window_size=window_size,
+        base_model=base_model,
+        adapter_dir=adapter_dir,
+        max_tries=max_tries,
+        max_wait_seconds=max_wait_seconds,
+        device=device,
+        seed=seed,
+        instance_id=instance_id,
+        learning_rate=learning_rate,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_target_modules=target_modules,
+        metrics_port=metrics_port,
+    )
+    _logging()
+    metrics = TrainerMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    config = trainer_config(settings, faults=os.environ.get("LORASTREAM_FAULTS"))
+
+    async def run() -> None:
+        trainer = Trainer(config, metrics)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, trainer.request_stop)
+        async with trainer:
+            await trainer.run()
+
+    asyncio.run(run())
+
+
+# ── adapters ─────────────────────────────────────────────────────────────────
+
+
+@adapters_app.command("list")
+def adapters_list(
+    ctx: typer.Context,
+    adapter: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="One AdapterUpdate JSON document per line.")
+    ] = False,
+) -> None:
+    """Print the lineage of every adapter: version, window, loss, time."""
+    from rich.table import Table
+
+    from schemas import encode
+    from trainer.lineage import load_lineages
+
+    settings = settings_of(ctx)
+    lineages = asyncio.run(
+        load_lineages(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            settings.topics.quarantine,
+            settings.kafka_client_options(),
+        )
+    )
+    chosen = [lineages[a] for a in sorted(lineages) if adapter in (None, a)]
+    if json:
+        for lineage in chosen:
+            for update in lineage.updates:
+                sys.stdout.write(encode(update).decode() + "\n")
+        return
+    table = Table("adapter", "version", "parent", "window", "events", "loss", "created", "sha256")
+    for lineage in chosen:
+        for u in lineage.updates:
+            w = u.window
+            table.add_row(
+                u.adapter,
+                str(u.version),
+                str(u.parent_version or "-"),
+                f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}",
+                str(w.size),
+                f"{u.train_loss:.4f}",
+                u.created_at.isoformat(timespec="seconds"),
+                u.sha256[:12],
+            )
+        if lineage.quarantined:
+            table.add_row(
+                lineage.adapter,
+                "-",
+                "-",
+                f"{lineage.quarantined} window(s) quarantined",
+                "",
+                "",
+                "",
+                "",
+            )
+    out.print(table)
+
+
+@adapters_app.command("follow")
+def adapters_follow(
+    ctx: typer.Context,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="Print the announcements made so far first.")
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", help="Exit after this many announcements.")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Exit (status 1) if the count is not reached within this many seconds."),
+    ] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="Print each AdapterUpdate as one JSON line.")
+    ] = False,
+) -> None:
+    """Print each AdapterUpdate as it is committed (read_committed)."""
+    from lorastream.follow import follow
+
+    settings = settings_of(ctx)
+
+    def show(update: Any, raw: bytes) -> None:
+        if json:
+            sys.stdout.write(raw.decode() + "\n")
+            sys.stdout.flush()
+        else:
+            w = update.window
+            out.print(
+                f"{update.adapter} v{update.version}  loss {update.train_loss:.4f}  "
+                f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset} ({w.size} events)  "
+                f"sha256 {update.sha256[:12]}  {update.uri}",
+                highlight=False,
+            )
+
+    seen = asyncio.run(
+        follow(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            show,
+            from_beginning=from_beginning,
+            count=count,
+            timeout=timeout,
+            client_options=settings.kafka_client_options(),
+        )
+    )
+    if count is not None and seen < count:
+        err.print(f"only {seen} of {count} announcements within {timeout}s")
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+) -> None:
+    """Everything on the local broker, start to finish: produce, score, train, announce, load."""
+    from lorastream.demo import run_demo
+
+    run_demo(settings_of(ctx), out, timeout=timeout)
+
+
+def _logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    try:
+        app()
+    except LorastreamError as exc:
+        err.print(f"{type(exc).__name__}: {exc}", markup=False, highlight=False)
+        sys.exit(1)

@@ -1,0 +1,66 @@
+"""Settings: flags, then environment, then defaults; errors name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorastream.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "LORASTREAM_TOPIC_PREFIX",
+        "LORASTREAM_WINDOW_SIZE",
+        "KAFKA_SECURITY_PROTOCOL",
+        "LORASTREAM_ROUGE_THRESHOLD",
+        "LORASTREAM_SEED",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.window_size == 16
+    assert settings.topics.learning_events == "learning-events"
+    assert settings.transactional_id == "lorastream-trainer-0"
+
+
+def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASTREAM_WINDOW_SIZE", "8")
+    monkeypatch.setenv("LORASTREAM_TOPIC_PREFIX", "run1.")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    settings = load_settings()
+    assert settings.window_size == 8
+    assert settings.bootstrap_servers == "k1:9092,k2:9092"
+    assert settings.topics.dead_letters == "run1.generation-results.dlq"
+    assert settings.scorer_app_id == "run1.lorastream-scorer"
+    assert settings.trainer_group_id == "run1.lorastream-trainer"
+    assert load_settings(window_size=4, topic_prefix=None).window_size == 4
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("LORASTREAM_WINDOW_SIZE", "zero", "LORASTREAM_WINDOW_SIZE (window_size)"),
+        ("LORASTREAM_WINDOW_SIZE", "0", "greater than or equal to 1"),
+        ("LORASTREAM_ROUGE_THRESHOLD", "1.5", "rouge"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL", "KAFKA_SASL_MECHANISM"),
+        ("KAFKA_SECURITY_PROTOCOL", "TLS", "KAFKA_SECURITY_PROTOCOL"),
+        ("LORASTREAM_SEED", "-1", "LORASTREAM_SEED"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert needle in str(info.value)
+
+
+def test_a_bad_flag_says_it_came_from_the_flag() -> None:
+    with pytest.raises(SettingsError, match="from the flag"):
+        load_settings(window_size=-3)
