@@ -1,0 +1,488 @@
+"""A real single-node Apache Kafka broker (KRaft), assembled from Maven Central.
+
+``LocalBroker(home)`` manages one broker whose whole state lives in ``home``:
+``server.properties`` (written at each start), ``cluster.id``, ``data/``,
+``broker.pid`` and ``broker.log`` (the JVM's stdout and stderr, appended).
+The jars come from ``lorastream/kafka/pom.xml`` through
+``mvn dependency:copy-dependencies``, run once; no Docker, no Apache download
+site. The broker runs as ``java -cp 'jars/*' kafka.Kafka server.properties`` in
+its own session, so it outlives the process that started it (the CLI).
+
+Every failure the caller can do something about is a :class:`BrokerError`
+whose message says what failed and which log to read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.errors import LorastreamError
+
+__all__ = [
+    "KAFKA_VERSION",
+    "BrokerError",
+    "BrokerStatus",
+    "LocalBroker",
+    "default_home",
+]
+
+_KAFKA_DIR = Path(__file__).parent / "kafka"
+_POM = _KAFKA_DIR / "pom.xml"
+_LOG4J2 = _KAFKA_DIR / "log4j2.properties"
+_HOST = "127.0.0.1"
+_MARKER = ".complete"
+_LOG_TAIL = 30
+
+
+def _pom_kafka_version(pom: Path) -> str:
+    root = ET.parse(pom).getroot()
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = root.find("m:properties/m:kafka.version", ns)
+    if node is None or not (node.text or "").strip():
+        raise RuntimeError(f"{pom} has no <kafka.version> property")
+    return (node.text or "").strip()
+
+
+KAFKA_VERSION: str = _pom_kafka_version(_POM)
+
+
+class BrokerError(LorastreamError):
+    """The local broker could not be assembled, started or stopped."""
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    """What ``LocalBroker.status()`` found; ``pid`` is None when not running."""
+
+    running: bool
+    pid: int | None
+    bootstrap: str
+    kafka_version: str
+    log_path: Path
+
+
+def default_home() -> Path:
+    """``$LORASTREAM_HOME``, else ``~/.cache/lorastream``; the CLI's broker lives in ``<it>/broker``."""
+    return Path(os.environ.get("LORASTREAM_HOME") or Path.home() / ".cache" / "lorastream")
+
+
+class LocalBroker:
+    """One KRaft broker+controller (node 1) on 127.0.0.1, its state under ``home``.
+
+    Every method is safe to call in any state and from several processes: a
+    lock file in ``home`` serialises start and stop, and the pid file is only
+    believed when ``/proc/<pid>/cmdline`` is ``kafka.Kafka`` with this home's
+    ``server.properties``.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        port: int = 9092,
+        controller_port: int = 9093,
+        heap: str = "512m",
+        jars_dir: Path | None = None,
+    ) -> None:
+        if port == controller_port:
+            raise ValueError(f"port and controller_port must differ (both {port})")
+        if not re.fullmatch(r"\d+[kKmMgG]?", heap):
+            raise ValueError(f"heap must look like 512m or 1g, got {heap!r}")
+        # Absolute, so that the path in the JVM's cmdline identifies this home.
+        self.home = Path(home).expanduser().resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.heap = heap
+        self.jars_dir = (
+            Path(jars_dir).expanduser().resolve()
+            if jars_dir is not None
+            else self.home / f"kafka-{KAFKA_VERSION}" / "libs"
+        )
+        self.config_path = self.home / "server.properties"
+        self.data_dir = self.home / "data"
+        self.pid_path = self.home / "broker.pid"
+        self.log_path = self.home / "broker.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``"127.0.0.1:<port>"``, the address clients connect to."""
+        return f"{_HOST}:{self.port}"
+
+    # ── jars ────────────────────────────────────────────────────────────────
+
+    def ensure_jars(self) -> Path:
+        """Return ``jars_dir`` holding the broker's runtime jars, running Maven if needed.
+
+        The marker file names the pom's digest and is written only after a
+        complete copy, so an interrupted download or a changed pom means a
+        fresh copy; otherwise Maven is not run at all.
+        """
+        want = _pom_digest()
+        if _read(self.jars_dir / _MARKER) == want:
+            return self.jars_dir
+        self.jars_dir.parent.mkdir(parents=True, exist_ok=True)
+        # The cache is shared between homes (and test sessions): one copier at a time.
+        with _flock(self.jars_dir.parent / f".{self.jars_dir.name}.lock"):
+            if _read(self.jars_dir / _MARKER) == want:
+                return self.jars_dir
+            mvn = shutil.which("mvn")
+            if mvn is None:
+                raise BrokerError("cannot assemble Kafka: Maven (mvn) is not on PATH")
+            self.home.mkdir(parents=True, exist_ok=True)
+            mvn_log = self.home / "mvn.log"
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{self.jars_dir.name}.", dir=self.jars_dir.parent)
+            )
+            try:
+                # Maven gets a copy of the pom so it never writes into the package.
+                shutil.copy(_POM, staging / "pom.xml")
+                libs = staging / "libs"
+                cmd = [
+                    mvn, "-B", "-ntp", "-f", str(staging / "pom.xml"),
+                    "dependency:copy-dependencies", "-DincludeScope=runtime",
+                    f"-DoutputDirectory={libs}",
+                ]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                mvn_log.write_text(done.stdout + done.stderr)
+                if done.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+                    raise BrokerError(
+                        f"cannot assemble Kafka {KAFKA_VERSION}: mvn exited {done.returncode} "
+                        f"(full output in {mvn_log}):\n{_tail_text(done.stdout + done.stderr, 40)}"
+                    )
+                (libs / _MARKER).write_text(want)
+                # A running JVM keeps its open jars after the swap (Linux unlink semantics).
+                if self.jars_dir.exists():
+                    old = staging / "old"
+                    self.jars_dir.rename(old)
+                libs.rename(self.jars_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return self.jars_dir
+
+    # ── lifecycle ───────────────────────────────────────────────────────────
+
+    def status(self) -> BrokerStatus:
+        """Whether this home's broker process is alive (it may still be starting)."""
+        pid = self._find_pid()
+        return BrokerStatus(
+            running=pid is not None,
+            pid=pid,
+            bootstrap=self.bootstrap,
+            kafka_version=KAFKA_VERSION,
+            log_path=self.log_path,
+        )
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the broker unless it runs, wait until it answers a Kafka request, return ``bootstrap``.
+
+        Idempotent. Formats ``data/`` on the first start only. ``timeout``
+        bounds the wait for the JVM to answer, not the one-off Maven download
+        before it. Raises :class:`BrokerError` when a port is taken by another
+        process, when Maven or the storage format fails, when the broker exits
+        while starting, or when it does not answer within ``timeout`` seconds
+        (it is then stopped, not left half-started).
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        with _flock(self.home / ".lock"):
+            pid = self._find_pid()
+            if pid is None:
+                self._check_ports_free()
+                jars = self.ensure_jars()
+                self._write_config()
+                self._format(jars)
+                pid = self._spawn(jars)
+            else:
+                self._check_running_port()
+        self._wait_answering(pid, time.monotonic() + timeout, timeout)
+        return self.bootstrap
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker cleanly (SIGTERM, then SIGKILL after ``timeout``); True if it was running."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with _flock(self.home / ".lock"):
+            pid = self._find_pid()
+            if pid is None:
+                self.pid_path.unlink(missing_ok=True)
+                return False
+            # SIGTERM runs Kafka's controlled shutdown, which flushes and closes the logs.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_dead(pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # its own session: pgid == pid
+                if not self._wait_dead(pid, 10.0):
+                    raise BrokerError(
+                        f"Kafka broker pid {pid} survived SIGKILL; see {self.log_path}"
+                    )
+            if self._proc is not None and self._proc.pid == pid:
+                # It may have died between a poll and /proc saying "Z": reap the zombie.
+                self._proc.wait(timeout=5)
+            self.pid_path.unlink(missing_ok=True)
+            self._proc = None
+            return True
+
+    # ── internals ───────────────────────────────────────────────────────────
+
+    def _is_ours(self, pid: int) -> bool:
+        if self._proc is not None and self._proc.pid == pid and self._proc.poll() is not None:
+            return False
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        args = [a.decode(errors="replace") for a in argv]
+        try:
+            i = args.index("kafka.Kafka")
+        except ValueError:
+            return False
+        return args[i + 1 : i + 2] == [str(self.config_path)]
+
+    def _find_pid(self) -> int | None:
+        text = _read(self.pid_path)
+        if text and text.isdigit() and self._is_ours(int(text)):
+            return int(text)
+        # A lost pid file must not make us start a second broker on the same data.
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_ours(int(entry.name)):
+                return int(entry.name)
+        return None
+
+    def _check_ports_free(self) -> None:
+        for what, port in (("listener", self.port), ("controller", self.controller_port)):
+            with socket.socket() as sock:
+                # Like the JVM's server socket, so TIME_WAIT leftovers don't count as taken.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((_HOST, port))
+                except OSError as exc:
+                    raise BrokerError(
+                        f"cannot start Kafka: {what} port {_HOST}:{port} is taken by another "
+                        f"process, not by the broker in {self.home} ({exc.strerror}); "
+                        f"choose other ports or stop that process"
+                    ) from None
+
+    def _check_running_port(self) -> None:
+        text = _read(self.config_path) or ""
+        match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)$", text, re.M)
+        if match and int(match.group(1)) != self.port:
+            raise BrokerError(
+                f"the broker in {self.home} already runs on port {match.group(1)}, "
+                f"not {self.port}; stop it first (log: {self.log_path})"
+            )
+
+    def _write_config(self) -> None:
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # Static quorum: formats without --standalone on 3.9 and 4.x alike.
+            "controller.quorum.voters": f"1@{_HOST}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{_HOST}:{self.port},CONTROLLER://{_HOST}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{_HOST}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            # One node: every internal topic must live with one replica, and
+            # few partitions make the coordinators load fast on small machines.
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # lorastream creates its topics explicitly; a typo must not create one.
+            "auto.create.topics.enable": "false",
+        }
+        body = "".join(f"{k}={v}\n" for k, v in settings.items())
+        _write_atomic(self.config_path, f"# written by lorastream.broker\n{body}")
+
+    def _java_cmd(self, jars: Path, *args: str) -> list[str]:
+        java_home = os.environ.get("JAVA_HOME")
+        java = (
+            str(Path(java_home) / "bin" / "java")
+            if java_home and (Path(java_home) / "bin" / "java").exists()
+            else shutil.which("java")
+        )
+        if java is None:
+            raise BrokerError("cannot start Kafka: no java on PATH (Kafka 4 needs Java 17+)")
+        return [java, f"-Dlog4j2.configurationFile={_LOG4J2}", "-cp", f"{jars}/*", *args]
+
+    def _format(self, jars: Path) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        cluster_file = self.home / "cluster.id"
+        cluster_id = _read(cluster_file)
+        if not cluster_id:
+            # A Kafka uuid is 22 url-safe base64 characters alone on its line.
+            found = re.findall(r"^[A-Za-z0-9_-]{22}$", self._run_tool(jars, "random-uuid"), re.M)
+            if not found:
+                raise BrokerError(
+                    f"Kafka StorageTool random-uuid printed no cluster id; see {self.log_path}"
+                )
+            cluster_id = found[-1]
+            _write_atomic(cluster_file, cluster_id + "\n")
+        self._run_tool(
+            jars, "format", "-t", cluster_id, "-c", str(self.config_path), "--ignore-formatted"
+        )
+
+    def _run_tool(self, jars: Path, *args: str) -> str:
+        cmd = self._java_cmd(jars, "kafka.tools.StorageTool", *args)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.home)
+        with self.log_path.open("a") as log:
+            log.write(f"\n=== lorastream: StorageTool {' '.join(args)} ===\n")
+            log.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise BrokerError(
+                f"Kafka StorageTool {args[0]} failed with exit {done.returncode} in {self.home} "
+                f"(log: {self.log_path}):\n{_tail_text(done.stdout + done.stderr, _LOG_TAIL)}"
+            )
+        return done.stdout
+
+    def _spawn(self, jars: Path) -> int:
+        cmd = self._java_cmd(
+            jars,
+            "kafka.Kafka",
+            str(self.config_path),
+        )
+        cmd[1:1] = [f"-Xmx{self.heap}", f"-Xms{self.heap}", "-Djava.awt.headless=true"]
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"\n=== lorastream: starting Kafka {KAFKA_VERSION} at {stamp} ===\n".encode())
+            log.flush()
+            # A new session: Ctrl-C in the starting terminal must not reach the broker.
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _write_atomic(self.pid_path, f"{self._proc.pid}\n")
+        return self._proc.pid
+
+    def _wait_answering(self, pid: int, deadline: float, timeout: float) -> None:
+        while True:
+            if not self._is_ours(pid):
+                code = None
+                if self._proc is not None and self._proc.pid == pid:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        code = self._proc.wait(timeout=5)
+                self.pid_path.unlink(missing_ok=True)
+                raise BrokerError(
+                    f"Kafka broker (pid {pid}) exited while starting"
+                    f"{f' with code {code}' if code is not None else ''}; "
+                    f"last lines of {self.log_path}:\n{self._log_tail()}"
+                )
+            if _answers_api_versions(_HOST, self.port, timeout=2.0):
+                return
+            if time.monotonic() >= deadline:
+                tail = self._log_tail()
+                self.stop()
+                raise BrokerError(
+                    f"Kafka broker (pid {pid}) did not answer on {self.bootstrap} within "
+                    f"{timeout:g}s and was stopped; last lines of {self.log_path}:\n{tail}"
+                )
+            time.sleep(0.25)
+
+    def _wait_dead(self, pid: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._proc is not None and self._proc.pid == pid:
+                # Our own child: reap it, or it lingers as a zombie that looks alive.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=0.1)
+            if not self._is_ours(pid):
+                return True
+            time.sleep(0.1)
+        return not self._is_ours(pid)
+
+    def _log_tail(self) -> str:
+        try:
+            return _tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
+        except OSError:
+            return "(no log)"
+
+
+def _answers_api_versions(host: str, port: int, timeout: float) -> bool:
+    """True when ``host:port`` answers an ApiVersions v0 request without error.
+
+    v0 is the one version every broker keeps (clients open with it); Kafka
+    enables its listener only after the node has joined the quorum and been
+    unfenced, so an answer means clients can work.
+    """
+    client_id = b"lorastream-probe"
+    request = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+            if not 6 <= size <= 1 << 20:
+                return False
+            correlation_id, error_code = struct.unpack(">ih", _recv_exactly(sock, 6))
+    except OSError:
+        return False
+    return correlation_id == 1 and error_code == 0
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return buf
+
+
+def _pom_digest() -> str:
+    return f"kafka {KAFKA_VERSION} pom sha256 {hashlib.sha256(_POM.read_bytes()).hexdigest()}"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _tail_text(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

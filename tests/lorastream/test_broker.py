@@ -1,0 +1,260 @@
+"""LocalBroker against a real Kafka: lifecycle, a round trip and transactions, no mocks.
+
+One broker for the module, in a temporary home on free ports; the jar cache
+is the machine's shared one (``default_home() / "jars"``, as in conftest), so
+Maven runs once per machine. The tests run in file order: the last ones stop
+the broker and check that stopping is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
+
+from lorastream.broker import KAFKA_VERSION, BrokerError, LocalBroker, default_home
+
+pytestmark = pytest.mark.integration
+
+WAIT = 30.0  # seconds for any single Kafka wait; the broker is local
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _broker(home: Path) -> LocalBroker:
+    return LocalBroker(
+        home, port=_free_port(), controller_port=_free_port(), jars_dir=default_home() / "jars"
+    )
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A started broker; stopped at the end whatever the tests did."""
+    local = _broker(tmp_path_factory.mktemp("broker"))
+    local.start(timeout=120)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+async def _create(bootstrap: str, *names: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(n, num_partitions=1, replication_factor=1) for n in names]
+        )
+    finally:
+        await admin.close()
+
+
+async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value)
+    finally:
+        await producer.stop()
+
+
+async def _read_committed(bootstrap: str, topic: str, expect: int) -> list[bytes]:
+    """Every visible value of ``topic`` to a read_committed reader, waiting for ``expect`` of them."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        values: list[bytes] = []
+        async with asyncio.timeout(WAIT):
+            while len(values) < expect:
+                batch = await consumer.getmany(timeout_ms=500)
+                values += [r.value for recs in batch.values() for r in recs if r.value is not None]
+        # Give anything beyond ``expect`` (an aborted record leaking) a chance to show.
+        batch = await consumer.getmany(timeout_ms=1000)
+        return values + [r.value for recs in batch.values() for r in recs if r.value is not None]
+    finally:
+        await consumer.stop()
+
+
+def test_kafka_version_comes_from_the_pom() -> None:
+    pom = (Path(__file__).parents[2] / "lorastream" / "kafka" / "pom.xml").read_text()
+    assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in pom
+
+
+def test_start_is_idempotent(broker: LocalBroker) -> None:
+    status = broker.status()
+    assert status.running and status.pid is not None
+    assert status.bootstrap == broker.bootstrap == f"127.0.0.1:{broker.port}"
+    assert status.kafka_version == KAFKA_VERSION
+    assert status.log_path.exists()
+    cmdline = Path(f"/proc/{status.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"kafka.Kafka" in cmdline and str(broker.config_path).encode() in cmdline
+
+    assert broker.start(timeout=WAIT) == status.bootstrap
+    assert broker.status().pid == status.pid
+    # A second manager for the same home sees the same broker.
+    again = LocalBroker(broker.home, port=broker.port, controller_port=broker.controller_port)
+    assert again.status().pid == status.pid
+
+
+@pytest.mark.timeout(90)
+async def test_produce_consume_round_trip(broker: LocalBroker) -> None:
+    topic = f"t{uuid.uuid4().hex[:8]}.plain"
+    await _create(broker.bootstrap, topic)
+    await _produce(broker.bootstrap, topic, [b"a", b"b", b"c"])
+    assert await _read_committed(broker.bootstrap, topic, 3) == [b"a", b"b", b"c"]
+
+
+@pytest.mark.timeout(120)
+async def test_transaction_commits_output_and_offsets(broker: LocalBroker) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    source, sink, group = f"{prefix}.in", f"{prefix}.out", f"{prefix}.group"
+    await _create(broker.bootstrap, source, sink)
+    await _produce(broker.bootstrap, source, [b"x", b"y"])
+
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=broker.bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id=f"{prefix}.tx")
+    await consumer.start()
+    await producer.start()
+    try:
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        async with asyncio.timeout(WAIT):
+            while len(records) < 2:
+                batch = await consumer.getmany(timeout_ms=500)
+                records += [r for recs in batch.values() for r in recs]
+        tp = TopicPartition(source, 0)
+        async with producer.transaction():
+            for record in records:
+                assert record.value is not None
+                await producer.send(sink, record.value.upper())
+            await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, group)
+
+        with pytest.raises(RuntimeError, match="abort on purpose"):
+            async with producer.transaction():
+                await producer.send(sink, b"ABORTED")
+                raise RuntimeError("abort on purpose")
+        # A committed marker after the abort: the reader below must get past it.
+        async with producer.transaction():
+            await producer.send(sink, b"AFTER")
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+    assert await _read_committed(broker.bootstrap, sink, 3) == [b"X", b"Y", b"AFTER"]
+
+    checker = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await checker.start()
+    try:
+        assert await asyncio.wait_for(checker.committed(tp), WAIT) == 2
+    finally:
+        await checker.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_aborted_transaction_is_invisible(broker: LocalBroker) -> None:
+    topic = f"t{uuid.uuid4().hex[:8]}.aborted"
+    await _create(broker.bootstrap, topic)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id=f"{topic}.tx")
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic, b"never seen")
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, b"seen")
+    finally:
+        await producer.stop()
+    assert await _read_committed(broker.bootstrap, topic, 1) == [b"seen"]
+
+
+def test_refuses_a_port_taken_by_another_process(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        local = LocalBroker(tmp_path, port=port, controller_port=_free_port())
+        with pytest.raises(BrokerError, match=rf"port 127\.0\.0\.1:{port} is taken"):
+            local.start(timeout=5)
+    assert not local.status().running
+
+
+def test_a_broker_that_dies_while_starting_is_reported(tmp_path: Path) -> None:
+    # A heap too small for the JVM to boot: a real, fast death.
+    local = LocalBroker(
+        tmp_path,
+        port=_free_port(),
+        controller_port=_free_port(),
+        heap="2m",
+        jars_dir=default_home() / "jars",
+    )
+    with pytest.raises(BrokerError, match="exited while starting") as caught:
+        local.start(timeout=WAIT)
+    assert str(local.log_path) in str(caught.value)
+    assert "Error occurred during initialization of VM" in str(caught.value)
+    assert not local.status().running and not local.pid_path.exists()
+
+
+def test_stale_pid_file_does_not_fool_status(tmp_path: Path) -> None:
+    local = _broker(tmp_path)
+    # Our own pid: alive, but not kafka.Kafka with this home's config.
+    local.pid_path.write_text(f"{os.getpid()}\n")
+    status = local.status()
+    assert not status.running and status.pid is None
+    assert local.stop() is False
+    assert not local.pid_path.exists()
+
+
+def test_stop_is_idempotent(broker: LocalBroker) -> None:
+    pid = broker.status().pid
+    assert pid is not None
+    assert broker.stop() is True
+    assert not broker.status().running
+    assert not broker.pid_path.exists()
+    assert not Path(f"/proc/{pid}").exists()
+    assert broker.stop() is False
+    # Controlled shutdown ran to the end (SIGTERM, not SIGKILL).
+    assert "[BrokerServer id=1] shut down completed" in broker.log_path.read_text()
+
+
+@pytest.mark.timeout(120)
+async def test_restart_keeps_the_data(broker: LocalBroker) -> None:
+    topic = f"t{uuid.uuid4().hex[:8]}.kept"
+    await asyncio.to_thread(broker.start, 120)
+    try:
+        await _create(broker.bootstrap, topic)
+        await _produce(broker.bootstrap, topic, [b"kept"])
+    finally:
+        await asyncio.to_thread(broker.stop)
+    await asyncio.to_thread(broker.start, 120)
+    try:
+        assert await _read_committed(broker.bootstrap, topic, 1) == [b"kept"]
+        assert broker.log_path.read_text().count("StorageTool format") == 1
+    finally:
+        await asyncio.to_thread(broker.stop)
