@@ -40,6 +40,9 @@ class ScoringConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     data_dir: Path = Path(".lorastream/faust")
     web_port: int | None = None
+    # Faust's 60 s default keeps a crashed worker's partitions unassigned for a minute;
+    # 10 s is Kafka's own consumer default.
+    session_timeout: float = 10.0
     credentials: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -53,6 +56,7 @@ def _broker_urls(bootstrap_servers: str) -> list[str]:
 def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> faust.App:
     """A Faust app with the scoring agent on ``config.topics.generation_results``."""
     metrics = metrics or ScoringMetrics()
+    config.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         config.app_id,
         broker=_broker_urls(config.bootstrap_servers),
@@ -62,6 +66,8 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
         # before the first start of the worker is missed.
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        broker_session_timeout=config.session_timeout,
+        broker_heartbeat_interval=min(3.0, config.session_timeout / 3),
         topic_disable_leader=True,
         web_enabled=config.web_port is not None,
         web_port=config.web_port or 6066,
