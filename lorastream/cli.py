@@ -39,7 +39,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(adapters_app, name="adapters")
 
 out = Console()
-err = Console(stderr=True)
+# soft_wrap: messages such as file:line: reports must stay one line each when piped.
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -226,7 +227,11 @@ def produce(
     settings = settings_of(ctx)
     report = validate_file(file)
     for error in report.bad:
-        err.print(f"{file}:{error.line}: {error.describe()}", markup=False, highlight=False)
+        err.print(
+            f"{file}:{error.line}: invalid {error.type_name}: {error.details()}",
+            markup=False,
+            highlight=False,
+        )
     if report.bad and strict:
         err.print(f"{len(report.bad)} bad line(s); --strict: nothing produced")
         raise typer.Exit(1)

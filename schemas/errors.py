@@ -68,5 +68,8 @@ class SchemaError(LorastreamError):
             where = f" at {self.position}"
         elif self.line is not None:
             where = f" on line {self.line}"
-        details = "; ".join(f"{field}: {message}" for field, message in self.problems)
-        return f"invalid {self.type_name}{where}: {details}"
+        return f"invalid {self.type_name}{where}: {self.details()}"
+
+    def details(self) -> str:
+        """The problems alone, ``field: message; …``."""
+        return "; ".join(f"{field}: {message}" for field, message in self.problems)

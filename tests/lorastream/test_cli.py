@@ -1,0 +1,124 @@
+"""The command line against the real broker: produce, topics, help, errors."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from schemas import Topics
+from tests.kafka_util import LORASTREAM, read_all
+
+
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [LORASTREAM, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["broker"],
+        ["broker", "start"],
+        ["topics", "create"],
+        ["score"],
+        ["train"],
+        ["produce"],
+        ["adapters", "follow"],
+        ["adapters", "list"],
+        ["demo"],
+    ],
+    ids=lambda c: " ".join(c) or "root",
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = _run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+
+
+def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:
+    result = _run("topics", "create", env={"LORASTREAM_WINDOW_SIZE": "many"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("SettingsError: ")
+    assert "LORASTREAM_WINDOW_SIZE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_topics_create_is_idempotent(kafka_bootstrap: str, prefix: str) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+    first = _run("topics", "create", "--partitions", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created") == 5
+    second = _run("topics", "create", env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("exists") == 5
+    for name in Topics.named(prefix).all():
+        assert name in second.stdout
+
+
+@pytest.mark.integration
+async def test_produce_reports_bad_lines_by_number_and_produces_the_rest(
+    kafka_bootstrap: str, prefix: str, tmp_path: Path
+) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+    assert _run("topics", "create", "--partitions", "1", env=env).returncode == 0
+    good = [
+        orjson.dumps(
+            {
+                "id": f"g{i}",
+                "adapter": "tutor",
+                "prompt": "p",
+                "response": "r",
+                "entropy_delta": -0.3,
+            }
+        )
+        for i in range(5)
+    ]
+    lines = [
+        good[0],
+        b'{"id": "bad", "prompt": "p", "response": "r"}',  # line 2: no entropy
+        good[1],
+        b"",  # line 4: blank, skipped
+        good[2],
+        b"not json at all",  # line 6
+        good[3],
+        b'{"id": "x", "adapter": "a/b", "prompt": "p", "response": "r", "entropy_delta": 1}',  # line 8
+        good[4],
+    ]
+    data = tmp_path / "results.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+
+    strict = _run("produce", "--strict", str(data), env=env)
+    assert strict.returncode == 1 and "nothing produced" in strict.stderr
+
+    result = _run("produce", str(data), env=env)
+    assert result.returncode == 1  # bad lines make the exit status say so
+    for number, field in ((2, "$"), (6, "$"), (8, "adapter")):
+        assert f"results.jsonl:{number}: invalid GenerationResult: {field}:" in result.stderr, (
+            result.stderr
+        )
+    assert "produced 5" in result.stdout and "3 bad line(s), 1 blank" in result.stdout
+
+    topic = Topics.named(prefix).generation_results
+    records = await read_all(kafka_bootstrap, topic, 5, settle=1)
+    assert [r.value for r in records] == good  # the lines as written, in order, once
+    assert {r.key for r in records} == {b"tutor"}
+
+
+def test_produce_names_a_missing_file(tmp_path: Path) -> None:
+    result = _run("produce", str(tmp_path / "nope.jsonl"))
+    assert result.returncode != 0
+    assert "nope.jsonl" in result.stderr
