@@ -1,0 +1,115 @@
+"""Count-based tumbling windows per adapter, and the offsets that are safe to commit.
+
+One partition of ``learning-events`` interleaves the events of many adapters;
+each adapter fills its own window in offset order. The offset committed for
+a partition may never pass the first event of a window still being filled,
+or a crash would lose that window's head. :class:`Windows` tracks both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+from schemas import LearningEvent, WindowSpec
+
+__all__ = ["PendingEvent", "Window", "Windows"]
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    offset: int
+    event: LearningEvent
+
+
+@dataclass
+class Window:
+    """The events of one adapter from one partition, in offset order."""
+
+    adapter: str
+    tp: TopicPartition
+    events: list[PendingEvent] = field(default_factory=list)
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def first_offset(self) -> int:
+        return self.events[0].offset
+
+    @property
+    def last_offset(self) -> int:
+        return self.events[-1].offset
+
+    @property
+    def ids(self) -> list[str]:
+        return [pending.event.id for pending in self.events]
+
+    def examples(self) -> list[tuple[str, str]]:
+        return [(pending.event.prompt, pending.event.response) for pending in self.events]
+
+    def spec(self) -> WindowSpec:
+        return WindowSpec(
+            topic=self.tp.topic,
+            partition=self.tp.partition,
+            first_offset=self.first_offset,
+            last_offset=self.last_offset,
+            size=len(self.events),
+            event_ids=self.ids,
+        )
+
+
+class Windows:
+    """Open windows per (partition, adapter), and the next offset read per partition."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"window size must be at least 1, not {size}")
+        self.size = size
+        self._open: dict[tuple[TopicPartition, str], Window] = {}
+        self._next: dict[TopicPartition, int] = {}
+
+    def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
+        """Add an event; return its window when this event filled it (the window is closed)."""
+        key = (tp, event.adapter)
+        window = self._open.get(key)
+        if window is None:
+            window = self._open[key] = Window(event.adapter, tp)
+        window.events.append(PendingEvent(offset, event))
+        if len(window.events) >= self.size:
+            return self._open.pop(key)
+        return None
+
+    def holds(self, tp: TopicPartition, adapter: str, event_id: str) -> bool:
+        window = self._open.get((tp, adapter))
+        return window is not None and any(p.event.id == event_id for p in window.events)
+
+    def mark_read(self, tp: TopicPartition, offset: int) -> None:
+        """The record at ``offset`` has been handled (added, skipped or quarantined)."""
+        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def expired(self, max_wait: float | None) -> Iterator[Window]:
+        """Close and yield the partial windows older than ``max_wait`` seconds."""
+        if max_wait is None:
+            return
+        now = time.monotonic()
+        for key in [k for k, w in self._open.items() if now - w.opened_at >= max_wait]:
+            yield self._open.pop(key)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Per partition: the offset below which every record is handled for good."""
+        offsets = dict(self._next)
+        for (tp, _), window in self._open.items():
+            offsets[tp] = min(offsets.get(tp, window.first_offset), window.first_offset)
+        return offsets
+
+    def drop(self, partitions: set[TopicPartition]) -> None:
+        """Forget revoked partitions: their uncommitted records go to the next owner."""
+        for key in [k for k in self._open if k[0] in partitions]:
+            del self._open[key]
+        for tp in partitions:
+            self._next.pop(tp, None)
+
+    def open_windows(self) -> list[Window]:
+        return list(self._open.values())
