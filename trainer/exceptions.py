@@ -1,0 +1,37 @@
+"""Errors of the training stage."""
+
+from __future__ import annotations
+
+from schemas.errors import LorastreamError
+
+__all__ = [
+    "AdapterStoreError",
+    "BaseModelError",
+    "NonFiniteLossError",
+    "StepError",
+    "TrainerError",
+]
+
+
+class TrainerError(LorastreamError):
+    """The trainer cannot go on."""
+
+
+class AdapterStoreError(TrainerError):
+    """An adapter version's files are missing or corrupt; the message names the file."""
+
+
+class BaseModelError(TrainerError):
+    """The base model directory is missing or cannot be loaded; the message names it."""
+
+
+class StepError(TrainerError):
+    """A LoRA step failed."""
+
+
+class NonFiniteLossError(StepError):
+    """The step's loss (or its updated weights) was NaN or infinite."""
+
+    def __init__(self, loss: float, message: str | None = None) -> None:
+        self.loss = loss
+        super().__init__(message or f"the window's loss is {loss}, not a finite number")

@@ -1,0 +1,178 @@
+"""Adapter versions on disk: ``<root>/<adapter>/v<version>/``, written atomically and durably.
+
+Each version directory holds what PEFT and vLLM load as it is
+(``adapter_model.safetensors``, ``adapter_config.json``), the optimizer state
+(``optimizer.safetensors``) and ``lorastream.json`` (metadata). Everything is
+written into a hidden temporary directory beside the target, fsynced, and
+renamed into place; the parent is fsynced after. Safetensors and JSON only:
+nothing is ever pickled. Reading checks the announced sha256 and names the
+file that is missing or wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from trainer.exceptions import AdapterStoreError
+from trainer.lora import AdapterState
+
+if TYPE_CHECKING:
+    from trainer.lora import LoraStepper
+
+__all__ = [
+    "ADAPTER_FILE",
+    "CONFIG_FILE",
+    "METADATA_FILE",
+    "OPTIMIZER_FILE",
+    "AdapterStore",
+    "StoredVersion",
+    "sha256_file",
+]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+METADATA_FILE = "lorastream.json"
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    adapter: str
+    version: int
+    path: Path
+    sha256: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for entry in directory.rglob("*"):
+        if entry.is_file():
+            fd = os.open(entry, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """The adapter versions under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def version_dir(self, adapter: str, version: int) -> Path:
+        return self.root / adapter / f"v{version}"
+
+    def write(
+        self,
+        adapter: str,
+        version: int,
+        state: AdapterState,
+        stepper: LoraStepper,
+        metadata: Mapping[str, Any],
+    ) -> StoredVersion:
+        """Write one version; an existing one (a repeated window) is replaced whole."""
+        final = self.version_dir(adapter, version)
+        parent = final.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".v{version}.*"):  # left by a crash in an earlier try
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = parent / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            stepper.save_peft(state, staging)
+            save_file(
+                {k: t.contiguous() for k, t in state.optimizer.items()},
+                str(staging / OPTIMIZER_FILE),
+                metadata={"steps": str(state.steps)},
+            )
+            digest = sha256_file(staging / ADAPTER_FILE)
+            document = {
+                **metadata,
+                "sha256": digest,
+                "files": sorted(p.name for p in staging.iterdir()),
+            }
+            (staging / METADATA_FILE).write_bytes(
+                orjson.dumps(document, option=orjson.OPT_INDENT_2)
+            )
+            _fsync_tree(staging)
+            if final.exists():
+                aside = parent / f".v{version}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(final, aside)
+                os.rename(staging, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(staging, final)
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return StoredVersion(adapter, version, final, digest)
+
+    def _file(self, adapter: str, version: int, name: str) -> Path:
+        directory = self.version_dir(adapter, version)
+        path = directory / name
+        if not directory.is_dir():
+            raise AdapterStoreError(
+                f"adapter {adapter} v{version}: directory {directory} is missing"
+            )
+        if not path.is_file():
+            raise AdapterStoreError(f"adapter {adapter} v{version}: file {path} is missing")
+        return path
+
+    def read(self, adapter: str, version: int, expected_sha256: str | None = None) -> AdapterState:
+        """Load a version's weights and optimizer state, checking the announced sha256."""
+        weights_path = self._file(adapter, version, ADAPTER_FILE)
+        optimizer_path = self._file(adapter, version, OPTIMIZER_FILE)
+        if expected_sha256 is not None:
+            actual = sha256_file(weights_path)
+            if actual != expected_sha256:
+                raise AdapterStoreError(
+                    f"adapter {adapter} v{version}: sha256 of {weights_path} is {actual}, but the "
+                    f"announcement says {expected_sha256}; the file was changed or is corrupt"
+                )
+        try:
+            weights = load_file(str(weights_path))
+            optimizer = load_file(str(optimizer_path))
+            with safe_open(str(optimizer_path), framework="pt") as handle:
+                steps = int((handle.metadata() or {}).get("steps", "0"))
+        except Exception as exc:
+            raise AdapterStoreError(
+                f"adapter {adapter} v{version}: cannot read {weights_path} or {optimizer_path}: {exc}"
+            ) from exc
+        return AdapterState(weights=weights, optimizer=optimizer, steps=steps)
+
+    def read_metadata(self, adapter: str, version: int) -> dict[str, Any]:
+        path = self._file(adapter, version, METADATA_FILE)
+        try:
+            document: dict[str, Any] = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise AdapterStoreError(f"{path} is not valid JSON: {exc}") from exc
+        return document
