@@ -1,0 +1,291 @@
+"""The trainer end to end on the real broker, as a real process, crashes included.
+
+53 learning events for ``alpha`` and 32 for ``beta`` (interleaved on one
+partition, with re-delivered duplicates as the at-least-once scorer makes
+them) must give exactly alpha v1–v3 and beta v1–v2, however the trainer is
+killed along the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import orjson
+import pytest
+import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from safetensors.torch import load_file
+
+from schemas import AdapterUpdate, LearningEvent, SourcePosition, Topics, decode, encode
+from tests.kafka_util import Worker, make_topics, produce, read_all, wait_for, worker_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+PAIRS = [
+    ("2+2=", "4"),
+    ("capital of France:", "Paris"),
+    ("opposite of hot:", "cold"),
+    ("color of the sky:", "blue"),
+]
+
+
+def _event(adapter: str, n: int) -> LearningEvent:
+    prompt, response = PAIRS[n % len(PAIRS)]
+    return LearningEvent(
+        id=f"{adapter}-{n:03d}",
+        adapter=adapter,
+        prompt=prompt,
+        response=response,
+        rouge_score=0.9,
+        entropy_delta=-0.3,
+        is_breakthrough=True,
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+        source=SourcePosition(topic="generation-results", partition=0, offset=n),
+    )
+
+
+def _stream() -> list[LearningEvent]:
+    """alpha and beta interleaved, with duplicates of already-sent events mixed in."""
+    alpha = [_event("alpha", n) for n in range(53)]
+    beta = [_event("beta", n) for n in range(32)]
+    out: list[LearningEvent] = []
+    for i in range(53):
+        out.append(alpha[i])
+        if i < 32:
+            out.append(beta[i])
+        if i in (5, 20, 40):  # the scorer re-delivered these after a restart
+            out.append(alpha[i - 3])
+        if i in (6, 20, 31):
+            out.append(beta[i - 4])
+    return out
+
+
+EXPECTED = {
+    "alpha": [[f"alpha-{n:03d}" for n in range(w * 16, w * 16 + 16)] for w in range(3)],
+    "beta": [[f"beta-{n:03d}" for n in range(w * 16, w * 16 + 16)] for w in range(2)],
+}
+
+
+async def _setup(bootstrap: str, prefix: str) -> Topics:
+    topics = await make_topics(bootstrap, prefix)
+    events = _stream()
+    await produce(
+        bootstrap, topics.learning_events, [(e.adapter.encode(), encode(e)) for e in events]
+    )
+    return topics
+
+
+def _env(bootstrap: str, prefix: str, home: Path, adapters: Path, **more: str) -> dict[str, str]:
+    return worker_env(bootstrap, prefix, home, LORASTREAM_ADAPTER_DIR=str(adapters), **more)
+
+
+async def _updates(
+    bootstrap: str, topics: Topics, expect: int, timeout: float = 180
+) -> list[AdapterUpdate]:
+    records = await read_all(bootstrap, topics.adapter_updates, expect, timeout=timeout, settle=3)
+    return [decode(r.value, AdapterUpdate) for r in records]
+
+
+def _check_lineages(updates: list[AdapterUpdate]) -> dict[str, list[AdapterUpdate]]:
+    by_adapter: dict[str, list[AdapterUpdate]] = defaultdict(list)
+    for update in updates:
+        by_adapter[update.adapter].append(update)
+    assert sorted(by_adapter) == ["alpha", "beta"]
+    for adapter, expected_windows in EXPECTED.items():
+        lineage = by_adapter[adapter]
+        assert [u.version for u in lineage] == list(range(1, len(expected_windows) + 1))
+        assert [u.parent_version for u in lineage] == [None, *range(1, len(expected_windows))]
+        assert [u.window.event_ids for u in lineage] == expected_windows
+        trained = [i for u in lineage for i in u.window.event_ids]
+        assert len(trained) == len(set(trained)), "an event was trained twice"
+        for update in lineage:
+            path = Path(urlparse(update.uri).path)
+            digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+            assert digest == update.sha256
+            assert update.format == "peft" and update.window.size == 16
+            assert update.train_loss == update.train_loss  # finite, not NaN
+    return by_adapter
+
+
+async def _committed(bootstrap: str, group: str, topic: str) -> int | None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+async def test_windows_of_16_become_versions_announced_exactly_once(
+    kafka_bootstrap: str, prefix: str, home: Path, tmp_path: Path
+) -> None:
+    topics = await _setup(kafka_bootstrap, prefix)
+    adapters = tmp_path / "adapters"
+    with Worker(
+        ["train"], _env(kafka_bootstrap, prefix, home, adapters), tmp_path / "train.log"
+    ) as worker:
+        updates = await _updates(kafka_bootstrap, topics, 5)
+        assert worker.alive(), worker.output()
+        # The trainer commits offsets only up to the first event of alpha's partial window.
+        stream = _stream()
+        first_pending = next(i for i, e in enumerate(stream) if e.id == "alpha-048")
+        await wait_for(
+            lambda: _committed_is(kafka_bootstrap, prefix, topics, first_pending),
+            30,
+            "the trainer's committed offset",
+        )
+    assert len(updates) == 5, [(u.adapter, u.version) for u in updates]
+    by_adapter = _check_lineages(updates)
+
+    # Every version loads with PEFT onto the base model, and each differs from its parent.
+    from peft import PeftModel
+
+    from trainer.model import default_tiny_model_dir, load_base_model
+
+    base_dir = default_tiny_model_dir(home)
+    for adapter, lineage in by_adapter.items():
+        previous = None
+        for update in lineage:
+            path = Path(urlparse(update.uri).path)
+            base = load_base_model(base_dir, torch.device("cpu"))
+            model = PeftModel.from_pretrained(base.model, path)
+            lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+            assert lora, f"{adapter} v{update.version} has no LoRA weights"
+            tensors = load_file(path / "adapter_model.safetensors")
+            if previous is not None:
+                assert any(not torch.equal(tensors[k], previous[k]) for k in tensors), (
+                    f"{adapter} v{update.version} has the same weights as v{update.version - 1}"
+                )
+            previous = tensors
+    losses = {a: [round(u.train_loss, 4) for u in lineage] for a, lineage in by_adapter.items()}
+    print(f"\ntrain_loss per version: {losses}")
+
+
+async def _committed_is(bootstrap: str, prefix: str, topics: Topics, offset: int) -> bool:
+    return (
+        await _committed(bootstrap, f"{prefix}lorastream-trainer", topics.learning_events) == offset
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "adapter", "version"),
+    [("step", "alpha", 2), ("commit", "beta", 1)],
+    ids=["killed-mid-step", "killed-between-files-and-commit"],
+)
+async def test_sigkill_repeats_the_window_without_gap_or_repeat(
+    kafka_bootstrap: str,
+    prefix: str,
+    home: Path,
+    tmp_path: Path,
+    fault: str,
+    adapter: str,
+    version: int,
+) -> None:
+    topics = await _setup(kafka_bootstrap, prefix)
+    adapters = tmp_path / "adapters"
+    env = _env(kafka_bootstrap, prefix, home, adapters)
+    crashing = Worker(
+        ["train"],
+        {**env, "LORASTREAM_FAULTS": f"pause:{fault}:{adapter}:{version}"},
+        tmp_path / "train-1.log",
+    ).start()
+    try:
+
+        async def paused() -> bool:
+            return "FAULT paused" in crashing.output()
+
+        await wait_for(paused, 120, f"the trainer to reach {fault} of {adapter} v{version}")
+        if fault == "commit":
+            assert (adapters / adapter / f"v{version}" / "adapter_model.safetensors").exists()
+        before = await read_all(kafka_bootstrap, topics.adapter_updates, 0, settle=1)
+        assert all((u.adapter, u.version) != (adapter, version) for u in map(_update, before)), (
+            "the version was announced before its commit"
+        )
+    finally:
+        crashing.kill()
+
+    with Worker(["train"], env, tmp_path / "train-2.log") as worker:
+        updates = await _updates(kafka_bootstrap, topics, 5)
+        assert worker.alive(), worker.output()
+    assert len(updates) == 5, [(u.adapter, u.version) for u in updates]
+    _check_lineages(updates)
+    assert not list(adapters.glob("*/.*")), "temporary directories were left behind"
+
+
+def _update(record: object) -> AdapterUpdate:
+    return decode(record.value, AdapterUpdate)  # type: ignore[attr-defined]
+
+
+async def test_a_window_with_a_nan_loss_is_quarantined_and_the_next_one_trains(
+    kafka_bootstrap: str, prefix: str, home: Path, tmp_path: Path
+) -> None:
+    topics = await _setup(kafka_bootstrap, prefix)
+    adapters = tmp_path / "adapters"
+    env = _env(kafka_bootstrap, prefix, home, adapters, LORASTREAM_FAULTS="nan:alpha-020")
+    with Worker(["train"], env, tmp_path / "train.log") as worker:
+        records = await read_all(kafka_bootstrap, topics.adapter_updates, 4, timeout=180, settle=3)
+        quarantined = await read_all(kafka_bootstrap, topics.quarantine, 1, timeout=30, settle=1)
+        assert worker.alive(), worker.output()
+    updates = [decode(r.value, AdapterUpdate) for r in records]
+    alpha = [u for u in updates if u.adapter == "alpha"]
+    assert [u.version for u in alpha] == [1, 2]
+    assert [u.window.event_ids for u in alpha] == [EXPECTED["alpha"][0], EXPECTED["alpha"][2]]
+    assert [u.version for u in updates if u.adapter == "beta"] == [1, 2]
+
+    assert len(quarantined) == 1
+    entry = orjson.loads(quarantined[0].value)
+    assert quarantined[0].key == b"alpha"
+    assert entry["adapter"] == "alpha" and entry["tries"] == 3
+    assert entry["window"]["event_ids"] == EXPECTED["alpha"][1]
+    assert [e["id"] for e in entry["events"]] == EXPECTED["alpha"][1]
+    assert "NonFiniteLossError" in entry["error"], entry["error"]
+    # The adapter stayed at its last good version: v2 continues from v1, not from the bad step.
+    assert alpha[1].parent_version == 1
+    assert not (adapters / "alpha" / "v3").exists()
+
+
+async def test_restart_resumes_from_the_newest_announced_version(
+    kafka_bootstrap: str, prefix: str, home: Path, tmp_path: Path
+) -> None:
+    topics = await _setup(kafka_bootstrap, prefix)
+    adapters = tmp_path / "adapters"
+    env = _env(kafka_bootstrap, prefix, home, adapters)
+    with Worker(["train"], env, tmp_path / "train-1.log"):
+        await _updates(kafka_bootstrap, topics, 5)
+    more = [_event("alpha", n) for n in range(53, 64)]  # completes alpha's fourth window
+    await produce(kafka_bootstrap, topics.learning_events, [(b"alpha", encode(e)) for e in more])
+    with Worker(["train"], env, tmp_path / "train-2.log") as worker:
+        updates = await _updates(kafka_bootstrap, topics, 6)
+        assert worker.alive(), worker.output()
+    alpha = [u for u in updates if u.adapter == "alpha"]
+    assert [u.version for u in alpha] == [1, 2, 3, 4]
+    assert alpha[3].window.event_ids == [f"alpha-{n:03d}" for n in range(48, 64)]
+
+    # A corrupt file of the newest version is a clear error naming the file, never a restart from 0.
+    newest = Path(urlparse(alpha[3].uri).path) / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8] + b"corrupt!")
+    late = [_event("alpha", n) for n in range(64, 80)]
+    await produce(kafka_bootstrap, topics.learning_events, [(b"alpha", encode(e)) for e in late])
+    broken = Worker(["train"], env, tmp_path / "train-3.log").start()
+    try:
+
+        async def exited() -> bool:
+            return not broken.alive()
+
+        await wait_for(exited, 120, "the trainer to refuse the corrupt file")
+    finally:
+        broken.kill()
+    assert broken.proc is not None and broken.proc.returncode == 1
+    assert "AdapterStoreError" in broken.output() and str(newest) in broken.output()
+    assert len(await read_all(kafka_bootstrap, topics.adapter_updates, 6, settle=2)) == 6
