@@ -34,7 +34,9 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """lorastream's configuration; each field names the variable that sets it."""
 
-    model_config = SettingsConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    # Not populate_by_name: pydantic-settings would then also read each field's own name from
+    # the environment, so HOME would set `home` and SEED `seed`. Flags are passed by variable.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     bootstrap_servers: Annotated[str, Field(min_length=1)] = Field(
         "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
@@ -181,7 +183,7 @@ def load_settings(**flags: Any) -> Settings:
     """Settings from the given flags (None = not given), the environment and defaults."""
     given = {name: value for name, value in flags.items() if value is not None}
     try:
-        return Settings(**given)
+        return Settings(**{_variable(name): value for name, value in given.items()})
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):

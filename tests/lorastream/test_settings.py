@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorastream.settings import SettingsError, load_settings
@@ -64,3 +66,19 @@ def test_bad_values_name_the_variable(
 def test_a_bad_flag_says_it_came_from_the_flag() -> None:
     with pytest.raises(SettingsError, match="from the flag"):
         load_settings(window_size=-3)
+
+
+def test_only_the_documented_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A field's own name must not be read from the environment: HOME is the user's home,
+    # not LORASTREAM_HOME, and SEED or DEVICE belong to somebody else.
+    monkeypatch.delenv("LORASTREAM_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/somewhere/else")
+    monkeypatch.setenv("SEED", "5")
+    monkeypatch.setenv("DEVICE", "cuda:3")
+    monkeypatch.setenv("WINDOW_SIZE", "2")
+    settings = load_settings()
+    assert settings.home == Path("/somewhere/else/.cache/lorastream")
+    assert (settings.seed, settings.device, settings.window_size) == (0, "auto", 16)
+    monkeypatch.setenv("LORASTREAM_HOME", "/data/ls")
+    assert load_settings().home == Path("/data/ls")
+    assert load_settings(home=Path("/flag")).home == Path("/flag")
