@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas import AdapterUpdate, SchemaError, decode
+from trainer.lineage import topic_partitions
 
 __all__ = ["follow"]
 
@@ -38,8 +39,7 @@ async def follow(
     await consumer.start()
     seen = 0
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic, bootstrap_servers)
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)

@@ -22,7 +22,7 @@ from schemas import AdapterUpdate, SchemaError, decode
 from trainer.exceptions import TrainerError
 from trainer.quarantine import Quarantined
 
-__all__ = ["Lineage", "load_lineages", "read_committed_topic"]
+__all__ = ["Lineage", "load_lineages", "read_committed_topic", "topic_partitions"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,22 @@ class Lineage:
         return offset <= self.handled.get(tp, -1)
 
 
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, bootstrap_servers: str
+) -> list[TopicPartition]:
+    """The partitions of ``topic``; a started consumer knows no topic until it asks for one."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        consumer._client.add_topic(topic)
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise TrainerError(
+            f"topic {topic} does not exist on {bootstrap_servers}; run `lorastream topics create`"
+        )
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
 async def read_committed_topic(
     bootstrap_servers: str, topic: str, client_options: dict[str, Any] | None = None
 ) -> list[ConsumerRecord[bytes, bytes]]:
@@ -79,15 +95,7 @@ async def read_committed_topic(
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise TrainerError(
-                f"topic {topic} does not exist on {bootstrap_servers}; run `lorastream topics create`"
-            )
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic, bootstrap_servers)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
