@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
 
@@ -28,6 +30,27 @@ def topic_specs(topics: Topics, partitions: int, replication_factor: int) -> lis
     return specs
 
 
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0
+) -> None:
+    """Wait until every partition of ``names`` has a leader: a producer that starts
+    right after creation would otherwise log NotLeaderForPartition retries."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        metadata = await admin._client.fetch_all_metadata()
+        ready = all(
+            (partitions := metadata.partitions_for_topic(name))
+            and all(
+                (metadata.leader_for_partition(TopicPartition(name, p)) or -1) >= 0
+                for p in partitions
+            )
+            for name in names
+        )
+        if ready or asyncio.get_running_loop().time() >= deadline:
+            return
+        await asyncio.sleep(0.1)
+
+
 async def create_topics(
     bootstrap_servers: str,
     specs: list[NewTopic],
@@ -40,6 +63,7 @@ async def create_topics(
     try:
         await admin.start()
         response = await admin.create_topics(specs)
+        await _wait_for_leaders(admin, [spec.name for spec in specs])
     except KafkaError as exc:
         raise KafkaSetupError(
             f"could not create topics on {bootstrap_servers}: {exc!r}. Is the broker running "
