@@ -39,6 +39,7 @@ __all__ = [
     "BrokerStatus",
     "LocalBroker",
     "default_home",
+    "kafka_answers",
 ]
 
 _KAFKA_DIR = Path(__file__).parent / "kafka"
@@ -424,6 +425,12 @@ class LocalBroker:
             return _tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
         except OSError:
             return "(no log)"
+
+
+def kafka_answers(bootstrap_servers: str, timeout: float = 2.0) -> bool:
+    """True when the first of ``bootstrap_servers`` (``host:port,...``) answers as a Kafka broker."""
+    host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
+    return port.isdigit() and _answers_api_versions(host or _HOST, int(port), timeout)
 
 
 def _answers_api_versions(host: str, port: int, timeout: float) -> bool:

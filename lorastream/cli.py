@@ -38,8 +38,8 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
 app.add_typer(adapters_app, name="adapters")
 
-out = Console()
-# soft_wrap: messages such as file:line: reports must stay one line each when piped.
+# soft_wrap: a line such as a file:line: report or an announcement stays one line when piped.
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -492,6 +492,9 @@ def _logging() -> None:
     )
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main() -> None:
