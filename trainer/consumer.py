@@ -58,8 +58,19 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.trainer = trainer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.trainer._ready.clear()
-        self.trainer.windows.drop(set(revoked))
+        # aiokafka waits for this callback before the group moves on. Waiting here for the
+        # window in flight means its transaction (offsets included) is committed before the
+        # partition's next owner reads the committed offset: TxnOffsetCommit v0 carries no
+        # generation, so nothing on the broker would stop a late commit from this instance.
+        trainer = self.trainer
+        async with trainer._busy:
+            trainer._ready.clear()
+            if not (trainer._fenced or trainer._failed):
+                try:
+                    await trainer._commit_offsets(force=True)
+                except (KafkaError, TrainerError) as exc:
+                    log.warning("offset commit on revocation failed (records are re-read): %r", exc)
+            trainer.windows.drop(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # An exception here would only be logged by aiokafka's coordinator; the loop re-raises it.
@@ -87,6 +98,8 @@ class Trainer:
         # handled until the lineages for the current assignment are loaded.
         self._ready = asyncio.Event()
         self._resume_error: Exception | None = None
+        # Held while a record is handled (a window trains and commits); a revocation waits for it.
+        self._busy = asyncio.Lock()
         self._last_commit: dict[TopicPartition, int] = {}
         self._last_commit_at = 0.0
         self.base: BaseModel | None = None
@@ -183,17 +196,16 @@ class Trainer:
                 await self._ready.wait()
             if self._resume_error is not None:
                 raise self._resume_error
-            assigned = self._consumer.assignment()
             for tp, records in batch.items():
-                if tp not in assigned:  # revoked while this batch waited: the new owner reads it
-                    continue
                 for record in records:
-                    if self._stopping.is_set():
-                        break
-                    await self._handle(tp, record)
-            for window in self.windows.expired(self.config.max_wait_seconds):
-                await self._train(window)
-            await self._commit_offsets()
+                    async with self._busy:
+                        if self._stopping.is_set() or tp not in self._consumer.assignment():
+                            break  # revoked while this batch waited: the new owner reads it
+                        await self._handle(tp, record)
+            async with self._busy:
+                for window in self.windows.expired(self.config.max_wait_seconds):
+                    await self._train(window)
+                await self._commit_offsets()
 
     async def resume(self) -> None:
         """Reload every adapter's lineage from Kafka (on start and on every assignment)."""
