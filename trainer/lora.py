@@ -97,7 +97,7 @@ def build_batch(
     rows: list[tuple[list[int], list[int]]] = []
     for prompt, response in examples:
         p = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids  # type: ignore[operator]
-        r = tok(response, add_special_tokens=False).input_ids + [eos]  # type: ignore[operator]
+        r = [*tok(response, add_special_tokens=False).input_ids, eos]  # type: ignore[operator]
         r = r[: max_length - 1] if len(r) >= max_length else r
         p = p[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else p
         rows.append((p, r))
@@ -140,7 +140,13 @@ class LoraStepper:
         # The initial LoRA weights come from this seed alone: the same for every adapter name.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = get_peft_model(base.model, config, adapter_name=self.ADAPTER)
+            try:
+                self.model = get_peft_model(base.model, config, adapter_name=self.ADAPTER)
+            except ValueError as exc:
+                raise StepError(
+                    f"LoRA target_modules {lora.target_modules} match no module of the base model "
+                    f"{base.name} (LORASTREAM_LORA_TARGET_MODULES): {exc}"
+                ) from exc
         self.params = {
             _key(name, self.ADAPTER): p
             for name, p in self.model.named_parameters()
@@ -209,7 +215,7 @@ class LoraStepper:
                 )
             loss = out.loss.float()
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(float(loss))
+                raise NonFiniteLossError(float(loss.detach()))
             (loss * (part_tokens / tokens)).backward()
             total += float(loss.detach()) * part_tokens
         optimizer.step()

@@ -1,0 +1,128 @@
+"""The LoRA step on the built-in tiny model: masking, learning, determinism, failures."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.exceptions import NonFiniteLossError, StepError
+from trainer.lora import IGNORE, AdapterState, LoraSettings, LoraStepper, build_batch
+from trainer.model import BaseModel, load_base_model
+
+PAIRS = [
+    ("2+2=", "4"),
+    ("capital of France:", "Paris"),
+    ("opposite of hot:", "cold"),
+    ("color of the sky:", "blue"),
+]
+WINDOW = PAIRS * 4  # 16 examples
+
+
+def test_the_loss_covers_response_tokens_only(base: BaseModel) -> None:
+    ids, mask, labels = build_batch(base.tokenizer, [("abc", "xy"), ("a", "wxyz")], 512)
+    eos = base.tokenizer.eos_token_id
+    prompt_a = base.tokenizer("abc", add_special_tokens=False).input_ids
+    response_a = base.tokenizer("xy", add_special_tokens=False).input_ids
+    assert ids[0, : len(prompt_a)].tolist() == prompt_a
+    assert labels[0].tolist()[: len(prompt_a)] == [IGNORE] * len(prompt_a)
+    assert labels[0, len(prompt_a) :].tolist() == [*response_a, eos]
+    # Right padding: masked out of attention and of the loss.
+    assert ids.shape[1] == 1 + 4 + 1
+    assert mask[0].tolist() == [1] * 6 and labels[0, 5].item() == eos
+    assert mask[1].tolist() == [1] * 6
+
+
+def test_a_too_long_example_keeps_its_response_and_loses_the_prompt_head(base: BaseModel) -> None:
+    ids, mask, labels = build_batch(base.tokenizer, [("p" * 50, "r" * 5)], 16)
+    assert ids.shape == (1, 16)
+    assert int((labels != IGNORE).sum()) == 6  # five response bytes and the eos
+    assert int(mask.sum()) == 16
+
+
+def test_the_loss_falls_from_window_to_window_on_a_learnable_task(base: BaseModel) -> None:
+    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    state = stepper.initial_state()
+    losses = []
+    for _ in range(8):
+        result = stepper.step(state, WINDOW)
+        losses.append(result.loss)
+        state = result.state
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert state.steps == 8
+    assert {k.rsplit(".", 1)[-1] for k in state.optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_a_step_leaves_the_callers_state_untouched_and_changes_the_weights(
+    base: BaseModel,
+) -> None:
+    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    state = stepper.initial_state()
+    before = {k: t.clone() for k, t in state.weights.items()}
+    result = stepper.step(state, WINDOW)
+    assert all(torch.equal(state.weights[k], before[k]) for k in before)
+    assert any(not torch.equal(result.state.weights[k], before[k]) for k in before)
+    assert result.tokens == sum(len(r.encode()) + 1 for _, r in WINDOW)
+
+
+def test_same_seed_same_events_same_weights_whatever_the_adapter(tiny_model_dir: Path) -> None:
+    """Two processes' worth of stepper (fresh loads), same seed: bit-identical lineages."""
+
+    def lineage(seed: int) -> list[dict[str, torch.Tensor]]:
+        base = load_base_model(tiny_model_dir, torch.device("cpu"))
+        stepper = LoraStepper(base, LoraSettings(), seed=seed)
+        state, out = stepper.initial_state(), []
+        for _ in range(3):
+            state = stepper.step(state, WINDOW).state
+            out.append(state.weights)
+        return out
+
+    first, second, other_seed = lineage(0), lineage(0), lineage(1)
+    for a, b in zip(first, second, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(first[0][k], other_seed[0][k]) for k in first[0])
+
+
+def test_optimizer_state_carries_over(base: BaseModel) -> None:
+    """Stepping from a state whose moments were dropped gives other weights: they are used."""
+    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    one = stepper.step(stepper.initial_state(), WINDOW).state
+    two = stepper.step(one, WINDOW).state
+    amnesiac = AdapterState(weights=one.weights, optimizer={}, steps=one.steps)
+    other = stepper.step(amnesiac, WINDOW).state
+    assert any(not torch.equal(two.weights[k], other.weights[k]) for k in two.weights)
+
+
+def test_a_non_finite_loss_raises_and_changes_nothing(base: BaseModel) -> None:
+    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    state = stepper.initial_state()
+    poisoned = AdapterState(
+        weights={k: torch.full_like(t, float("nan")) for k, t in state.weights.items()}
+    )
+    with pytest.raises(NonFiniteLossError, match="not a finite number"):
+        stepper.step(poisoned, WINDOW)
+    # The stepper is still good for the next window.
+    assert stepper.step(state, WINDOW).loss == stepper.step(state, WINDOW).loss
+
+
+def test_unknown_target_modules_are_an_error(base: BaseModel) -> None:
+    with pytest.raises(StepError, match=r"target_modules \('gate_projx',\) match no module"):
+        LoraStepper(base, LoraSettings(target_modules=("gate_projx",)), seed=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("r", 0),
+        ("alpha", 0),
+        ("dropout", 1.0),
+        ("learning_rate", float("nan")),
+        ("target_modules", ()),
+    ],
+)
+def test_lora_settings_name_the_bad_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"LoraSettings.{field}"):
+        LoraSettings(**{field: value})  # type: ignore[arg-type]
