@@ -228,7 +228,7 @@ def produce(
     report = validate_file(file)
     for error in report.bad:
         err.print(
-            f"{file}:{error.line}: invalid {error.type_name}: {error.details()}",
+            error.at_line_of(file),
             markup=False,
             highlight=False,
         )

@@ -145,7 +145,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> No
     report = validate_file(data)
     for error in report.bad:
         console.print(
-            f"  {data.name}:{error.line}: invalid {error.type_name}: {error.details()}",
+            f"  {error.at_line_of(data.name)}",
             highlight=False,
             markup=False,
             soft_wrap=True,

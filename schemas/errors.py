@@ -70,6 +70,10 @@ class SchemaError(LorastreamError):
             where = f" on line {self.line}"
         return f"invalid {self.type_name}{where}: {self.details()}"
 
+    def at_line_of(self, file: object) -> str:
+        """``FILE:LINE: invalid Type: problems``, the form compilers and editors jump to."""
+        return f"{file}:{self.line}: invalid {self.type_name}: {self.details()}"
+
     def details(self) -> str:
         """The problems alone, ``field: message; …``."""
         return "; ".join(f"{field}: {message}" for field, message in self.problems)
