@@ -122,3 +122,11 @@ def test_produce_names_a_missing_file(tmp_path: Path) -> None:
     result = _run("produce", str(tmp_path / "nope.jsonl"))
     assert result.returncode != 0
     assert "nope.jsonl" in result.stderr
+
+
+def test_train_names_a_base_model_directory_that_is_not_one(tmp_path: Path) -> None:
+    done = _run("train", "--base-model", str(tmp_path / "no-model"), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("BaseModelError: ")
+    assert str(tmp_path / "no-model") in done.stderr and "config.json" in done.stderr
+    assert "Traceback" not in done.stderr

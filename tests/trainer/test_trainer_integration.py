@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import subprocess
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +24,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
 from schemas import AdapterUpdate, LearningEvent, SourcePosition, Topics, decode, encode
-from tests.kafka_util import Worker, make_topics, produce, read_all, wait_for, worker_env
+from tests.kafka_util import (
+    LORASTREAM,
+    Worker,
+    make_topics,
+    produce,
+    read_all,
+    wait_for,
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -207,6 +217,33 @@ async def test_windows_of_16_become_versions_announced_exactly_once(
             previous = tensors
     losses = {a: [round(u.train_loss, 4) for u in lineage] for a, lineage in by_adapter.items()}
     print(f"\ntrain_loss per version: {losses}")
+
+    # What users see: the lineage and the stream of announcements, from the CLI.
+    env = {**os.environ, **_env(kafka_bootstrap, prefix, home, adapters)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [LORASTREAM, *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    listed = [
+        decode(line, AdapterUpdate) for line in cli("adapters", "list", "--json").splitlines()
+    ]
+    assert listed == sorted(updates, key=lambda u: (u.adapter, u.version))
+    followed = cli("adapters", "follow", "--from-beginning", "-n", "5", "--timeout", "30", "--json")
+    in_order = sorted(updates, key=lambda u: (u.adapter, u.version))
+    assert (
+        sorted(
+            (decode(line, AdapterUpdate) for line in followed.splitlines()),
+            key=lambda u: (u.adapter, u.version),
+        )
+        == in_order
+    )
+    table = cli("adapters", "list", "--adapter", "beta")
+    assert "beta" in table and "alpha" not in table
+    assert all(f"{u.train_loss:.4f}" in table for u in by_adapter["beta"])
 
 
 async def _committed_is(bootstrap: str, prefix: str, topics: Topics, offset: int) -> bool:
