@@ -100,6 +100,11 @@ class Trainer:
         self._resume_error: Exception | None = None
         # Held while a record is handled (a window trains and commits); a revocation waits for it.
         self._busy = asyncio.Lock()
+        # A window is taken out of Windows before it trains; if anything fails after
+        # that, committing on the way out would move the offsets past it. So a trainer
+        # that failed (or was fenced) commits nothing more: the window is read again.
+        self._fenced = False
+        self._failed = False
         self._last_commit: dict[TopicPartition, int] = {}
         self._last_commit_at = 0.0
         self.base: BaseModel | None = None
@@ -161,12 +166,6 @@ class Trainer:
             if client is not None:
                 await client.stop()
         self._consumer = self._producer = None
-
-    # A window is taken out of Windows before it trains; if anything fails after
-    # that, committing on the way out would move the offsets past it. So a trainer
-    # that failed commits nothing more: the window is read again on restart.
-    _fenced = False
-    _failed = False
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -318,7 +317,7 @@ class Trainer:
             train_loss=result.loss,
             created_at=datetime.now(tz=UTC),
         )
-        await self._transact(
+        await self._send_committed(
             self.config.topics.adapter_updates,
             window.adapter,
             encode(update),
@@ -360,17 +359,22 @@ class Trainer:
     # ── Kafka transactions ───────────────────────────────────────────────────
 
     async def _transact(
-        self, topic: str, adapter: str | None, value: bytes, fault: tuple[str, int] | None = None
+        self,
+        record: tuple[str, str | None, bytes] | None,
+        offsets: dict[TopicPartition, int],
+        fault: tuple[str, int] | None = None,
     ) -> None:
-        """Send one record and commit every committable offset, in one transaction."""
+        """Commit ``record`` (topic, adapter, value), if any, and ``offsets`` in one transaction."""
         assert self._producer is not None
-        offsets = self.windows.committable()
+        topic = record[0] if record else "the consumer offsets"
         try:
             async with self._producer.transaction():
-                sent = await self._producer.send(
-                    topic, key=adapter.encode() if adapter else None, value=value
-                )
-                await sent
+                if record is not None:
+                    topic, adapter, value = record
+                    sent = await self._producer.send(
+                        topic, key=adapter.encode() if adapter else None, value=value
+                    )
+                    await sent
                 if fault is not None:
                     self.faults.at("commit-inside", *fault)
                 if offsets:
@@ -386,21 +390,20 @@ class Trainer:
         self._last_commit.update(offsets)
         self._last_commit_at = asyncio.get_running_loop().time()
 
+    async def _send_committed(
+        self, topic: str, adapter: str | None, value: bytes, fault: tuple[str, int] | None = None
+    ) -> None:
+        """Send one record and commit every committable offset, in one transaction."""
+        await self._transact((topic, adapter, value), self.windows.committable(), fault)
+
     async def _commit_offsets(self, force: bool = False) -> None:
         """An offsets-only transaction, when offsets moved and a while has passed."""
-        assert self._producer is not None
         offsets = {
             tp: o for tp, o in self.windows.committable().items() if self._last_commit.get(tp) != o
         }
         now = asyncio.get_running_loop().time()
-        if not offsets or (
-            not force and now - self._last_commit_at < self.config.idle_commit_seconds
-        ):
-            return
-        async with self._producer.transaction():
-            await self._producer.send_offsets_to_transaction(offsets, self.config.group_id)
-        self._last_commit.update(offsets)
-        self._last_commit_at = now
+        if offsets and (force or now - self._last_commit_at >= self.config.idle_commit_seconds):
+            await self._transact(None, offsets)
 
     async def _quarantine_window(self, window: Window, errors: list[str]) -> None:
         entry = Quarantined(
@@ -410,7 +413,7 @@ class Trainer:
             window=window.spec(),
             events=[pending.event for pending in window.events],
         )
-        await self._transact(
+        await self._send_committed(
             self.config.topics.quarantine, window.adapter, entry.model_dump_json().encode()
         )
         self.lineages[window.adapter].record_quarantine(
@@ -439,7 +442,7 @@ class Trainer:
             record.value,
         )
         self.windows.mark_read(tp, record.offset)
-        await self._transact(
+        await self._send_committed(
             self.config.topics.quarantine, adapter, entry.model_dump_json().encode()
         )
         self.metrics.quarantined.inc()
