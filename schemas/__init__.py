@@ -1,4 +1,8 @@
-"""The wire contract of lorastream: event types, JSON Schema files, codec, topic names.
+"""The wire contract of lorastream: every type on a topic, its JSON Schema file, codec, topics.
+
+The documents (``GenerationResult``, ``LearningEvent``, ``AdapterUpdate``,
+``QuarantineRecord``) are JSON record values; ``DeadLetterHeaders`` are the
+Kafka headers of a dead letter, whose key and value are the original bytes.
 
 This package imports nothing else of lorastream's, so producers and consumers
 in Python can depend on it alone::
@@ -10,6 +14,7 @@ in Python can depend on it alone::
 """
 
 from schemas.codec import decode, decode_obj, encode
+from schemas.deadletter import DeadLetterHeaders, dead_letter_headers, read_dead_letter_headers
 from schemas.errors import KafkaPosition, LorastreamError, SchemaError
 from schemas.models import (
     ADAPTER_PATTERN,
@@ -21,6 +26,7 @@ from schemas.models import (
     SourcePosition,
     WindowSpec,
 )
+from schemas.quarantine import QuarantineRecord
 from schemas.resources import schema_document, schema_path
 from schemas.topics import Topics
 
@@ -28,18 +34,22 @@ __all__ = [
     "ADAPTER_PATTERN",
     "SCHEMA_VERSION",
     "AdapterUpdate",
+    "DeadLetterHeaders",
     "GenerationResult",
     "KafkaPosition",
     "LearningEvent",
     "LoraSpec",
     "LorastreamError",
+    "QuarantineRecord",
     "SchemaError",
     "SourcePosition",
     "Topics",
     "WindowSpec",
+    "dead_letter_headers",
     "decode",
     "decode_obj",
     "encode",
+    "read_dead_letter_headers",
     "schema_document",
     "schema_path",
 ]

@@ -7,15 +7,17 @@ nothing else. Each package adds its own small tree beside its code::
     LorastreamError
     ├── schemas.SchemaError            a document that breaks the wire contract
     ├── streams.StreamsError           the scoring stage
+    ├── KafkaUnavailableError          a Kafka client call failed: the servers and what was being done
     ├── trainer.TrainerError           the training stage
     │   ├── AdapterStoreError          a missing or corrupt adapter file
-    │   └── StepError                  a LoRA step that raised or gave a non-finite loss
+    │   ├── StepError                  a LoRA step that raised or gave a non-finite loss
+    │   └── ReplayError                a replay that cannot run (unknown adapter, range gone …)
     └── lorastream.BrokerError         the local broker could not be assembled or started
 """
 
 from __future__ import annotations
 
-__all__ = ["KafkaPosition", "LorastreamError", "SchemaError"]
+__all__ = ["KafkaPosition", "KafkaUnavailableError", "LorastreamError", "SchemaError"]
 
 
 class KafkaPosition:
@@ -77,3 +79,21 @@ class SchemaError(LorastreamError):
     def details(self) -> str:
         """The problems alone, ``field: message; …``."""
         return "; ".join(f"{field}: {message}" for field, message in self.problems)
+
+
+class KafkaUnavailableError(LorastreamError):
+    """A call to Kafka failed: the cluster is unreachable, refused, or timed out.
+
+    Raised by the one place that translates Kafka client errors
+    (:func:`trainer.kafka.kafka_errors`); the message names the servers that
+    were tried and what was being done, so that it stands alone on one line.
+    """
+
+    def __init__(self, servers: str, doing: str, reason: str) -> None:
+        self.servers = servers
+        self.doing = doing
+        self.reason = reason
+        super().__init__(
+            f"{doing}: Kafka at {servers} failed: {reason}. Is the broker running "
+            "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"
+        )

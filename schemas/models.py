@@ -5,7 +5,8 @@ strictly (unknown fields are rejected, so that a misspelt ``baseline`` is an
 error instead of a silent ROUGE of 0). ``LearningEvent`` and
 ``AdapterUpdate`` are produced by lorastream itself; readers tolerate fields
 added by newer versions. Every document carries ``schema_version``; version 1
-is the only one this code reads.
+is the only one this code reads. ``schemas.quarantine`` builds the fourth
+document, ``QuarantineRecord``, from the same parts.
 
 The JSON Schema files in ``schemas/json/`` state the same rules for producers
 in other languages; ``tests/schemas/test_json_schema.py`` holds the two

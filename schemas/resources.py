@@ -15,11 +15,13 @@ SCHEMA_FILES = {
     "GenerationResult": "generation-result.schema.json",
     "LearningEvent": "learning-event.schema.json",
     "AdapterUpdate": "adapter-update.schema.json",
+    "QuarantineRecord": "quarantine-record.schema.json",
+    "DeadLetterHeaders": "dead-letter-headers.schema.json",
 }
 
 
 def schema_path(type_name: str) -> Path:
-    """The JSON Schema (draft 2020-12) file of one document type."""
+    """The JSON Schema (draft 2020-12) file of one type that travels on a topic."""
     return _DIR / SCHEMA_FILES[type_name]
 
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import faust
 
-from schemas import KafkaPosition, Topics, encode
-from streams.deadletter import dead_letter_headers
+from schemas import KafkaPosition, Topics, dead_letter_headers, encode
 from streams.metrics import ScoringMetrics
 from streams.scoring import Thresholds, process
 

@@ -15,8 +15,7 @@ import orjson
 import pytest
 from rouge_score import rouge_scorer
 
-from schemas import LearningEvent, decode
-from streams.deadletter import read_dead_letter_headers
+from schemas import LearningEvent, decode, read_dead_letter_headers
 from tests.kafka_util import Worker, make_topics, produce, read_all, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
