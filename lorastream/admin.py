@@ -1,33 +1,159 @@
-"""Topic creation, idempotent, through aiokafka's admin client."""
+"""Topic creation, idempotent, and topic retention, through aiokafka's admin client."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
 
 from schemas import Topics
 from schemas.errors import LorastreamError
 
-__all__ = ["KafkaSetupError", "create_topics", "topic_specs"]
+__all__ = [
+    "KafkaSetupError",
+    "TopicRetention",
+    "create_topics",
+    "describe_retention",
+    "topic_specs",
+]
 
 _TOPIC_ALREADY_EXISTS = 36
+_RETENTION_KEYS = ("retention.ms", "retention.bytes", "cleanup.policy")
 
 
 class KafkaSetupError(LorastreamError):
-    """The cluster refused or could not be reached while setting up topics."""
+    """The cluster refused or could not be reached while setting up or inspecting topics."""
 
 
-def topic_specs(topics: Topics, partitions: int, replication_factor: int) -> list[NewTopic]:
-    """The pipeline's topics. Announcements are kept forever: they are the lineage."""
+@dataclass(frozen=True)
+class TopicRetention:
+    """What a topic's configuration lets the cluster delete; None where it was not reported.
+
+    ``-1`` is Kafka's "no limit" for both ``retention_ms`` and ``retention_bytes`` (the
+    latter per partition); they apply only under the ``delete`` cleanup policy. ``compact``
+    removes superseded records of a key, and an empty ``cleanup_policy`` (Kafka 4.2 and
+    later) deletes nothing at all.
+    """
+
+    retention_ms: int | None
+    retention_bytes: int | None
+    cleanup_policy: str | None
+
+    @property
+    def policies(self) -> frozenset[str]:
+        """The cleanup policies in effect, e.g. ``{"delete"}``; empty if none or unknown."""
+        return frozenset(p.strip() for p in (self.cleanup_policy or "").split(",") if p.strip())
+
+    @property
+    def unlimited(self) -> bool:
+        """True when the configuration lets the cluster delete none of the topic's records."""
+        if self.cleanup_policy is not None and not self.policies:
+            return True
+        return (
+            "compact" not in self.policies
+            and self.retention_ms is not None
+            and self.retention_ms < 0
+            and self.retention_bytes is not None
+            and self.retention_bytes < 0
+        )
+
+    def describe(self) -> str:
+        """A short phrase for users, e.g. ``retention.ms=604800000 (7 days)``."""
+        policies = self.policies
+        if self.cleanup_policy is not None and not policies:
+            return "unlimited retention (cleanup.policy is empty)"
+        limits = []
+        # An unreported policy is the broker's default, which is delete unless changed.
+        if "delete" in policies or self.cleanup_policy is None:
+            if self.retention_ms is not None and self.retention_ms >= 0:
+                limits.append(f"retention.ms={self.retention_ms} ({_duration(self.retention_ms)})")
+            if self.retention_bytes is not None and self.retention_bytes >= 0:
+                limits.append(f"retention.bytes={self.retention_bytes} per partition")
+        if "compact" in policies:
+            phrase = (
+                f"compacted (cleanup.policy={self.cleanup_policy}): "
+                "only the latest record of each key is kept"
+            )
+            return ", and ".join([phrase, *limits]) if limits else phrase
+        if limits:
+            return " and ".join(limits)
+        if self.unlimited:
+            return "unlimited retention"
+        return "retention not reported by the cluster"
+
+    @classmethod
+    def from_configs(cls, configs: Mapping[str, str | None]) -> TopicRetention:
+        """From config entries as a broker reports them (values are strings)."""
+        return cls(
+            retention_ms=_int_or_none(configs.get("retention.ms")),
+            retention_bytes=_int_or_none(configs.get("retention.bytes")),
+            cleanup_policy=configs.get("cleanup.policy"),
+        )
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_UNITS = (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000), ("second", 1_000))
+
+
+def _duration(ms: int) -> str:
+    """``604800000`` -> ``7 days``; exact where a unit divides it, else approximate."""
+    for name, size in _UNITS:
+        count, rest = divmod(ms, size)
+        if count and not rest and (count < 1000 or name == "day"):
+            return f"{count} {name}{'' if count == 1 else 's'}"
+    for name, size in _UNITS:
+        if ms >= size:
+            return f"about {ms / size:.1f} {name}s"
+    return f"{ms} ms"
+
+
+def topic_specs(
+    topics: Topics, partitions: int, replication_factor: int, history_retention_ms: int = -1
+) -> list[NewTopic]:
+    """The pipeline's topics. The history (learning events, the adapter lineage and the
+    quarantine it reads) gets ``retention.ms=history_retention_ms``, -1 meaning forever;
+    the others keep the cluster's default. No size limit (``retention.bytes=-1``) trims
+    the history either, whatever the cluster's default."""
+    history = {topics.learning_events, topics.adapter_updates, topics.quarantine}
+    kept = {"retention.ms": str(history_retention_ms), "retention.bytes": "-1"}
     specs = []
     for name in topics.all():
-        configs = {"retention.ms": "-1"} if name == topics.adapter_updates else {}
+        configs = dict(kept) if name in history else {}
         specs.append(NewTopic(name, partitions, replication_factor, topic_configs=configs))
     return specs
+
+
+@asynccontextmanager
+async def _admin(
+    bootstrap_servers: str, doing: str, client_options: dict[str, Any] | None
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on every path; Kafka errors become KafkaSetupError."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=30_000, **(client_options or {})
+    )
+    try:
+        await admin.start()
+        yield admin
+    except KafkaError as exc:
+        raise KafkaSetupError(
+            f"could not {doing} on {bootstrap_servers}: {exc!r}. Is the broker running "
+            "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"
+        ) from exc
+    finally:
+        await admin.close()
 
 
 async def _wait_for_leaders(
@@ -57,20 +183,9 @@ async def create_topics(
     client_options: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Create each topic unless it exists; return ``{name: "created" | "exists"}``."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=30_000, **(client_options or {})
-    )
-    try:
-        await admin.start()
+    async with _admin(bootstrap_servers, "create topics", client_options) as admin:
         response = await admin.create_topics(specs)
         await _wait_for_leaders(admin, [spec.name for spec in specs])
-    except KafkaError as exc:
-        raise KafkaSetupError(
-            f"could not create topics on {bootstrap_servers}: {exc!r}. Is the broker running "
-            "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"
-        ) from exc
-    finally:
-        await admin.close()
     outcome: dict[str, str] = {}
     for topic, code, *rest in response.topic_errors:
         if code == 0:
@@ -81,3 +196,51 @@ async def create_topics(
             message = rest[0] if rest and rest[0] else for_code(code).__name__
             raise KafkaSetupError(f"topic {topic} could not be created: {message} (code {code})")
     return outcome
+
+
+async def describe_retention(
+    bootstrap_servers: str,
+    topics: list[str],
+    client_options: dict[str, Any] | None = None,
+) -> dict[str, TopicRetention]:
+    """Each topic's retention as the cluster reports it, in the order given.
+
+    A topic the cluster does not know, or refuses to describe, is a KafkaSetupError
+    naming it.
+    """
+    names = list(dict.fromkeys(topics))
+    if not names:
+        return {}
+    wanted = dict.fromkeys(_RETENTION_KEYS)
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in names]
+    async with _admin(bootstrap_servers, "describe topic configs", client_options) as admin:
+        responses = await admin.describe_configs(resources)
+    found = _retention_by_topic(responses)
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise KafkaSetupError(
+            f"{bootstrap_servers} did not report the configuration of {', '.join(missing)}"
+        )
+    return {name: found[name] for name in names}
+
+
+def _retention_by_topic(responses: Iterable[Any]) -> dict[str, TopicRetention]:
+    """Read raw DescribeConfigs responses (one per request aiokafka sent).
+
+    Read by position, which the Kafka protocol keeps across versions (later ones only
+    append fields): resource = (error_code, error_message, resource_type, resource_name,
+    config_entries, ...), entry = (name, value, ...). aiokafka's field names are not
+    part of that contract.
+    """
+    found: dict[str, TopicRetention] = {}
+    for response in responses:
+        for resource in response.resources:
+            error_code, error_message, _type, name, entries = resource[:5]
+            if error_code:
+                reason = error_message or for_code(error_code).__name__
+                raise KafkaSetupError(
+                    f"topic {name}: the cluster would not describe its configuration: "
+                    f"{reason} (code {error_code})"
+                )
+            found[name] = TopicRetention.from_configs({entry[0]: entry[1] for entry in entries})
+    return found
