@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy schemas streams
+	$(BIN)/mypy schemas streams trainer lorastream
 
 test: lint typecheck
 	$(BIN)/python -m pytest -ra
@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/bench_rouge.py
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_replay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -131,7 +131,9 @@ def topics_create(
     from lorastream.admin import create_topics, topic_specs
 
     settings = settings_of(ctx)
-    specs = topic_specs(settings.topics, partitions, replication_factor)
+    specs = topic_specs(
+        settings.topics, partitions, replication_factor, settings.history_retention_ms
+    )
     outcome = asyncio.run(
         create_topics(settings.bootstrap_servers, specs, settings.kafka_client_options())
     )
@@ -173,7 +175,8 @@ def score(
     import faust
     from prometheus_client import start_http_server
 
-    from streams import ScoringConfig, create_app
+    from lorastream.stages import scoring_config
+    from streams import create_app
     from streams.metrics import ScoringMetrics
 
     settings = settings_of(
@@ -186,14 +189,7 @@ def score(
     metrics = ScoringMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-    config = ScoringConfig(
-        bootstrap_servers=settings.bootstrap_servers,
-        topics=settings.topics,
-        app_id=settings.scorer_app_id,
-        thresholds=settings.thresholds,
-        data_dir=settings.home / "faust",
-        credentials=settings.faust_credentials(),
-    )
+    config = scoring_config(settings)
     faust_app = create_app(config, metrics)
     err.print(
         f"scoring {config.topics.generation_results} → {config.topics.learning_events} "
@@ -255,74 +251,81 @@ def produce(
 # ── train ────────────────────────────────────────────────────────────────────
 
 
+WindowSizeOption = Annotated[
+    int | None, typer.Option(help="Events per window [env: LORASTREAM_WINDOW_SIZE, 16].")
+]
+BaseModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="A local Hugging Face causal LM directory [env: LORASTREAM_BASE_MODEL; default: the built-in tiny model]."
+    ),
+]
+AdapterDirOption = Annotated[
+    Path | None,
+    typer.Option(help="Where versions are written [env: LORASTREAM_ADAPTER_DIR, ./adapters]."),
+]
+MaxTriesOption = Annotated[
+    int | None,
+    typer.Option(help="Tries per window before it is quarantined [env: LORASTREAM_MAX_TRIES, 3]."),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env: LORASTREAM_DEVICE].")
+]
+SeedOption = Annotated[
+    int | None, typer.Option(help="Seed of the initial LoRA weights [env: LORASTREAM_SEED, 0].")
+]
+LearningRateOption = Annotated[
+    float | None, typer.Option(help="AdamW learning rate [env: LORASTREAM_LEARNING_RATE].")
+]
+LoraROption = Annotated[int | None, typer.Option(help="LoRA rank [env: LORASTREAM_LORA_R, 8].")]
+LoraAlphaOption = Annotated[
+    float | None, typer.Option(help="LoRA alpha [env: LORASTREAM_LORA_ALPHA, 16].")
+]
+TargetModulesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated modules [env: LORASTREAM_LORA_TARGET_MODULES, q_proj,v_proj]."
+    ),
+]
+
+
 @app.command("train")
 def train(
     ctx: typer.Context,
-    window_size: Annotated[
-        int | None, typer.Option(help="Events per window [env: LORASTREAM_WINDOW_SIZE, 16].")
-    ] = None,
-    base_model: Annotated[
-        Path | None,
-        typer.Option(
-            help="A local Hugging Face causal LM directory [env: LORASTREAM_BASE_MODEL; default: the built-in tiny model]."
-        ),
-    ] = None,
-    adapter_dir: Annotated[
-        Path | None,
-        typer.Option(help="Where versions are written [env: LORASTREAM_ADAPTER_DIR, ./adapters]."),
-    ] = None,
-    max_tries: Annotated[
-        int | None,
-        typer.Option(
-            help="Tries per window before it is quarantined [env: LORASTREAM_MAX_TRIES, 3]."
-        ),
-    ] = None,
+    window_size: WindowSizeOption = None,
+    base_model: BaseModelOption = None,
+    adapter_dir: AdapterDirOption = None,
+    max_tries: MaxTriesOption = None,
     max_wait_seconds: Annotated[
         float | None,
         typer.Option(
             help="Train a partial window after this long [env: LORASTREAM_MAX_WAIT_SECONDS; default: wait for a full one]."
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env: LORASTREAM_DEVICE].")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of the initial LoRA weights [env: LORASTREAM_SEED, 0].")
-    ] = None,
+    device: DeviceOption = None,
+    seed: SeedOption = None,
     instance_id: Annotated[
         str | None,
         typer.Option(
             help="Stable id of this instance; names its transactional id [env: LORASTREAM_INSTANCE_ID, 0]."
         ),
     ] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(help="AdamW learning rate [env: LORASTREAM_LEARNING_RATE].")
-    ] = None,
-    lora_r: Annotated[
-        int | None, typer.Option(help="LoRA rank [env: LORASTREAM_LORA_R, 8].")
-    ] = None,
-    lora_alpha: Annotated[
-        float | None, typer.Option(help="LoRA alpha [env: LORASTREAM_LORA_ALPHA, 16].")
-    ] = None,
-    target_modules: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated modules [env: LORASTREAM_LORA_TARGET_MODULES, q_proj,v_proj]."
-        ),
-    ] = None,
+    learning_rate: LearningRateOption = None,
+    lora_r: LoraROption = None,
+    lora_alpha: LoraAlphaOption = None,
+    target_modules: TargetModulesOption = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(help="Serve Prometheus metrics on this port [env: LORASTREAM_METRICS_PORT]."),
     ] = None,
 ) -> None:
     """Run the trainer: learning-events → LoRA steps → adapter-updates, exactly once."""
-    import os
     import signal
 
     from prometheus_client import start_http_server
 
+    from lorastream.stages import trainer_config
     from trainer import Trainer, TrainerMetrics
-    from trainer.setup import trainer_config
 
     settings = settings_of(
         ctx,
@@ -344,7 +347,7 @@ def train(
     metrics = TrainerMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-    config = trainer_config(settings, faults=os.environ.get("LORASTREAM_FAULTS"))
+    config = trainer_config(settings)
 
     async def run() -> None:
         trainer = Trainer(config, metrics)
@@ -355,6 +358,121 @@ def train(
             await trainer.run()
 
     asyncio.run(run())
+
+
+# ── replay ───────────────────────────────────────────────────────────────────
+
+
+@app.command("replay")
+def replay(
+    ctx: typer.Context,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter",
+            help="The adapter whose events are replayed (a dry run without it covers every adapter).",
+        ),
+    ] = None,
+    into: Annotated[
+        str | None,
+        typer.Option("--into", help="The name of the new lineage (versions 1, 2, 3 …)."),
+    ] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="First offset, or an RFC 3339 time (the first record at or after it); default: the oldest retained.",
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Last offset, or an RFC 3339 time (the last record at or before it), included; default: the newest.",
+        ),
+    ] = None,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            "--rescore",
+            help="Start from generation-results and score again with the thresholds below.",
+        ),
+    ] = False,
+    rouge_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="With --rescore: breakthrough needs ROUGE-L above this [env: LORASTREAM_ROUGE_THRESHOLD, 0.7]."
+        ),
+    ] = None,
+    breakthrough_entropy: Annotated[
+        float | None,
+        typer.Option(
+            help="With --rescore: breakthrough needs the entropy delta below this [env: LORASTREAM_BREAKTHROUGH_ENTROPY, -0.1]."
+        ),
+    ] = None,
+    qualify_entropy: Annotated[
+        float | None,
+        typer.Option(
+            help="With --rescore: non-breakthroughs qualify when |entropy delta| is above this [env: LORASTREAM_QUALIFY_ENTROPY, 0.15]."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the lineage --into (a killed replay) instead of refusing."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the events and windows per adapter; train nothing."),
+    ] = False,
+    base_model: BaseModelOption = None,
+    adapter_dir: AdapterDirOption = None,
+    window_size: WindowSizeOption = None,
+    max_tries: MaxTriesOption = None,
+    device: DeviceOption = None,
+    seed: SeedOption = None,
+    learning_rate: LearningRateOption = None,
+    lora_r: LoraROption = None,
+    lora_alpha: LoraAlphaOption = None,
+    target_modules: TargetModulesOption = None,
+) -> None:
+    """Retrain an adapter from the log into a new lineage, exactly as the live trainer would.
+
+    Reads the adapter's learning events (or, with --rescore, its generation
+    results scored again), groups them into the live trainer's windows, trains
+    and announces versions 1, 2, 3 … of the new lineage, and exits when the
+    range is done. Killed, it continues with --resume.
+    """
+    from lorastream.replay import ReplayRequest, run_replay
+
+    settings = settings_of(
+        ctx,
+        rouge_threshold=rouge_threshold,
+        breakthrough_entropy=breakthrough_entropy,
+        qualify_entropy=qualify_entropy,
+        base_model=base_model,
+        adapter_dir=adapter_dir,
+        window_size=window_size,
+        max_tries=max_tries,
+        device=device,
+        seed=seed,
+        learning_rate=learning_rate,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_target_modules=target_modules,
+    )
+    _logging(quiet=True)
+    request = ReplayRequest.of(
+        source=adapter,
+        target=into,
+        start=from_,
+        end=to,
+        rescore=rescore,
+        resume=resume,
+        dry_run=dry_run,
+    )
+    run_replay(settings, request, out, err)
 
 
 # ── adapters ─────────────────────────────────────────────────────────────────
@@ -372,7 +490,7 @@ def adapters_list(
     from rich.table import Table
 
     from schemas import encode
-    from trainer.lineage import load_lineages
+    from trainer.history import load_lineages
 
     settings = settings_of(ctx)
     lineages = asyncio.run(
@@ -479,25 +597,31 @@ def demo(
     run_demo(settings_of(ctx), out, timeout=timeout)
 
 
-def _logging() -> None:
+def _logging(quiet: bool = False) -> None:
+    """Log lines through rich on stderr; ``quiet`` for jobs, whose progress is a bar."""
     import logging
 
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("aiokafka", "kafka"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A long-running stage logs the client's own connection trouble; a job says it once.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if quiet else logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
 
 def main() -> None:
+    import logging
+
+    # aiokafka logs every failed connection at ERROR before raising; the command reports
+    # the failure itself, once (a stage that runs for long turns these logs back on).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         app()
     except LorastreamError as exc:

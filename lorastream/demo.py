@@ -111,7 +111,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> No
     from lorastream.broker import LocalBroker, kafka_answers
     from lorastream.follow import follow
     from lorastream.produce import produce_file, validate_file
-    from trainer.lineage import load_lineages
+    from trainer.history import load_lineages
 
     hf_logging.disable_progress_bar()
     console.rule("[bold]1. Kafka")
@@ -243,9 +243,10 @@ async def _produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 async def _count(bootstrap: str, topic: str) -> int:
-    from trainer.lineage import read_committed_topic
+    from trainer.history import read_committed_topic
 
-    return len(await read_committed_topic(bootstrap, topic))
+    records, _ = await read_committed_topic(bootstrap, topic)
+    return len(records)
 
 
 def _load_newest(settings: Settings, lineages: dict[str, Any], console: Console) -> None:
@@ -256,16 +257,16 @@ def _load_newest(settings: Settings, lineages: dict[str, Any], console: Console)
     import torch
     from peft import PeftModel
 
+    from lorastream.stages import base_model_of
     from trainer.lora import IGNORE, build_batch
     from trainer.model import load_base_model
-    from trainer.setup import trainer_config
 
-    config = trainer_config(settings)
+    base_dir, base_name = base_model_of(settings)
     for adapter in sorted(lineages):
         latest = lineages[adapter].latest
         if latest is None:
             continue
-        base = load_base_model(config.base_model, torch.device("cpu"), config.base_model_name)
+        base = load_base_model(base_dir, torch.device("cpu"), base_name)
         model = PeftModel.from_pretrained(base.model, Path(urlparse(latest.uri).path))
         ids, mask, labels = build_batch(base.tokenizer, TASKS[adapter], 512)
         with torch.no_grad():

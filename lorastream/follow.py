@@ -6,10 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-
 from schemas import AdapterUpdate, SchemaError, decode
-from trainer.lineage import topic_partitions
+from trainer.history import topic_partitions
+from trainer.kafka import reader
 
 __all__ = ["follow"]
 
@@ -30,15 +29,8 @@ async def follow(
     ``read_committed``, so an announcement appears only once its transaction,
     and so its window's offsets, are committed.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        **(client_options or {}),
-    )
-    await consumer.start()
     seen = 0
-    try:
+    async with reader(bootstrap_servers, f"following {topic}", client_options) as consumer:
         tps = await topic_partitions(consumer, topic, bootstrap_servers)
         consumer.assign(tps)
         if from_beginning:
@@ -58,6 +50,4 @@ async def follow(
                         continue
                     on_update(update, record.value or b"")
                     seen += 1
-    finally:
-        await consumer.stop()
     return seen

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         Path("adapters"), validation_alias=AliasChoices("LORASTREAM_ADAPTER_DIR")
     )
     window_size: int = Field(16, ge=1, validation_alias=AliasChoices("LORASTREAM_WINDOW_SIZE"))
+    # retention.ms of the history topics (learning events, adapter updates, quarantine):
+    # they are the training set and the lineage, so -1, Kafka's "forever", by default.
+    history_retention_ms: int = Field(
+        -1, ge=-1, validation_alias=AliasChoices("LORASTREAM_HISTORY_RETENTION_MS")
+    )
     base_model: Path | None = Field(None, validation_alias=AliasChoices("LORASTREAM_BASE_MODEL"))
     seed: int = Field(0, ge=0, validation_alias=AliasChoices("LORASTREAM_SEED"))
     home: Path = Field(
@@ -83,6 +88,8 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
         validation_alias=AliasChoices("LORASTREAM_INSTANCE_ID"),
     )
+    # Fault injection for the crash tests (trainer/faults.py); never set in production.
+    faults: str | None = Field(None, validation_alias=AliasChoices("LORASTREAM_FAULTS"))
     metrics_port: int | None = Field(
         None, ge=1, le=65535, validation_alias=AliasChoices("LORASTREAM_METRICS_PORT")
     )
@@ -134,6 +141,10 @@ class Settings(BaseSettings):
     @property
     def transactional_id(self) -> str:
         return f"{self.topic_prefix}lorastream-trainer-{self.instance_id}"
+
+    def replay_transactional_id(self, target: str) -> str:
+        """One per target lineage: a rerun of the replay fences and aborts a killed one."""
+        return f"{self.topic_prefix}lorastream-replay-{target}"
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in aiokafka's names, for every client we create."""

@@ -1,32 +1,52 @@
-"""The trainer's configuration, as plain values handed down by the CLI."""
+"""The configurations of the training stage's two drivers, as plain values.
+
+Built by ``lorastream.stages`` from the settings; the stage never reads the
+environment. Both drivers share a :class:`~trainer.core.TrainingConfig`, so a
+replay trains exactly as the live trainer does.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from schemas import Topics
-from trainer.lora import LoraSettings
+from trainer.core import TrainingConfig
+from trainer.history import Bound
 
-__all__ = ["TrainerConfig"]
+__all__ = ["ReplayConfig", "TrainerConfig"]
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
+    """The live trainer: a consumer group on ``learning-events``."""
+
     bootstrap_servers: str
     topics: Topics
     group_id: str
     transactional_id: str
-    adapter_dir: Path
-    base_model: Path
-    base_model_name: str
-    window_size: int = 16
-    max_tries: int = 3
+    training: TrainingConfig
     max_wait_seconds: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    lora: LoraSettings = field(default_factory=LoraSettings)
     idle_commit_seconds: float = 5.0
     client_options: dict[str, Any] = field(default_factory=dict)
-    faults: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """A replay job: ``source``'s events in ``[start, end]`` of ``topic`` into lineage ``target``.
+
+    ``topic`` is ``learning-events``, or ``generation-results`` when the
+    driver re-scores (its decoder then applies the scoring rule).
+    """
+
+    bootstrap_servers: str
+    topics: Topics
+    topic: str
+    source: str | None
+    target: str | None
+    transactional_id: str
+    training: TrainingConfig
+    start: Bound | None = None
+    end: Bound | None = None
+    resume: bool = False
+    client_options: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,7 @@ __all__ = [
     "AdapterStoreError",
     "BaseModelError",
     "NonFiniteLossError",
+    "ReplayError",
     "StepError",
     "TrainerError",
 ]
@@ -23,6 +24,10 @@ class AdapterStoreError(TrainerError):
 
 class BaseModelError(TrainerError):
     """The base model directory is missing or cannot be loaded; the message names it."""
+
+
+class ReplayError(TrainerError):
+    """A replay cannot run as asked: an unknown adapter, an empty or lost range, a name taken."""
 
 
 class StepError(TrainerError):

@@ -1,11 +1,11 @@
-"""Each adapter's history, rebuilt from the committed records of Kafka.
+"""Each adapter's history: its announced versions and the events they consumed.
 
 The announcements on ``adapter-updates`` are the lineage: versions 1, 2, 3 …
 with their windows. With the quarantine records they also say, per source
 partition, up to which offset an adapter's events are handled, so a window
-re-read after a crash is recognised and not trained twice. Only committed
-records are read (``read_committed``), so a version whose transaction
-aborted never counts.
+re-read after a crash is recognised and not trained twice. This module is
+pure: :mod:`trainer.history` reads the records from Kafka and hands them to
+:func:`lineages_from`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from schemas import AdapterUpdate, SchemaError, decode
+from schemas import AdapterUpdate, QuarantineRecord, SchemaError, WindowSpec, decode
 from trainer.exceptions import TrainerError
-from trainer.quarantine import Quarantined
 
-__all__ = ["Lineage", "load_lineages", "read_committed_topic", "topic_partitions"]
+__all__ = ["Lineage", "apply_records", "lineages_from"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ class Lineage:
     updates: list[AdapterUpdate] = field(default_factory=list)
     trained_ids: set[str] = field(default_factory=set)
     handled: dict[TopicPartition, int] = field(default_factory=dict)
-    quarantined: int = 0
+    quarantined_windows: set[tuple[str, int, int]] = field(default_factory=set)
 
     @property
     def version(self) -> int:
@@ -45,6 +43,16 @@ class Lineage:
     def latest(self) -> AdapterUpdate | None:
         return self.updates[-1] if self.updates else None
 
+    @property
+    def quarantined(self) -> int:
+        """How many windows of this adapter were quarantined."""
+        return len(self.quarantined_windows)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing announced or quarantined yet."""
+        return not self.updates and not self.quarantined
+
     def record_update(self, update: AdapterUpdate) -> None:
         if update.version != self.version + 1:
             raise TrainerError(
@@ -52,12 +60,16 @@ class Lineage:
                 f"version {self.version}; the adapter-updates topic has a gap or a repeat"
             )
         self.updates.append(update)
-        self.trained_ids.update(update.window.event_ids)
-        self._handled(update.window.topic, update.window.partition, update.window.last_offset)
+        self.record_window(update.window)
 
-    def record_quarantine(self, topic: str, partition: int, last_offset: int) -> None:
-        self.quarantined += 1
-        self._handled(topic, partition, last_offset)
+    def record_quarantine(self, window: WindowSpec) -> None:
+        self.quarantined_windows.add((window.topic, window.partition, window.last_offset))
+        self._handled(window.topic, window.partition, window.last_offset)
+
+    def record_window(self, window: WindowSpec) -> None:
+        """The window's events are consumed: its ids are trained, its offsets handled."""
+        self.trained_ids.update(window.event_ids)
+        self._handled(window.topic, window.partition, window.last_offset)
 
     def _handled(self, topic: str, partition: int, last_offset: int) -> None:
         tp = TopicPartition(topic, partition)
@@ -66,58 +78,29 @@ class Lineage:
     def is_handled(self, tp: TopicPartition, offset: int) -> bool:
         return offset <= self.handled.get(tp, -1)
 
-
-async def topic_partitions(
-    consumer: AIOKafkaConsumer, topic: str, bootstrap_servers: str
-) -> list[TopicPartition]:
-    """The partitions of ``topic``; a started consumer knows no topic until it asks for one."""
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        consumer._client.add_topic(topic)
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        raise TrainerError(
-            f"topic {topic} does not exist on {bootstrap_servers}; run `lorastream topics create`"
-        )
-    return [TopicPartition(topic, p) for p in sorted(partitions)]
+    def admits(self, tp: TopicPartition, offset: int, event_id: str) -> bool:
+        """Whether an event read at ``tp``/``offset`` is new to this lineage (the
+        scoring stage delivers at least once, and a crash re-reads records)."""
+        return not self.is_handled(tp, offset) and event_id not in self.trained_ids
 
 
-async def read_committed_topic(
-    bootstrap_servers: str, topic: str, client_options: dict[str, Any] | None = None
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every committed record of ``topic`` as of now, partition by partition in offset order."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        **(client_options or {}),
-    )
-    await consumer.start()
-    try:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for part in batch.values():
-                records.extend(part)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return records
-    finally:
-        await consumer.stop()
-
-
-def _lineages_from(
+def lineages_from(
     updates: Iterable[ConsumerRecord[bytes, bytes]],
-    quarantined: Iterable[ConsumerRecord[bytes, bytes]],
+    quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
 ) -> dict[str, Lineage]:
+    """Every adapter's lineage from committed announcement and quarantine records."""
     lineages: dict[str, Lineage] = {}
+    apply_records(lineages, updates, quarantined)
+    return lineages
+
+
+def apply_records(
+    lineages: dict[str, Lineage],
+    updates: Iterable[ConsumerRecord[bytes, bytes]],
+    quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
+) -> None:
+    """Extend ``lineages`` with committed records; those already applied are skipped
+    (a version at or below the lineage's, a quarantined window already handled)."""
     for record in sorted(updates, key=lambda r: (r.partition, r.offset)):
         try:
             update = decode(record.value, AdapterUpdate)
@@ -131,32 +114,23 @@ def _lineages_from(
             )
             continue
         lineage = lineages.setdefault(update.adapter, Lineage(update.adapter))
-        lineage.record_update(update)
-    for record in quarantined:
+        if update.version > lineage.version:
+            lineage.record_update(update)
+        elif lineage.updates[update.version - 1].sha256 != update.sha256:
+            log.error(
+                "adapter-updates holds two different announcements of %s v%d (the second at "
+                "%s[%s]@%s); the first one stands",
+                update.adapter,
+                update.version,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+    for record in sorted(quarantined, key=lambda r: (r.partition, r.offset)):
         try:
-            entry = Quarantined.model_validate_json(record.value or b"")
-        except ValueError:
+            entry = decode(record.value, QuarantineRecord)
+        except SchemaError:
             continue
-        if entry.adapter is None:
+        if entry.adapter is None or entry.window is None:
             continue
-        lineage = lineages.setdefault(entry.adapter, Lineage(entry.adapter))
-        if entry.window is not None:
-            w = entry.window
-            lineage.record_quarantine(w.topic, w.partition, w.last_offset)
-    return lineages
-
-
-async def load_lineages(
-    bootstrap_servers: str,
-    updates_topic: str,
-    quarantine_topic: str | None = None,
-    client_options: dict[str, Any] | None = None,
-) -> dict[str, Lineage]:
-    """Every adapter's lineage from the committed announcements (and quarantine records)."""
-    updates = await read_committed_topic(bootstrap_servers, updates_topic, client_options)
-    quarantined = (
-        await read_committed_topic(bootstrap_servers, quarantine_topic, client_options)
-        if quarantine_topic
-        else []
-    )
-    return _lineages_from(updates, quarantined)
+        lineages.setdefault(entry.adapter, Lineage(entry.adapter)).record_quarantine(entry.window)

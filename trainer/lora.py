@@ -16,6 +16,7 @@ replay reproduce a lineage exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -66,11 +67,20 @@ class LoraSettings:
                 raise ValueError(f"LoraSettings.{name} = {getattr(self, name)!r} is out of range")
 
 
-@dataclass
+@dataclass(repr=False)
 class AdapterState:
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
+
+    def __repr__(self) -> str:
+        # Short on purpose: printing every weight took seconds, and asyncio (3.11) formats
+        # the result of a run's main task on its way out.
+        size = sum(t.numel() for t in self.weights.values())
+        return (
+            f"AdapterState({len(self.weights)} LoRA tensors, {size} values, "
+            f"{len(self.optimizer)} optimizer tensors, steps={self.steps})"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class LoraStepper:
         self.seed = seed
         config = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # typed int; PEFT divides it by r
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
             bias="none",
@@ -239,6 +249,18 @@ class LoraStepper:
         return AdapterState(weights=weights, optimizer=moments, steps=steps)
 
     def save_peft(self, state: AdapterState, directory: Path) -> None:
-        """``adapter_model.safetensors`` + ``adapter_config.json``, as PEFT and vLLM load them."""
+        """``adapter_model.safetensors`` + ``adapter_config.json``, as PEFT and vLLM load them.
+
+        PEFT keeps ``target_modules`` as a set and writes it in the set's order,
+        which changes with each process's string hashing: the file is rewritten
+        with the list sorted, so that the same training gives the same bytes in
+        any process (a replay is compared with its lineage file for file).
+        """
         self._load(state)
         self.model.save_pretrained(str(directory), safe_serialization=True)
+        config_path = directory / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own format

@@ -126,7 +126,7 @@ def load_base_model(path: Path, device: torch.device, name: str | None = None) -
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot load the base model in {path}: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types `to` through a decorator
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

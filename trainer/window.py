@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 
 from schemas import LearningEvent, WindowSpec
+from trainer.lineage import Lineage
 
 __all__ = ["PendingEvent", "Window", "Windows"]
 
@@ -80,6 +81,24 @@ class Windows:
         if len(window.events) >= self.size:
             return self._open.pop(key)
         return None
+
+    def offer(
+        self, tp: TopicPartition, offset: int, event: LearningEvent, lineage: Lineage
+    ) -> tuple[bool, Window | None]:
+        """Take one event read at ``tp``/``offset`` for ``lineage``: ``(admitted, closed)``.
+
+        The rule both drivers share. An event the lineage has already handled
+        (its offset) or trained (its id), or one its open window already holds,
+        is not admitted: the scoring stage delivers at least once and a crash
+        re-reads records. ``closed`` is the window this event filled. Either
+        way the record counts as read.
+        """
+        admitted = lineage.admits(tp, offset, event.id) and not self.holds(
+            tp, event.adapter, event.id
+        )
+        closed = self.add(tp, offset, event) if admitted else None
+        self.mark_read(tp, offset)
+        return admitted, closed
 
     def holds(self, tp: TopicPartition, adapter: str, event_id: str) -> bool:
         window = self._open.get((tp, adapter))

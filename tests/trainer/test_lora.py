@@ -126,3 +126,8 @@ def test_unknown_target_modules_are_an_error(base: BaseModel) -> None:
 def test_lora_settings_name_the_bad_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"LoraSettings.{field}"):
         LoraSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_an_adapter_state_prints_as_a_summary_not_its_weights(base: BaseModel) -> None:
+    state = LoraStepper(base, LoraSettings(), seed=0).initial_state()
+    assert repr(state) == "AdapterState(8 LoRA tensors, 4096 values, 0 optimizer tensors, steps=0)"

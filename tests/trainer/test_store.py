@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,33 @@ def test_an_unreadable_optimizer_file_is_an_error_naming_it(
     (stored.path / OPTIMIZER_FILE).write_bytes(b"not safetensors")
     with pytest.raises(AdapterStoreError, match=OPTIMIZER_FILE):
         store.read("tutor", 1, stored.sha256)
+
+
+def test_adapter_config_is_the_same_bytes_in_every_process(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT writes target_modules in a set's order, which follows each process's string
+    hashing; the store's files must not, or a replay could not match its lineage."""
+    script = (
+        "import sys, torch; from pathlib import Path;"
+        "from trainer.lora import LoraSettings, LoraStepper;"
+        "from trainer.model import load_base_model;"
+        "base = load_base_model(Path(sys.argv[1]), torch.device('cpu'));"
+        "lora = LoraSettings(target_modules=('v_proj', 'q_proj', 'k_proj', 'o_proj'));"
+        "stepper = LoraStepper(base, lora, seed=0);"
+        "out = Path(sys.argv[2]); out.mkdir();"
+        "stepper.save_peft(stepper.initial_state(), out)"
+    )
+    configs = set()
+    for hash_seed in ("1", "2", "3", "4"):
+        out = tmp_path / f"seed{hash_seed}"
+        subprocess.run(
+            [sys.executable, "-c", script, str(tiny_model_dir), str(out)],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            check=True,
+            timeout=120,
+        )
+        configs.add((out / "adapter_config.json").read_bytes())
+    assert len(configs) == 1
+    modules = json.loads(configs.pop())["target_modules"]
+    assert modules == ["k_proj", "o_proj", "q_proj", "v_proj"]

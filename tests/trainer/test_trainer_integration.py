@@ -13,7 +13,6 @@ import itertools
 import os
 import subprocess
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,7 +22,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
-from schemas import AdapterUpdate, LearningEvent, SourcePosition, Topics, decode, encode
+from schemas import AdapterUpdate, LearningEvent, Topics, decode, encode
 from tests.kafka_util import (
     LORASTREAM,
     Worker,
@@ -33,36 +32,15 @@ from tests.kafka_util import (
     wait_for,
     worker_env,
 )
+from tests.trainer.events import PAIRS, learning_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
-
-PAIRS = [
-    ("2+2=", "4"),
-    ("capital of France:", "Paris"),
-    ("opposite of hot:", "cold"),
-    ("color of the sky:", "blue"),
-]
-
-
-def _event(adapter: str, n: int) -> LearningEvent:
-    prompt, response = PAIRS[n % len(PAIRS)]
-    return LearningEvent(
-        id=f"{adapter}-{n:03d}",
-        adapter=adapter,
-        prompt=prompt,
-        response=response,
-        rouge_score=0.9,
-        entropy_delta=-0.3,
-        is_breakthrough=True,
-        timestamp=datetime(2026, 1, 1, tzinfo=UTC),
-        source=SourcePosition(topic="generation-results", partition=0, offset=n),
-    )
 
 
 def _stream() -> list[LearningEvent]:
     """alpha and beta interleaved, with duplicates of already-sent events mixed in."""
-    alpha = [_event("alpha", n) for n in range(53)]
-    beta = [_event("beta", n) for n in range(32)]
+    alpha = [learning_event("alpha", n) for n in range(53)]
+    beta = [learning_event("beta", n) for n in range(32)]
     out: list[LearningEvent] = []
     for i in range(53):
         out.append(alpha[i])
@@ -338,7 +316,7 @@ async def test_restart_resumes_from_the_newest_announced_version(
     env = _env(kafka_bootstrap, prefix, home, adapters)
     with Worker(["train"], env, tmp_path / "train-1.log"):
         await _updates(kafka_bootstrap, topics, 5)
-    more = [_event("alpha", n) for n in range(53, 64)]  # completes alpha's fourth window
+    more = [learning_event("alpha", n) for n in range(53, 64)]  # completes alpha's fourth window
     await produce(kafka_bootstrap, topics.learning_events, [(b"alpha", encode(e)) for e in more])
     with Worker(["train"], env, tmp_path / "train-2.log") as worker:
         updates = await _updates(kafka_bootstrap, topics, 6)
@@ -350,7 +328,7 @@ async def test_restart_resumes_from_the_newest_announced_version(
     # A corrupt file of the newest version is a clear error naming the file, never a restart from 0.
     newest = Path(urlparse(alpha[3].uri).path) / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:-8] + b"corrupt!")
-    late = [_event("alpha", n) for n in range(64, 80)]
+    late = [learning_event("alpha", n) for n in range(64, 80)]
     await produce(kafka_bootstrap, topics.learning_events, [(b"alpha", encode(e)) for e in late])
     broken = Worker(["train"], env, tmp_path / "train-3.log").start()
     try:
@@ -383,7 +361,7 @@ async def test_two_trainers_share_the_partitions_and_each_window_trains_once(
     # Every partition holds adapters, so whichever the second trainer gets, it has work.
     assert partitions == {0, 1, 2}, "choose adapter names that cover every partition"
     topics = await make_topics(kafka_bootstrap, prefix, partitions=3)
-    events = {n: [_event(n, i) for i in range(32)] for n in names}
+    events = {n: [learning_event(n, i) for i in range(32)] for n in names}
 
     async def send(part: slice) -> None:
         batch = [e for i in range(32)[part] for n in names for e in [events[n][i]]]

@@ -1,0 +1,138 @@
+"""The one place that wires the stages: each stage's configuration, built from the settings.
+
+The stages (``streams``, ``trainer``) take plain, frozen configurations and
+never read the environment; the CLI, the demo and the tests build those
+configurations here and nowhere else. A new stage adds its builder here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorastream.settings import Settings
+from schemas import KafkaPosition, LearningEvent
+from streams import ScoringConfig, Thresholds, process
+from trainer.config import ReplayConfig, TrainerConfig
+from trainer.core import TrainingConfig
+from trainer.history import Bound
+from trainer.lora import LoraSettings
+from trainer.model import TINY_MODEL_NAME, default_tiny_model_dir
+from trainer.replay import Decoder, learning_event_decoder
+
+__all__ = [
+    "replay_config",
+    "replay_decoder",
+    "rescoring_decoder",
+    "scoring_config",
+    "trainer_config",
+    "training_config",
+]
+
+
+def scoring_config(settings: Settings) -> ScoringConfig:
+    return ScoringConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        topics=settings.topics,
+        app_id=settings.scorer_app_id,
+        thresholds=settings.thresholds,
+        data_dir=settings.home / "faust",
+        credentials=settings.faust_credentials(),
+    )
+
+
+def lora_settings(settings: Settings) -> LoraSettings:
+    if settings.learning_rate is None:
+        return LoraSettings(
+            r=settings.lora_r,
+            alpha=settings.lora_alpha,
+            dropout=settings.lora_dropout,
+            target_modules=settings.target_modules,
+        )
+    return LoraSettings(
+        r=settings.lora_r,
+        alpha=settings.lora_alpha,
+        dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        learning_rate=settings.learning_rate,
+    )
+
+
+def base_model_of(settings: Settings) -> tuple[Path, str]:
+    """The base model's directory and name; the built-in tiny model is made on first use."""
+    if settings.base_model is None:
+        return default_tiny_model_dir(settings.home), TINY_MODEL_NAME
+    return settings.base_model, str(settings.base_model)
+
+
+def training_config(settings: Settings) -> TrainingConfig:
+    base_model, base_name = base_model_of(settings)
+    return TrainingConfig(
+        adapter_dir=settings.adapter_dir,
+        base_model=base_model,
+        base_model_name=base_name,
+        window_size=settings.window_size,
+        max_tries=settings.max_tries,
+        seed=settings.seed,
+        device=settings.device,
+        lora=lora_settings(settings),
+        faults=settings.faults,
+    )
+
+
+def trainer_config(settings: Settings) -> TrainerConfig:
+    return TrainerConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        topics=settings.topics,
+        group_id=settings.trainer_group_id,
+        transactional_id=settings.transactional_id,
+        training=training_config(settings),
+        max_wait_seconds=settings.max_wait_seconds,
+        client_options=settings.kafka_client_options(),
+    )
+
+
+def replay_config(
+    settings: Settings,
+    *,
+    source: str | None,
+    target: str | None,
+    rescore: bool = False,
+    start: Bound | None = None,
+    end: Bound | None = None,
+    resume: bool = False,
+) -> ReplayConfig:
+    topics = settings.topics
+    return ReplayConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        topics=topics,
+        topic=topics.generation_results if rescore else topics.learning_events,
+        source=source,
+        target=target,
+        transactional_id=settings.replay_transactional_id(target or "dry-run"),
+        training=training_config(settings),
+        start=start,
+        end=end,
+        resume=resume,
+        client_options=settings.kafka_client_options(),
+    )
+
+
+def rescoring_decoder(adapter: str | None, thresholds: Thresholds) -> Decoder:
+    """GenerationResult records → the LearningEvents that qualify under ``thresholds``,
+    by the scoring stage's own function, so a re-score is the live rule exactly."""
+
+    def decoder(record: object) -> LearningEvent | None:
+        position = KafkaPosition(record.topic, record.partition, record.offset)  # type: ignore[attr-defined]
+        outcome = process(record.value, position, record.timestamp, thresholds)  # type: ignore[attr-defined]
+        if outcome.error is not None:
+            raise outcome.error
+        event = outcome.event
+        return event if event is not None and adapter in (None, event.adapter) else None
+
+    return decoder
+
+
+def replay_decoder(settings: Settings, source: str | None, rescore: bool) -> Decoder:
+    if rescore:
+        return rescoring_decoder(source, settings.thresholds)
+    return learning_event_decoder(source)

@@ -1,0 +1,92 @@
+"""The committer on the real broker: one transaction per commit, and a state that says when not."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.kafka_util import make_topics, read_all
+from trainer.committer import CommitState, Committer, Outgoing
+from trainer.exceptions import TrainerError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops(
+    kafka_bootstrap: str, prefix: str
+) -> None:
+    topics = await make_topics(kafka_bootstrap, prefix)
+    group = f"{prefix}group"
+    tp = TopicPartition(topics.learning_events, 0)
+    first = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    assert first.state is CommitState.NEW and not first.can_commit
+    await first.start()
+    assert first.state is CommitState.READY
+    await first.commit(Outgoing(topics.adapter_updates, "a", b"one"), {tp: 7})
+    assert first.state is CommitState.READY
+    assert await _committed(kafka_bootstrap, group, tp) == 7
+
+    # An abort inside the transaction leaves neither the record nor the offsets behind.
+    def boom() -> None:
+        raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError):
+        await first.commit(Outgoing(topics.adapter_updates, "a", b"two"), {tp: 9}, inside=boom)
+    assert first.state is CommitState.FAILED
+    with pytest.raises(TrainerError, match="the committer is failed"):
+        await first.commit(None, {tp: 9})
+    assert await _committed(kafka_bootstrap, group, tp) == 7
+
+    # A second instance with the same transactional id fences the first.
+    second = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    await second.start()
+    zombie = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    await zombie.start()  # now `second` is the stale one
+    with pytest.raises(TrainerError, match="another instance took over"):
+        await second.commit(Outgoing(topics.adapter_updates, "a", b"three"), {tp: 11})
+    assert second.state is CommitState.FENCED
+    second.fail()
+    assert second.state is CommitState.FENCED, "fenced stays fenced"
+    await zombie.commit(None, {tp: 12})
+    for committer in (first, second, zombie):
+        await committer.stop()
+    assert zombie.state is CommitState.STOPPED
+    values = [r.value for r in await read_all(kafka_bootstrap, topics.adapter_updates, 1)]
+    assert values == [b"one"]
+    assert await _committed(kafka_bootstrap, group, tp) == 12
+
+
+async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
+    kafka_bootstrap: str, prefix: str
+) -> None:
+    topics = await make_topics(kafka_bootstrap, prefix)
+    group = f"{prefix}group"
+    tp = TopicPartition(topics.learning_events, 0)
+    committer = Committer(kafka_bootstrap, f"{prefix}txn", group, idle_commit_seconds=3600)
+    await committer.start()
+    try:
+        await committer.commit(None, {tp: 1})
+        await committer.commit_offsets({tp: 5})  # too soon after the last commit
+        assert await _committed(kafka_bootstrap, group, tp) == 1
+        await committer.commit_offsets({tp: 5}, force=True)
+        assert await _committed(kafka_bootstrap, group, tp) == 5
+    finally:
+        await committer.stop()
+    groupless = Committer(kafka_bootstrap, f"{prefix}replay")
+    with pytest.raises(TrainerError, match="the committer is new"):
+        await groupless.commit(None, {tp: 1})
+    await groupless.start()
+    try:
+        with pytest.raises(TrainerError, match="only be committed for a consumer group"):
+            await groupless.commit(None, {tp: 1})
+    finally:
+        await groupless.stop()

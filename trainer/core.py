@@ -1,0 +1,219 @@
+"""Training one window, with no Kafka in it: the core that the live trainer and replay share.
+
+:meth:`WindowTrainer.train` takes a closed :class:`~trainer.window.Window`
+and the :class:`~trainer.lineage.Lineage` it extends, and returns either a
+:class:`Trained` (the step succeeded, the version's files are durable, the
+AdapterUpdate is ready to announce) or a :class:`~schemas.QuarantineRecord`
+(every try failed). It never commits anything: the driver announces the
+outcome in its Kafka transaction, then calls :meth:`WindowTrainer.committed`
+so that the lineage and the cached state move on. A driver that crashes in
+between repeats the window, and the core rewrites the same files.
+
+The version is named after the lineage, not after the events: a replay
+trains ``tutor``'s events into the lineage ``tutor-v2``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from schemas import AdapterUpdate, LoraSpec, QuarantineRecord
+from trainer.exceptions import TrainerError
+from trainer.faults import Faults
+from trainer.lineage import Lineage
+from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
+from trainer.metrics import TrainerMetrics
+from trainer.model import BaseModel, load_base_model, resolve_device
+from trainer.store import AdapterStore, StoredVersion
+from trainer.window import Window
+
+__all__ = ["Outcome", "Trained", "TrainingConfig", "WindowTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What training a window needs, whichever driver runs it."""
+
+    adapter_dir: Path
+    base_model: Path
+    base_model_name: str
+    window_size: int = 16
+    max_tries: int = 3
+    seed: int = 0
+    device: str = "auto"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    faults: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ValueError(
+                f"TrainingConfig.window_size must be at least 1, not {self.window_size}"
+            )
+        if self.max_tries < 1:
+            raise ValueError(f"TrainingConfig.max_tries must be at least 1, not {self.max_tries}")
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A window that trained: its announcement, and the state it leaves the adapter in."""
+
+    update: AdapterUpdate
+    state: AdapterState
+    step_seconds: float
+    tries: int
+
+
+Outcome = Trained | QuarantineRecord
+
+
+class WindowTrainer:
+    """The base model, the LoRA stepper and the adapter store; trains any lineage's windows.
+
+    Synchronous and CPU/GPU-bound: async drivers call it in a worker thread.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        base: BaseModel,
+        metrics: TrainerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.base = base
+        self.metrics = metrics or TrainerMetrics()
+        self.faults = Faults.parse(config.faults)
+        self.stepper = LoraStepper(base, config.lora, seed=config.seed)
+        self.store = AdapterStore(config.adapter_dir)
+        self._states: dict[str, tuple[int, AdapterState]] = {}
+
+    @classmethod
+    def load(cls, config: TrainingConfig, metrics: TrainerMetrics | None = None) -> WindowTrainer:
+        """Load the base model (a :class:`~trainer.exceptions.BaseModelError` names it)."""
+        device = resolve_device(config.device)
+        base = load_base_model(config.base_model, device, config.base_model_name)
+        return cls(config, base, metrics)
+
+    @property
+    def lora_spec(self) -> LoraSpec:
+        lora = self.config.lora
+        return LoraSpec(
+            r=lora.r,
+            alpha=lora.alpha,
+            target_modules=list(lora.target_modules),
+            dropout=lora.dropout,
+        )
+
+    # ── the state a lineage continues from ───────────────────────────────────
+
+    def state_of(self, lineage: Lineage) -> AdapterState:
+        """The adapter state after ``lineage``'s newest version (initial for a new lineage)."""
+        cached = self._states.get(lineage.adapter)
+        if cached is not None and cached[0] == lineage.version:
+            return cached[1]
+        latest = lineage.latest
+        if latest is None:
+            state = self.stepper.initial_state()
+        else:
+            if latest.base_model_fingerprint not in (None, self.base.fingerprint):
+                raise TrainerError(
+                    f"adapter {lineage.adapter} v{latest.version} was trained on base model "
+                    f"{latest.base_model} ({latest.base_model_fingerprint}), but this one is "
+                    f"{self.base.name} ({self.base.fingerprint}); run with that base model "
+                    "(--base-model or LORASTREAM_BASE_MODEL)"
+                )
+            state = self.store.read(lineage.adapter, latest.version, latest.sha256)
+        self._states[lineage.adapter] = (lineage.version, state)
+        return state
+
+    def forget(self, lineages: dict[str, Lineage]) -> None:
+        """Drop cached states that no longer match the lineages (read again from Kafka)."""
+        for adapter in list(self._states):
+            lineage = lineages.get(adapter)
+            if lineage is None or lineage.version != self._states[adapter][0]:
+                del self._states[adapter]
+
+    # ── one window ───────────────────────────────────────────────────────────
+
+    def train(self, window: Window, lineage: Lineage) -> Outcome:
+        """Train ``window`` as the next version of ``lineage``; files durable, nothing announced."""
+        state = self.state_of(lineage)
+        version = lineage.version + 1
+        errors: list[str] = []
+        for attempt in range(1, self.config.max_tries + 1):
+            try:
+                with self.metrics.step_seconds.time():
+                    result = self._step(state, window, lineage.adapter, version)
+            except Exception as exc:  # every failure of a step is retried, then quarantined
+                errors.append(f"try {attempt}: {type(exc).__name__}: {exc}")
+                self.metrics.step_failures.inc()
+                log.warning("%s v%d: step failed (%s)", lineage.adapter, version, errors[-1])
+                continue
+            stored = self._write(window, lineage.adapter, version, result)
+            self.faults.at("commit", lineage.adapter, version)
+            return Trained(
+                self._update(window, version, stored, result), result.state, result.seconds, attempt
+            )
+        return QuarantineRecord(
+            adapter=lineage.adapter,
+            error="; ".join(errors),
+            tries=len(errors),
+            window=window.spec(),
+            events=[pending.event for pending in window.events],
+        )
+
+    def committed(self, lineage: Lineage, outcome: Outcome) -> None:
+        """The driver announced ``outcome``: the lineage and the cached state move on."""
+        if isinstance(outcome, Trained):
+            lineage.record_update(outcome.update)
+            self._states[lineage.adapter] = (outcome.update.version, outcome.state)
+            self.metrics.windows.inc()
+            self.metrics.version.labels(lineage.adapter).set(outcome.update.version)
+            self.metrics.loss.labels(lineage.adapter).set(outcome.update.train_loss)
+        else:
+            assert outcome.window is not None
+            lineage.record_quarantine(outcome.window)
+            self.metrics.quarantined.inc()
+
+    def _step(self, state: AdapterState, window: Window, adapter: str, version: int) -> StepResult:
+        state = self.faults.poison(state, window.ids)
+        result = self.stepper.step(state, window.examples())
+        self.faults.at("step", adapter, version)
+        return result
+
+    def _write(
+        self, window: Window, adapter: str, version: int, result: StepResult
+    ) -> StoredVersion:
+        metadata = {
+            "adapter": adapter,
+            "version": version,
+            "base_model": self.config.base_model_name,
+            "base_model_fingerprint": self.base.fingerprint,
+            "seed": self.config.seed,
+            "train_loss": result.loss,
+            "tokens": result.tokens,
+            "optimizer_steps": result.state.steps,
+            "window": window.spec().model_dump(mode="json"),
+        }
+        return self.store.write(adapter, version, result.state, self.stepper, metadata)
+
+    def _update(
+        self, window: Window, version: int, stored: StoredVersion, result: StepResult
+    ) -> AdapterUpdate:
+        return AdapterUpdate(
+            adapter=stored.adapter,
+            version=version,
+            parent_version=version - 1 if version > 1 else None,
+            base_model=self.config.base_model_name,
+            base_model_fingerprint=self.base.fingerprint,
+            uri=stored.path.resolve().as_uri(),
+            sha256=stored.sha256,
+            lora=self.lora_spec,
+            window=window.spec(),
+            train_loss=result.loss,
+            created_at=datetime.now(tz=UTC),
+        )

@@ -1,0 +1,257 @@
+"""Reading history back from Kafka: lineages, and offset or time ranges of a topic.
+
+Everything here reads committed records only (``read_committed``) through a
+group-less consumer, so nothing it does moves any group's offsets. The
+lineage of every adapter is rebuilt from ``adapter-updates`` and the
+quarantine topic (:func:`load_lineages`); a replay reads a range of a topic
+partition by partition, in offset order (:func:`resolve_range`,
+:func:`read_range`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from trainer.exceptions import TrainerError
+from trainer.kafka import reader
+from trainer.lineage import Lineage, apply_records
+
+__all__ = [
+    "Bound",
+    "LineageLog",
+    "PartitionRange",
+    "load_lineages",
+    "read_committed_topic",
+    "read_range",
+    "resolve_range",
+    "topic_partitions",
+]
+
+Bound = int | datetime
+"""One end of a range: an offset, or a time (the record timestamps of the topic)."""
+
+
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, bootstrap_servers: str
+) -> list[TopicPartition]:
+    """The partitions of ``topic``; a started consumer knows no topic until it asks for one."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        consumer._client.add_topic(topic)
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise TrainerError(
+            f"topic {topic} does not exist on {bootstrap_servers}; run `lorastream topics create`"
+        )
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def _drain(
+    consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int], max_records: int = 2000
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """Batches of records until every partition's position reaches its end (exclusive)."""
+    remaining = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
+    while remaining:
+        batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=max_records)
+        for tp, records in batch.items():
+            kept = [r for r in records if r.offset < ends[tp]]
+            if kept:
+                yield kept
+        for tp in list(remaining):
+            if await consumer.position(tp) >= ends[tp]:
+                remaining.discard(tp)
+
+
+async def read_committed_topic(
+    bootstrap_servers: str,
+    topic: str,
+    client_options: dict[str, Any] | None = None,
+    since: dict[TopicPartition, int] | None = None,
+) -> tuple[list[ConsumerRecord[bytes, bytes]], dict[TopicPartition, int]]:
+    """The committed records of ``topic`` as of now (from ``since``, else the beginning),
+    partition by partition in offset order, and the position reached in each partition."""
+    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
+        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*[tp for tp in tps if tp not in (since or {})])
+        for tp, offset in (since or {}).items():
+            if tp in tps:
+                consumer.seek(tp, offset)
+        ends = await consumer.end_offsets(tps)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        async for batch in _drain(consumer, ends):
+            records.extend(batch)
+        reached = {tp: max(ends[tp], (since or {}).get(tp, 0)) for tp in tps}
+        return sorted(records, key=lambda r: (r.partition, r.offset)), reached
+
+
+class LineageLog:
+    """Every adapter's lineage, kept current by reading only what was committed since.
+
+    ``adapter-updates`` and the quarantine topic are append-only, so the
+    lineages after :meth:`refresh` are those a full read would give, at the
+    cost of the records committed since the previous refresh. Records this
+    process committed itself (and already applied) are recognised and skipped.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        updates_topic: str,
+        quarantine_topic: str | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.updates_topic = updates_topic
+        self.quarantine_topic = quarantine_topic
+        self.client_options = client_options
+        self.lineages: dict[str, Lineage] = {}
+        self._reached: dict[str, dict[TopicPartition, int]] = {}
+
+    async def refresh(self) -> dict[str, Lineage]:
+        """Apply what was committed since the last refresh; return the lineages."""
+        updates = await self._read(self.updates_topic)
+        quarantined = await self._read(self.quarantine_topic) if self.quarantine_topic else []
+        apply_records(self.lineages, updates, quarantined)
+        return self.lineages
+
+    async def _read(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+        records, reached = await read_committed_topic(
+            self.bootstrap_servers, topic, self.client_options, self._reached.get(topic)
+        )
+        self._reached[topic] = reached
+        return records
+
+
+async def load_lineages(
+    bootstrap_servers: str,
+    updates_topic: str,
+    quarantine_topic: str | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> dict[str, Lineage]:
+    """Every adapter's lineage from the committed announcements (and quarantine records)."""
+    return await LineageLog(
+        bootstrap_servers, updates_topic, quarantine_topic, client_options
+    ).refresh()
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    """What to read of one partition: ``[start, end)``, and what the log holds now.
+
+    ``gone`` is the part of the asked-for range that the log no longer
+    retains (``[first, last]`` offsets), or None.
+    """
+
+    tp: TopicPartition
+    start: int
+    end: int
+    log_start: int
+    log_end: int
+    gone: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def _millis(moment: datetime) -> int:
+    return math.floor(moment.timestamp() * 1000)
+
+
+async def _first_timestamp(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int:
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    record = await consumer.getone(tp)
+    return int(record.timestamp)
+
+
+async def resolve_range(
+    bootstrap_servers: str,
+    topic: str,
+    start: Bound | None = None,
+    end: Bound | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> list[PartitionRange]:
+    """Turn ``start``/``end`` (both inclusive; None = the log's ends) into offsets per partition.
+
+    An offset applies to every partition. A time means the first record at
+    or after it (``start``) or the last record at or before it (``end``),
+    by record timestamp. A range that reaches below what a partition still
+    retains says so in :attr:`PartitionRange.gone`.
+    """
+    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
+        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+        firsts = await consumer.beginning_offsets(tps)
+        lasts = await consumer.end_offsets(tps)
+        at_start = await _offsets_at(consumer, tps, start, lasts)
+        at_end = await _offsets_at(consumer, tps, end, lasts, after=True)
+        ranges = []
+        for tp in tps:
+            log_start, log_end = firsts[tp], lasts[tp]
+            lo = log_start if start is None else at_start[tp]
+            hi = log_end if end is None else min(at_end[tp], log_end)
+            gone: tuple[int, int] | None = None
+            if isinstance(start, int) and start < log_start:
+                gone = (start, log_start - 1)
+            elif start is None and log_start > 0:
+                gone = (0, log_start - 1)
+            elif (
+                isinstance(start, datetime)
+                and 0 < log_start < log_end
+                and lo <= log_start
+                and _millis(start) < await _first_timestamp(consumer, tp, log_start)
+            ):
+                gone = (0, log_start - 1)  # records of the asked-for time were deleted
+            ranges.append(PartitionRange(tp, max(lo, log_start), hi, log_start, log_end, gone))
+        return ranges
+
+
+async def _offsets_at(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    bound: Bound | None,
+    log_ends: dict[TopicPartition, int],
+    after: bool = False,
+) -> dict[TopicPartition, int]:
+    """Per partition, the offset where ``bound`` starts (or, ``after``, just past where it ends)."""
+    if bound is None:
+        return {}
+    if isinstance(bound, int):
+        return {tp: bound + 1 if after else bound for tp in tps}
+    millis = _millis(bound) + (1 if after else 0)
+    found = await consumer.offsets_for_times({tp: millis for tp in tps})
+    return {tp: found[tp].offset if found.get(tp) else log_ends[tp] for tp in tps}
+
+
+async def read_range(
+    bootstrap_servers: str,
+    ranges: Sequence[PartitionRange],
+    client_options: dict[str, Any] | None = None,
+    starts: dict[TopicPartition, int] | None = None,
+) -> AsyncGenerator[list[ConsumerRecord[bytes, bytes]], None]:
+    """Batches of the committed records in ``ranges``; each partition's in offset order.
+
+    ``starts`` moves a partition's start forward (a resumed replay skips
+    what its lineage has handled); it never moves below the range.
+    """
+    wanted = [r for r in ranges if r.size > 0]
+    if not wanted:
+        return
+    topic = wanted[0].tp.topic
+    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
+        consumer.assign([r.tp for r in wanted])
+        ends = {}
+        for r in wanted:
+            consumer.seek(r.tp, max(r.start, (starts or {}).get(r.tp, r.start)))
+            ends[r.tp] = r.end
+        async for batch in _drain(consumer, ends):
+            yield batch
