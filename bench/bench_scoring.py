@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorastream.broker import LocalBroker, default_home
+from bench.broker import bench_bootstrap
 from tests.kafka_util import Worker, make_topics, produce, worker_env
 
 WORDS = [
@@ -42,12 +40,6 @@ WORDS = [
     "with",
     "care",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _results(n: int) -> list[tuple[bytes, bytes]]:
@@ -87,18 +79,8 @@ async def _wait_for(bootstrap: str, topic: str, n: int, partitions: int) -> tupl
 
 
 async def main(n: int) -> None:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    if not bootstrap:
-        broker = LocalBroker(
-            tmp / "kafka",
-            port=_free_port(),
-            controller_port=_free_port(),
-            jars_dir=default_home() / "jars",
-        )
-        bootstrap = broker.start()
-    try:
+    with bench_bootstrap(tmp) as bootstrap:
         prefix = f"bench{uuid.uuid4().hex[:6]}."
         topics = await make_topics(bootstrap, prefix, partitions=3)
         t0 = time.perf_counter()
@@ -116,9 +98,6 @@ async def main(n: int) -> None:
         print(
             f"worker start to last event: {last - start:.2f}s -> {n / (last - start):,.0f} results/s overall"
         )
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""The broker a benchmark runs against: KAFKA_BOOTSTRAP_SERVERS if set, else a local one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lorastream.broker import LocalBroker, default_home
+
+__all__ = ["bench_bootstrap"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def bench_bootstrap(tmp: Path) -> Iterator[str]:
+    """The bootstrap address; a local broker on free ports (stopped after) when none is set."""
+    given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if given:
+        yield given
+        return
+    broker = LocalBroker(
+        tmp / "kafka",
+        port=_free_port(),
+        controller_port=_free_port(),
+        jars_dir=default_home() / "jars",
+    )
+    bootstrap = broker.start()
+    try:
+        yield bootstrap
+    finally:
+        broker.stop()
