@@ -27,6 +27,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help texts are plain: rich markup would eat every "[env: NAME, default]".
+    rich_markup_mode=None,
 )
 broker_app = typer.Typer(
     help="A local single-node Apache Kafka (KRaft) for machines without Docker.",

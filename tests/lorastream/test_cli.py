@@ -38,6 +38,7 @@ def _run(
         ["produce"],
         ["adapters", "follow"],
         ["adapters", "list"],
+        ["replay"],
         ["demo"],
     ],
     ids=lambda c: " ".join(c) or "root",
@@ -46,6 +47,19 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = _run(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["train"], "[env: LORASTREAM_WINDOW_SIZE, 16]"),
+        (["replay"], "[env: LORASTREAM_ROUGE_THRESHOLD, 0.7]"),
+        (["score"], "[env: LORASTREAM_QUALIFY_ENTROPY, 0.15]"),
+    ],
+)
+def test_help_shows_the_variable_and_default_of_an_option(command: list[str], shown: str) -> None:
+    result = _run(*command, "--help")
+    assert shown in " ".join(result.stdout.split()), result.stdout
 
 
 def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:
