@@ -25,10 +25,14 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from schemas import Topics, encode
+from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import TrainerError
 from trainer.kafka import kafka_errors
+from trainer.lineage import Lineage
+from trainer.window import Window
 
-__all__ = ["CommitState", "Committer", "Outgoing"]
+__all__ = ["CommitState", "Committer", "Outgoing", "announce", "train_and_commit"]
 
 
 class CommitState(enum.Enum):
@@ -151,3 +155,31 @@ class Committer:
         now = asyncio.get_running_loop().time()
         if moved and (force or now - self._last_at >= self.idle_commit_seconds):
             await self.commit(None, moved)
+
+
+def announce(outcome: Outcome, topics: Topics) -> Outgoing:
+    """The record that commits ``outcome``: its AdapterUpdate, or its quarantine record."""
+    if isinstance(outcome, Trained):
+        return Outgoing(topics.adapter_updates, outcome.update.adapter, encode(outcome.update))
+    return Outgoing(topics.quarantine, outcome.adapter, encode(outcome))
+
+
+async def train_and_commit(
+    core: WindowTrainer,
+    committer: Committer,
+    topics: Topics,
+    window: Window,
+    lineage: Lineage,
+    offsets: dict[TopicPartition, int],
+) -> Outcome:
+    """What both drivers do with a closed window: train it (in a worker thread), commit the
+    outcome with ``offsets`` in one transaction, and only then move the lineage on."""
+    outcome = await asyncio.to_thread(core.train, window, lineage)
+    version = lineage.version + 1
+    await committer.commit(
+        announce(outcome, topics),
+        offsets,
+        inside=lambda: core.faults.at("commit-inside", lineage.adapter, version),
+    )
+    core.committed(lineage, outcome)
+    return outcome

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -29,9 +28,9 @@ from schemas import (
     decode,
     encode,
 )
-from trainer.committer import Committer, Outgoing
+from trainer.committer import Committer, Outgoing, train_and_commit
 from trainer.config import TrainerConfig
-from trainer.core import Outcome, Trained, WindowTrainer
+from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import TrainerError
 from trainer.history import LineageLog
 from trainer.kafka import kafka_errors
@@ -39,16 +38,9 @@ from trainer.lineage import Lineage
 from trainer.metrics import TrainerMetrics
 from trainer.window import Window, Windows
 
-__all__ = ["Trainer", "announce"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger(__name__)
-
-
-def announce(outcome: Outcome, topics_updates: str, topics_quarantine: str) -> Outgoing:
-    """The record that commits ``outcome``: an AdapterUpdate, or the quarantine record."""
-    if isinstance(outcome, Trained):
-        return Outgoing(topics_updates, outcome.update.adapter, encode(outcome.update))
-    return Outgoing(topics_quarantine, outcome.adapter, encode(outcome))
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -235,21 +227,19 @@ class Trainer:
             await self.history.refresh()
             self.core.forget(self.lineages)
             lineage = self.lineages.setdefault(window.adapter, Lineage(window.adapter))
-        core = self.core
-        outcome = await asyncio.to_thread(core.train, window, lineage)
-        topics = self.config.topics
-        version = lineage.version + 1
-        await self.committer.commit(
-            announce(outcome, topics.adapter_updates, topics.quarantine),
+        outcome = await train_and_commit(
+            self.core,
+            self.committer,
+            self.config.topics,
+            window,
+            lineage,
             self.windows.committable(),
-            inside=partial(core.faults.at, "commit-inside", lineage.adapter, version),
         )
-        core.committed(lineage, outcome)
         if isinstance(outcome, Trained):
             log.info(
                 "%s v%d: %s (%d events) loss %.4f in %.3fs",
                 lineage.adapter,
-                version,
+                lineage.version,
                 _where(window),
                 len(window.events),
                 outcome.update.train_loss,

@@ -22,25 +22,28 @@ does not import.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from schemas import KafkaPosition, LearningEvent, QuarantineRecord, SchemaError, decode
-from trainer.committer import Committer
+from schemas import (
+    AdapterUpdate,
+    KafkaPosition,
+    LearningEvent,
+    QuarantineRecord,
+    SchemaError,
+    decode,
+)
+from trainer.committer import Committer, train_and_commit
 from trainer.config import ReplayConfig
-from trainer.consumer import announce
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
 from trainer.history import LineageLog, PartitionRange, read_range, resolve_range
 from trainer.lineage import Lineage
-from trainer.metrics import TrainerMetrics
 from trainer.window import Windows
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "Plan",
     "Replay",
     "ReplayReport",
+    "Replayed",
     "Session",
     "learning_event_decoder",
 ]
@@ -103,13 +107,21 @@ class Session:
     lineage: Lineage
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """One version a replay announced (its weights stay on disk, not in the report)."""
+
+    update: AdapterUpdate
+    step_seconds: float
+
+
 @dataclass
 class ReplayReport:
     """What a replay did: the versions it announced, the windows it quarantined."""
 
     source: str
     target: str
-    trained: list[Trained] = field(default_factory=list)
+    trained: list[Replayed] = field(default_factory=list)
     quarantined: list[QuarantineRecord] = field(default_factory=list)
     resumed_at: int = 0  # the target's version when this run started
     events: int = 0  # read and admitted into windows, the open one included
@@ -124,12 +136,9 @@ class ReplayReport:
 class Replay:
     """One replay job; see the module docstring. ``plan`` for a dry run, ``run`` to train."""
 
-    def __init__(
-        self, config: ReplayConfig, decoder: Decoder, metrics: TrainerMetrics | None = None
-    ) -> None:
+    def __init__(self, config: ReplayConfig, decoder: Decoder) -> None:
         self.config = config
         self.decoder = decoder
-        self.metrics = metrics or TrainerMetrics()
         self.ranges: list[PartitionRange] | None = None
 
     async def resolve(self) -> list[PartitionRange]:
@@ -255,16 +264,11 @@ class Replay:
                             on_event()
                     if closed is None:
                         continue
-                    outcome = await asyncio.to_thread(core.train, closed, lineage)
-                    version = lineage.version + 1
-                    await committer.commit(
-                        announce(outcome, cfg.topics.adapter_updates, cfg.topics.quarantine),
-                        {},
-                        inside=partial(core.faults.at, "commit-inside", lineage.adapter, version),
+                    outcome = await train_and_commit(
+                        core, committer, cfg.topics, closed, lineage, {}
                     )
-                    core.committed(lineage, outcome)
                     if isinstance(outcome, Trained):
-                        report.trained.append(outcome)
+                        report.trained.append(Replayed(outcome.update, outcome.step_seconds))
                     else:
                         report.quarantined.append(outcome)
                     if on_window is not None:
