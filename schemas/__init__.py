@@ -2,7 +2,9 @@
 
 The documents (``GenerationResult``, ``LearningEvent``, ``AdapterUpdate``,
 ``QuarantineRecord``) are JSON record values; ``DeadLetterHeaders`` are the
-Kafka headers of a dead letter, whose key and value are the original bytes.
+Kafka headers of a dead letter, whose key and value are the original bytes
+(``DeadLetter`` builds one, bounded). ``schemas.limits`` holds the sizes the
+contract bounds.
 
 This package imports nothing else of lorastream's, so producers and consumers
 in Python can depend on it alone::
@@ -14,7 +16,12 @@ in Python can depend on it alone::
 """
 
 from schemas.codec import decode, decode_obj, encode
-from schemas.deadletter import DeadLetterHeaders, dead_letter_headers, read_dead_letter_headers
+from schemas.deadletter import (
+    DeadLetter,
+    DeadLetterHeaders,
+    dead_letter_headers,
+    read_dead_letter_headers,
+)
 from schemas.errors import KafkaPosition, LorastreamError, SchemaError
 from schemas.models import (
     ADAPTER_PATTERN,
@@ -34,6 +41,7 @@ __all__ = [
     "ADAPTER_PATTERN",
     "SCHEMA_VERSION",
     "AdapterUpdate",
+    "DeadLetter",
     "DeadLetterHeaders",
     "GenerationResult",
     "KafkaPosition",

@@ -11,6 +11,11 @@ document, ``QuarantineRecord``, from the same parts.
 The JSON Schema files in ``schemas/json/`` state the same rules for producers
 in other languages; ``tests/schemas/test_json_schema.py`` holds the two
 against each other.
+
+A GenerationResult is bounded (see ``schemas.limits``): its ``metadata`` nests
+at most :data:`~schemas.limits.MAX_METADATA_DEPTH` levels, and it weighs at most
+:data:`~schemas.limits.MAX_RESULT_BYTES` as encoded JSON. So every valid result
+encodes without error, and the LearningEvent made from it fits in a Kafka record.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -31,8 +37,12 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     model_validator,
 )
+
+from schemas.codec import ENCODED_BYTES, encode
+from schemas.limits import MAX_METADATA_DEPTH, MAX_RESULT_BYTES
 
 __all__ = [
     "ADAPTER_PATTERN",
@@ -79,6 +89,38 @@ def _supported_version(version: int) -> int:
 SchemaVersion = Annotated[StrictInt, AfterValidator(_supported_version)]
 
 
+def _shallow(metadata: dict[str, Any]) -> dict[str, Any]:
+    # orjson refuses to write more than 254 levels, and nothing downstream needs many:
+    # a bound stated in the contract turns a crash at encode time into a clear refusal.
+    if _deeper_than(metadata, MAX_METADATA_DEPTH):
+        raise ValueError(
+            f"nests more than {MAX_METADATA_DEPTH} levels deep (objects and arrays, metadata "
+            f"itself being level 1); at most {MAX_METADATA_DEPTH} are allowed"
+        )
+    return metadata
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep.
+
+    Iterative, so no depth overflows Python's stack; it stops at ``limit + 1``
+    levels, so a structure that refers to itself ends too.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                if depth == limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_shallow)]
+
+
 class _Document(BaseModel):
     model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="ignore")
 
@@ -98,7 +140,7 @@ class GenerationResult(_Document):
     entropy_before: FiniteFloat | None = None
     entropy_after: FiniteFloat | None = None
     created_at: Timestamp | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
     @model_validator(mode="after")
     def _entropy_is_known(self) -> GenerationResult:
@@ -114,6 +156,25 @@ class GenerationResult(_Document):
             )
         if self.entropy_delta is None and not math.isfinite(self.effective_entropy_delta):
             raise ValueError("entropy_after - entropy_before overflows to a non-finite number")
+        return self
+
+    @model_validator(mode="after")
+    def _fits(self, info: ValidationInfo) -> GenerationResult:
+        # Both the bytes as produced (when decoded from them) and lorastream's own
+        # encoding count: the latter is what the LearningEvent copies, and it can be
+        # the longer one (every field written, numbers such as 1e15 spelt out).
+        produced = (info.context or {}).get(ENCODED_BYTES) or 0
+        size = produced
+        if produced <= MAX_RESULT_BYTES:
+            try:
+                size = max(produced, len(encode(self)))
+            except orjson.JSONEncodeError as exc:  # Python-built values that JSON cannot hold
+                raise ValueError(f"cannot be encoded as JSON: {exc}") from exc
+        if size > MAX_RESULT_BYTES:
+            raise ValueError(
+                f"is {size} bytes as encoded JSON; a GenerationResult may be at most "
+                f"{MAX_RESULT_BYTES} bytes: keep large data elsewhere and refer to it"
+            )
         return self
 
     @property
@@ -152,7 +213,7 @@ class LearningEvent(_Document):
     is_breakthrough: StrictBool
     timestamp: Timestamp
     source: SourcePosition
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class LoraSpec(_Document):

@@ -12,8 +12,10 @@ import base64
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import Field, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
+from schemas.codec import encode
+from schemas.limits import KEPT_PAYLOAD_BYTES, MAX_OUTPUT_BYTES, clip, sha256_hex
 from schemas.models import (
     SCHEMA_VERSION,
     LearningEvent,
@@ -56,7 +58,53 @@ class QuarantineRecord(_Document):
     events: list[LearningEvent] = Field(default_factory=list)
     source: SourcePosition | None = None
     value_base64: Annotated[StrictStr, Field(pattern=BASE64_PATTERN)] | None = None
+    truncated: StrictBool = False
+    original_size: Annotated[StrictInt, Field(ge=0)] | None = None
+    original_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     created_at: Timestamp = Field(default_factory=_now)
+
+    @field_validator("error", mode="before")
+    @classmethod
+    def _bounded_error(cls, value: object) -> object:
+        return clip(value) if isinstance(value, str) else value
+
+    def bounded(self, keep: int = KEPT_PAYLOAD_BYTES) -> QuarantineRecord:
+        """The bounded form: a window without its events, or a record's value cut to ``keep``
+        bytes; ``original_size`` and ``original_sha256`` describe what was left out (the
+        encoded record, or the value), and the Kafka position finds it in the source topic."""
+        if self.truncated:
+            return self
+        if self.window is not None:
+            full = encode(self)
+            return self.model_copy(
+                update={
+                    "events": [],
+                    "truncated": True,
+                    "original_size": len(full),
+                    "original_sha256": sha256_hex(full),
+                }
+            )
+        value = base64.b64decode(self.value_base64) if self.value_base64 is not None else b""
+        return self.model_copy(
+            update={
+                "value_base64": base64.b64encode(value[:keep]).decode(),
+                "truncated": True,
+                "original_size": len(value),
+                "original_sha256": sha256_hex(value),
+            }
+        )
+
+    def encodings(self, limit: int = MAX_OUTPUT_BYTES) -> list[bytes]:
+        """The ways to write this record, largest first, each at most ``limit`` bytes: the
+        full record, the bounded one, the bounded one with no payload (the last is kept even
+        over ``limit``: there is nothing smaller). A writer whose topic refuses one tries the
+        next."""
+        forms: list[bytes] = []
+        for form in (self, self.bounded(), self.bounded(keep=0)):
+            raw = encode(form)
+            if len(raw) <= limit and (not forms or len(raw) < len(forms[-1])):
+                forms.append(raw)
+        return forms or [raw]
 
     @classmethod
     def bad_record(
@@ -65,6 +113,17 @@ class QuarantineRecord(_Document):
         """The record of one unreadable learning event, its value kept as base64."""
         encoded = base64.b64encode(value).decode() if value is not None else None
         return cls(adapter=adapter, error=error, tries=0, source=source, value_base64=encoded)
+
+    @model_validator(mode="after")
+    def _truncation_is_described(self) -> QuarantineRecord:
+        described = self.original_size is not None and self.original_sha256 is not None
+        if self.truncated and not described:
+            raise ValueError("truncated is true, so original_size and original_sha256 are required")
+        if not self.truncated and (
+            self.original_size is not None or self.original_sha256 is not None
+        ):
+            raise ValueError("original_size and original_sha256 describe a truncated record only")
+        return self
 
     @model_validator(mode="after")
     def _window_or_source(self) -> QuarantineRecord:
@@ -83,6 +142,13 @@ class QuarantineRecord(_Document):
             raise ValueError(
                 f"tries is {self.tries}, but a quarantined window failed 1 try or more"
             )
+        if self.truncated:
+            if self.events:
+                raise ValueError(
+                    "events holds events, but a truncated window record leaves them out "
+                    "(they lie at window's offsets)"
+                )
+            return
         ids = [event.id for event in self.events]
         if len(ids) != len(window.event_ids):
             raise ValueError(

@@ -1,7 +1,9 @@
 """The scoring stage: GenerationResult -> LearningEvent, as a Faust agent.
 
 ``streams.scoring`` holds the rule and the record-level function (no I/O),
-``streams.app`` the Faust app, ``streams.rouge`` the exact fast ROUGE-L.
+``streams.routing`` what each record becomes on the output topics (no I/O),
+``streams.delivery`` the writer that awaits, retries and dead-letters each
+send, ``streams.app`` the Faust app, ``streams.rouge`` the exact fast ROUGE-L.
 The stage takes its configuration as arguments and never reads the
 environment, so it can be used as a library.
 """

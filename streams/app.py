@@ -7,8 +7,12 @@ killed at any point repeats records rather than losing them. Faust's
 the same ``id`` and source position, and the trainer skips ids it has
 already trained.
 
-Records are read as raw bytes and decoded by :func:`streams.scoring.process`,
+Records are read as raw bytes and routed by :func:`streams.routing.route`,
 so no input, however broken, can stop the agent: it becomes a dead letter.
+Nothing is skipped without a trace: the agent acknowledges a record only once
+what it wrote for it (a LearningEvent or a dead letter) is acknowledged by the
+broker; :class:`streams.delivery.Writer` retries, dead-letters what the broker
+refuses, and never gives up on a dead letter.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 
-from schemas import KafkaPosition, Topics, dead_letter_headers, encode
+from schemas import KafkaPosition, Topics
+from streams.delivery import RetryPolicy, Writer
 from streams.metrics import ScoringMetrics
-from streams.scoring import Thresholds, process
+from streams.routing import EventRecord, Output, SourceRecord, route
+from streams.scoring import Thresholds
 
 __all__ = ["ScoringConfig", "create_app"]
 
@@ -43,6 +49,7 @@ class ScoringConfig:
     # 10 s is Kafka's own consumer default.
     session_timeout: float = 10.0
     credentials: Any = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,28 +91,53 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
     )
     thresholds = config.thresholds
 
+    async def send(output: Output) -> None:
+        if isinstance(output, EventRecord):
+            sent = await events_out.send(key=output.key, value=output.value)
+        else:
+            sent = await dead_letters.send(
+                key=output.key, value=output.value, headers=output.headers
+            )
+        await sent  # the broker's acknowledgement, or its refusal raised
+
+    writer = Writer(
+        send, events_topic=config.topics.learning_events, policy=config.retry, metrics=metrics
+    )
+
     @app.agent(source, name="score")
     async def score(stream: faust.StreamT[Any]) -> None:
-        async for record in stream.events():
-            message = record.message
-            position = KafkaPosition(message.topic, message.partition, message.offset)
-            timestamp_ms = None if message.timestamp is None else round(message.timestamp * 1000)
-            outcome = process(message.value, position, timestamp_ms, thresholds)
-            if outcome.error is not None:
-                metrics.dead_letters.inc()
-                log.warning("dead letter: %s", outcome.error)
-                await dead_letters.send(
-                    key=message.key,
-                    value=message.value,
-                    headers=dead_letter_headers(outcome.error, position, timestamp_ms),
+        # Acks are manual. Faust would ack an event in the `finally` of its stream
+        # iterator, also when this body raised or was cancelled (a rebalance, SIGTERM),
+        # and commit past it; here an event is acked only once its output is written.
+        manual = cast(faust.Stream[Any], stream).noack()
+        async for event in manual.events():
+            message = event.message
+            record = SourceRecord(
+                key=message.key,
+                value=message.value,
+                position=KafkaPosition(message.topic, message.partition, message.offset),
+                timestamp_ms=None if message.timestamp is None else round(message.timestamp * 1000),
+            )
+            routing = route(record, thresholds)
+            outcome = routing.outcome
+            if routing.failure is not None:
+                metrics.scoring_errors.inc()
+                log.error(
+                    "scoring %s raised %s; sent to the dead letters",
+                    record.position,
+                    routing.failure,
                 )
-                continue
-            metrics.scored.inc()
-            if outcome.event is None:
-                continue
-            metrics.qualified.inc()
-            if outcome.event.is_breakthrough:
-                metrics.breakthroughs.inc()
-            await events_out.send(key=outcome.event.adapter.encode(), value=encode(outcome.event))
+            elif outcome is not None and outcome.error is None:
+                metrics.scored.inc()
+            written = None if routing.output is None else await writer.write(record, routing.output)
+            if isinstance(written, EventRecord):
+                metrics.qualified.inc()
+                if written.event.is_breakthrough:
+                    metrics.breakthroughs.inc()
+            elif written is not None:
+                metrics.dead_letters.inc()
+                if routing.failure is None:  # else logged above, once
+                    log.warning("dead letter: %s", written.reason)
+            await manual.ack(event)
 
     return app

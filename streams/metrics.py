@@ -30,3 +30,13 @@ class ScoringMetrics:
             "Records sent to the dead-letter topic.",
             registry=self.registry,
         )
+        self.send_retries = Counter(
+            "lorastream_send_retries_total",
+            "Sends tried again after a failure the broker may get over.",
+            registry=self.registry,
+        )
+        self.scoring_errors = Counter(
+            "lorastream_scoring_errors_total",
+            "Records whose scoring raised unexpectedly; each became a dead letter.",
+            registry=self.registry,
+        )

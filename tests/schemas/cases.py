@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas import GenerationResult, encode
+from schemas.limits import MAX_METADATA_DEPTH, MAX_RESULT_BYTES
+
 BASE: dict[str, Any] = {
     "id": "r-1",
     "prompt": "What is 2+2?",
@@ -24,6 +27,23 @@ def gen(**changes: Any) -> dict[str, Any]:
 
 _DROP = object()
 DROP = _DROP
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object nesting objects and arrays ``depth`` levels deep, itself being level 1."""
+    node: Any = "leaf"
+    for level in range(depth, 0, -1):
+        node = {"a": node, "level": level} if level % 2 else [level, node]
+    assert isinstance(node, dict)
+    return node
+
+
+def weighing(size: int) -> dict[str, Any]:
+    """A valid GenerationResult that lorastream encodes in exactly ``size`` bytes."""
+    doc = gen(prompt="")
+    padding = size - len(encode(GenerationResult.model_validate(doc)))
+    return gen(prompt="p" * padding)
+
 
 # (case id, document, field that the error must name)
 GENERATION_REJECTS: list[tuple[str, Any, str]] = [
@@ -63,6 +83,9 @@ GENERATION_REJECTS: list[tuple[str, Any, str]] = [
     ("created-at-epoch-number", gen(created_at=1769860800), "created_at"),
     ("metadata-list", gen(metadata=[1, 2]), "metadata"),
     ("metadata-string", gen(metadata="x"), "metadata"),
+    # Beyond JSON Schema: see BEYOND_JSON_SCHEMA in test_json_schema.py.
+    ("metadata-too-deep", gen(metadata=nested(MAX_METADATA_DEPTH + 1)), "metadata"),
+    ("too-large", weighing(MAX_RESULT_BYTES + 1), "$"),
     ("schema-version-2", gen(schema_version=2), "schema_version"),
     ("schema-version-0", gen(schema_version=0), "schema_version"),
     ("schema-version-string", gen(schema_version="1"), "schema_version"),
@@ -91,6 +114,8 @@ GENERATION_ACCEPTS: list[tuple[str, dict[str, Any]]] = [
     ("empty-prompt-and-response", gen(prompt="", response="")),
     ("id-max-length", gen(id="x" * 256)),
     ("nulls-for-optionals", gen(baseline=None, created_at=None, metadata=None)),
+    ("metadata-max-depth", gen(metadata=nested(MAX_METADATA_DEPTH))),
+    ("largest", weighing(MAX_RESULT_BYTES)),
 ]
 
 
@@ -233,6 +258,18 @@ QUARANTINE_ACCEPTS: list[tuple[str, dict[str, Any]]] = [
     ("fields-of-newer-writers", quarantined_window(added_later={"x": 1})),
 ]
 
+# The headers of a dead letter whose value (or key) was cut.
+VALUE_CUT = {
+    "lorastream.truncated": "1",
+    "lorastream.value.size": "5000000",
+    "lorastream.value.sha256": "ab" * 32,
+}
+KEY_CUT = {
+    "lorastream.truncated": "1",
+    "lorastream.key.size": "70000",
+    "lorastream.key.sha256": "cd" * 32,
+}
+
 # (case id, headers as a JSON object, header that the error must name)
 DEAD_LETTER_REJECTS: list[tuple[str, Any, str]] = [
     (f"missing-{name}", dead_letter({name: DROP}), name)
@@ -287,6 +324,38 @@ DEAD_LETTER_REJECTS: list[tuple[str, Any, str]] = [
         dead_letter({"lorastream.source.timestamp": "1.5e12"}),
         "lorastream.source.timestamp",
     ),
+    ("error-too-long", dead_letter({"lorastream.error": "e" * 2001}), "lorastream.error"),
+    ("fields-too-long", dead_letter({"lorastream.fields": "f," * 1001}), "lorastream.fields"),
+    (
+        "topic-too-long",
+        dead_letter({"lorastream.source.topic": "t" * 250}),
+        "lorastream.source.topic",
+    ),
+    (
+        "truncated-0",
+        dead_letter({**VALUE_CUT, "lorastream.truncated": "0"}),
+        "lorastream.truncated",
+    ),
+    (
+        "truncated-true",
+        dead_letter({**VALUE_CUT, "lorastream.truncated": "true"}),
+        "lorastream.truncated",
+    ),
+    ("truncated-says-not-what", dead_letter({"lorastream.truncated": "1"}), "$"),
+    ("cut-not-flagged", dead_letter({**VALUE_CUT, "lorastream.truncated": DROP}), "$"),
+    ("value-size-without-sha256", dead_letter({**VALUE_CUT, "lorastream.value.sha256": DROP}), "$"),
+    ("value-sha256-without-size", dead_letter({**VALUE_CUT, "lorastream.value.size": DROP}), "$"),
+    ("key-size-without-sha256", dead_letter({**KEY_CUT, "lorastream.key.sha256": DROP}), "$"),
+    (
+        "value-sha256-uppercase",
+        dead_letter({**VALUE_CUT, "lorastream.value.sha256": "AB" * 32}),
+        "lorastream.value.sha256",
+    ),
+    (
+        "value-size-negative",
+        dead_letter({**VALUE_CUT, "lorastream.value.size": "-1"}),
+        "lorastream.value.size",
+    ),
 ]
 
 DEAD_LETTER_ACCEPTS: list[tuple[str, dict[str, Any]]] = [
@@ -300,4 +369,8 @@ DEAD_LETTER_ACCEPTS: list[tuple[str, dict[str, Any]]] = [
     ("unicode-error", dead_letter({"lorastream.error": "invalid: «réponse» 🚫"})),
     ("big-offset", dead_letter({"lorastream.source.offset": "9223372036854775807"})),
     ("other-headers", dead_letter({"traceparent": "00-abc-01", "lorastream.later": "x"})),
+    ("error-at-limit", dead_letter({"lorastream.error": "e" * 2000})),
+    ("value-cut", dead_letter(VALUE_CUT)),
+    ("key-cut", dead_letter(KEY_CUT)),
+    ("both-cut", dead_letter({**KEY_CUT, **VALUE_CUT})),
 ]

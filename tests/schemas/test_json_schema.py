@@ -157,6 +157,8 @@ AGREEMENT_CASES: list[tuple[str, str, Any]] = (
 # Rules that JSON Schema cannot state; the schema files say so in their descriptions.
 BEYOND_JSON_SCHEMA = {
     "reject-entropy-pair-overflows",
+    "reject-metadata-too-deep",
+    "reject-too-large",
     "reject-events-not-the-window",
     "reject-events-fewer-than-window",
     "reject-window-size-mismatch",
