@@ -600,17 +600,21 @@ def demo(
 
 
 def _logging(quiet: bool = False) -> None:
-    """Log lines through rich on stderr; ``quiet`` for jobs, whose progress is a bar."""
+    """Log to stderr: through rich on a terminal, else one plain line per record (rich
+    would wrap a line at 80 columns in a log file); ``quiet`` for jobs, whose progress
+    is a bar."""
     import logging
 
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
-    )
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
     # A long-running stage logs the client's own connection trouble; a job says it once.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL if quiet else logging.WARNING)
     from transformers.utils import logging as hf_logging

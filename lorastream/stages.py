@@ -8,16 +8,18 @@ configurations here and nowhere else. A new stage adds its builder here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorastream.settings import Settings
 from schemas import KafkaPosition, LearningEvent
 from streams import ScoringConfig, Thresholds, process
-from trainer.config import ReplayConfig, TrainerConfig
-from trainer.core import TrainingConfig
-from trainer.history import Bound
-from trainer.lora import LoraSettings
-from trainer.model import TINY_MODEL_NAME, default_tiny_model_dir
-from trainer.replay import Decoder, learning_event_decoder
+
+if TYPE_CHECKING:  # the trainer imports torch: the scorer must not pay for it
+    from trainer.config import ReplayConfig, TrainerConfig
+    from trainer.core import TrainingConfig
+    from trainer.history import Bound
+    from trainer.lora import LoraSettings
+    from trainer.replay import Decoder
 
 __all__ = [
     "replay_config",
@@ -41,6 +43,8 @@ def scoring_config(settings: Settings) -> ScoringConfig:
 
 
 def lora_settings(settings: Settings) -> LoraSettings:
+    from trainer.lora import LoraSettings
+
     if settings.learning_rate is None:
         return LoraSettings(
             r=settings.lora_r,
@@ -59,12 +63,16 @@ def lora_settings(settings: Settings) -> LoraSettings:
 
 def base_model_of(settings: Settings) -> tuple[Path, str]:
     """The base model's directory and name; the built-in tiny model is made on first use."""
+    from trainer.model import TINY_MODEL_NAME, default_tiny_model_dir
+
     if settings.base_model is None:
         return default_tiny_model_dir(settings.home), TINY_MODEL_NAME
     return settings.base_model, str(settings.base_model)
 
 
 def training_config(settings: Settings) -> TrainingConfig:
+    from trainer.core import TrainingConfig
+
     base_model, base_name = base_model_of(settings)
     return TrainingConfig(
         adapter_dir=settings.adapter_dir,
@@ -80,6 +88,8 @@ def training_config(settings: Settings) -> TrainingConfig:
 
 
 def trainer_config(settings: Settings) -> TrainerConfig:
+    from trainer.config import TrainerConfig
+
     return TrainerConfig(
         bootstrap_servers=settings.bootstrap_servers,
         topics=settings.topics,
@@ -101,6 +111,8 @@ def replay_config(
     end: Bound | None = None,
     resume: bool = False,
 ) -> ReplayConfig:
+    from trainer.config import ReplayConfig
+
     topics = settings.topics
     return ReplayConfig(
         bootstrap_servers=settings.bootstrap_servers,
@@ -133,6 +145,8 @@ def rescoring_decoder(adapter: str | None, thresholds: Thresholds) -> Decoder:
 
 
 def replay_decoder(settings: Settings, source: str | None, rescore: bool) -> Decoder:
+    from trainer.replay import learning_event_decoder
+
     if rescore:
         return rescoring_decoder(source, settings.thresholds)
     return learning_event_decoder(source)

@@ -17,22 +17,39 @@ therefore starts its committer before it reads the lineages back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-from collections.abc import Callable
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
-from schemas import Topics, encode
+from schemas import QuarantineRecord, Topics, encode
 from trainer.core import Outcome, Trained, WindowTrainer
-from trainer.exceptions import TrainerError
+from trainer.exceptions import ResourceError, TrainerError
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
 from trainer.window import Window
 
-__all__ = ["CommitState", "Committer", "Outgoing", "announce", "train_and_commit"]
+__all__ = [
+    "CommitState",
+    "Committer",
+    "Outgoing",
+    "announce",
+    "quarantine",
+    "train_and_commit",
+]
+
+log = logging.getLogger(__name__)
 
 
 class CommitState(enum.Enum):
@@ -46,11 +63,33 @@ class CommitState(enum.Enum):
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One record to commit: topic, key (an adapter name, or None) and value."""
+    """One record to commit: topic, key (an adapter name, or None) and value.
+
+    ``smaller`` are other encodings of the same record, each smaller than the
+    last (a quarantine record's bounded forms): when the topic refuses a record
+    as too large, the committer writes the next one instead.
+    """
 
     topic: str
     key: str | None
     value: bytes
+    smaller: tuple[bytes, ...] = ()
+
+    def step_down(self) -> Outgoing | None:
+        if not self.smaller:
+            return None
+        return replace(self, value=self.smaller[0], smaller=self.smaller[1:])
+
+
+class _Refused(Exception):
+    """The broker refused record ``index`` of a transaction as too large (it was aborted)."""
+
+    def __init__(self, index: int, cause: KafkaError) -> None:
+        self.index = index
+        self.cause = cause
+
+
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
 
 class Committer:
@@ -71,6 +110,7 @@ class Committer:
         self.idle_commit_seconds = idle_commit_seconds
         self.state = CommitState.NEW
         self._producer: AIOKafkaProducer | None = None
+        self._staged: list[Outgoing] = []
         self._last: dict[TopicPartition, int] = {}
         self._last_at = 0.0
 
@@ -78,7 +118,15 @@ class Committer:
     def can_commit(self) -> bool:
         return self.state is CommitState.READY
 
+    @property
+    def staged(self) -> int:
+        return len(self._staged)
+
     async def start(self) -> None:
+        self._producer = await self._new_producer()
+        self.state = CommitState.READY
+
+    async def _new_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             transactional_id=self.transactional_id,
@@ -92,8 +140,7 @@ class Committer:
         except BaseException:
             await producer.stop()
             raise
-        self._producer = producer
-        self.state = CommitState.READY
+        return producer
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -107,32 +154,93 @@ class Committer:
         if self.state is not CommitState.FENCED:
             self.state = CommitState.FAILED
 
+    def stage(self, record: Outgoing) -> None:
+        """Send ``record`` with the next commit, whatever it is (many quarantined records
+        then cost one transaction, and no commit of offsets can pass them unwritten)."""
+        self._staged.append(record)
+
     async def commit(
         self,
-        record: Outgoing | None,
-        offsets: dict[TopicPartition, int],
+        records: Sequence[Outgoing] = (),
+        offsets: dict[TopicPartition, int] | None = None,
         inside: Callable[[], None] | None = None,
     ) -> None:
-        """Commit ``record`` and ``offsets`` in one transaction; ``inside`` runs before the end
-        (the crash tests use it to fail there, which must abort everything)."""
+        """Commit the staged records, ``records`` and ``offsets`` in one transaction; ``inside``
+        runs before the end (the crash tests fail there, which must abort everything).
+
+        A record the topic refuses as too large is written in its next smaller form, in a
+        new transaction; one with none left stops the committer with a one-line reason.
+        """
+        offsets = offsets or {}
         if self.state is not CommitState.READY or self._producer is None:
             raise TrainerError(
                 f"{self.transactional_id} cannot commit: the committer is {self.state.value}"
             )
         if offsets and self.group_id is None:
             raise TrainerError("offsets can only be committed for a consumer group")
+        pending = [*self._staged, *records]
+        while True:
+            try:
+                await self._transact(pending, offsets, inside)
+                break
+            except _Refused as refused:
+                record = pending[refused.index]
+                smaller = record.step_down()
+                if smaller is None:
+                    self.state = CommitState.FAILED
+                    raise TrainerError(
+                        f"{record.topic} refuses a record of {len(record.value)} bytes, the "
+                        f"smallest form lorastream can write ({refused.cause!r}); raise the "
+                        "topic's max.message.bytes"
+                    ) from refused.cause
+                log.warning(
+                    "%s refused a %d-byte record (%s); writing its %d-byte bounded form",
+                    record.topic,
+                    len(record.value),
+                    type(refused.cause).__name__,
+                    len(smaller.value),
+                )
+                pending[refused.index] = smaller
+                # The refused batch used up a sequence number that aiokafka does not take
+                # back after the abort (the next send would be OutOfOrderSequenceNumber); a
+                # new producer under the same transactional id starts a fresh epoch.
+                assert self._producer is not None
+                await self._producer.stop()
+                self._producer = None
+                try:
+                    self._producer = await self._new_producer()
+                except BaseException:
+                    self.state = CommitState.FAILED
+                    raise
+        self._staged.clear()
+        self._last.update(offsets)
+        self._last_at = asyncio.get_running_loop().time()
+
+    async def _transact(
+        self,
+        records: list[Outgoing],
+        offsets: dict[TopicPartition, int],
+        inside: Callable[[], None] | None,
+    ) -> None:
         producer = self._producer
-        topic = record.topic if record else "the consumer offsets"
+        assert producer is not None
+        topic = records[-1].topic if records else "the consumer offsets"
         self.state = CommitState.IN_TRANSACTION
         try:
             async with producer.transaction():
-                if record is not None:
+                for index, record in enumerate(records):
                     key = record.key.encode() if record.key is not None else None
-                    await (await producer.send(record.topic, key=key, value=record.value))
+                    try:
+                        await (await producer.send(record.topic, key=key, value=record.value))
+                    except _TOO_LARGE as exc:
+                        raise _Refused(index, exc) from exc
                 if inside is not None:
                     inside()
                 if offsets:
                     await producer.send_offsets_to_transaction(offsets, self.group_id)
+        except _Refused:
+            self.state = CommitState.READY  # aborted whole: nothing of it was committed
+            raise
         except ProducerFenced as exc:
             self.state = CommitState.FENCED
             raise TrainerError(
@@ -146,22 +254,28 @@ class Committer:
             self.state = CommitState.FAILED
             raise
         self.state = CommitState.READY
-        self._last.update(offsets)
-        self._last_at = asyncio.get_running_loop().time()
 
     async def commit_offsets(self, offsets: dict[TopicPartition, int], force: bool = False) -> None:
-        """An offsets-only transaction, when offsets moved and a while has passed (or ``force``)."""
+        """An offsets-only transaction (with what is staged), when offsets moved and a while
+        has passed, or ``force``, or records are staged."""
         moved = {tp: o for tp, o in offsets.items() if self._last.get(tp) != o}
         now = asyncio.get_running_loop().time()
-        if moved and (force or now - self._last_at >= self.idle_commit_seconds):
-            await self.commit(None, moved)
+        due = force or self._staged or now - self._last_at >= self.idle_commit_seconds
+        if (moved or self._staged) and due:
+            await self.commit((), moved)
 
 
 def announce(outcome: Outcome, topics: Topics) -> Outgoing:
     """The record that commits ``outcome``: its AdapterUpdate, or its quarantine record."""
     if isinstance(outcome, Trained):
         return Outgoing(topics.adapter_updates, outcome.update.adapter, encode(outcome.update))
-    return Outgoing(topics.quarantine, outcome.adapter, encode(outcome))
+    return quarantine(outcome, topics)
+
+
+def quarantine(record: QuarantineRecord, topics: Topics) -> Outgoing:
+    """A quarantine record, as large as the limits allow, with its bounded forms to fall to."""
+    largest, *smaller = record.encodings()
+    return Outgoing(topics.quarantine, record.adapter, largest, tuple(smaller))
 
 
 async def train_and_commit(
@@ -171,13 +285,32 @@ async def train_and_commit(
     window: Window,
     lineage: Lineage,
     offsets: dict[TopicPartition, int],
+    stopping: asyncio.Event | None = None,
 ) -> Outcome:
     """What both drivers do with a closed window: train it (in a worker thread), commit the
-    outcome with ``offsets`` in one transaction, and only then move the lineage on."""
-    outcome = await asyncio.to_thread(core.train, window, lineage)
+    outcome with ``offsets`` in one transaction, and only then move the lineage on.
+
+    A resource that ran out (a full disk …) is not the window's fault: it is waited for,
+    with one line per try and a backoff up to a minute, until it is back or ``stopping``.
+    """
+    delay = 1.0
+    while True:
+        try:
+            outcome = await asyncio.to_thread(core.train, window, lineage)
+            break
+        except ResourceError as exc:
+            if stopping is not None and stopping.is_set():
+                raise
+            log.error("%s; trying again in %.0fs", exc, delay)
+            if stopping is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, 60.0)
     version = lineage.version + 1
     await committer.commit(
-        announce(outcome, topics),
+        [announce(outcome, topics)],
         offsets,
         inside=lambda: core.faults.at("commit-inside", lineage.adapter, version),
     )

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
+    ADAPTER_PATTERN,
     KafkaPosition,
     LearningEvent,
     QuarantineRecord,
     SchemaError,
     SourcePosition,
     decode,
-    encode,
 )
-from trainer.committer import Committer, Outgoing, train_and_commit
+from schemas.limits import clip
+from trainer.committer import Committer, quarantine, train_and_commit
 from trainer.config import TrainerConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import TrainerError
@@ -41,6 +43,8 @@ from trainer.window import Window, Windows
 __all__ = ["Trainer"]
 
 log = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(ADAPTER_PATTERN)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -209,7 +213,7 @@ class Trainer:
         try:
             event = decode(record.value, LearningEvent, position=position)
         except SchemaError as exc:
-            await self._quarantine_record(tp, record, exc)
+            self._quarantine_record(tp, record, exc)
             return
         lineage = self.lineages.setdefault(event.adapter, Lineage(event.adapter))
         admitted, window = self.windows.offer(tp, record.offset, event, lineage)
@@ -234,6 +238,7 @@ class Trainer:
             window,
             lineage,
             self.windows.committable(),
+            self._stopping,
         )
         if isinstance(outcome, Trained):
             log.info(
@@ -264,10 +269,14 @@ class Trainer:
                 raise
             log.warning("offset commit %s failed (the records will be read again): %r", why, exc)
 
-    async def _quarantine_record(
+    def _quarantine_record(
         self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], error: SchemaError
     ) -> None:
-        adapter = record.key.decode(errors="replace") if record.key else None
+        """Stage an unreadable record's quarantine record: it goes out with the next commit,
+        so a run of bad records costs one transaction, and no offset passes it unwritten."""
+        key = record.key.decode(errors="replace") if record.key is not None else None
+        # A key is an adapter name only if it is a valid one: anything else names files.
+        adapter = key if key is not None and ADAPTER_NAME.fullmatch(key) else None
         entry = QuarantineRecord.bad_record(
             adapter,
             str(error),
@@ -275,12 +284,9 @@ class Trainer:
             record.value,
         )
         self.windows.mark_read(tp, record.offset)
-        await self.committer.commit(
-            Outgoing(self.config.topics.quarantine, adapter, encode(entry)),
-            self.windows.committable(),
-        )
+        self.committer.stage(quarantine(entry, self.config.topics))
         self.metrics.quarantined.inc()
-        log.error("unreadable learning event quarantined: %s", error)
+        log.error("unreadable learning event quarantined: %s", clip(str(error), 300))
 
 
 def _where(window: Window) -> str:

@@ -88,7 +88,7 @@ class WindowTrainer:
         self.metrics = metrics or TrainerMetrics()
         self.faults = Faults.parse(config.faults)
         self.stepper = LoraStepper(base, config.lora, seed=config.seed)
-        self.store = AdapterStore(config.adapter_dir)
+        self.store = AdapterStore(config.adapter_dir, before_write=self.faults.disk)
         self._states: dict[str, tuple[int, AdapterState]] = {}
 
     @classmethod

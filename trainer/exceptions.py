@@ -9,6 +9,7 @@ __all__ = [
     "BaseModelError",
     "NonFiniteLossError",
     "ReplayError",
+    "ResourceError",
     "StepError",
     "TrainerError",
 ]
@@ -20,6 +21,15 @@ class TrainerError(LorastreamError):
 
 class AdapterStoreError(TrainerError):
     """An adapter version's files are missing or corrupt; the message names the file."""
+
+
+class ResourceError(TrainerError):
+    """A resource ran out or refused (disk full, read-only, quota, file too large): nothing is
+    wrong with the window, so the driver waits and tries again. The message names the path."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        self.errno = errno
+        super().__init__(message)
 
 
 class BaseModelError(TrainerError):

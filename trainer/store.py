@@ -11,11 +11,13 @@ file that is missing or wrong.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,7 @@ import orjson
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.exceptions import AdapterStoreError
+from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.lora import AdapterState
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ __all__ = [
     "OPTIMIZER_FILE",
     "AdapterStore",
     "StoredVersion",
+    "resource_errno",
     "sha256_file",
 ]
 
@@ -44,6 +47,23 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METADATA_FILE = "lorastream.json"
+
+
+# Errors of the machine, not of the window: waiting (and freeing space) fixes them.
+RESOURCE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENOMEM, errno.EIO, errno.EMFILE}
+)
+# safetensors writes from Rust and reports an OS error as text: "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def resource_errno(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it says a resource ran out or refused, else None."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        found = _RUST_OS_ERROR.search(str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in RESOURCE_ERRNOS else None
 
 
 @dataclass(frozen=True)
@@ -84,8 +104,9 @@ def _fsync_dir(directory: Path) -> None:
 class AdapterStore:
     """The adapter versions under one root directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, before_write: Callable[[Path], None] | None = None) -> None:
         self.root = Path(root)
+        self._before_write = before_write  # the fault hooks' way in (trainer.faults)
 
     def version_dir(self, adapter: str, version: int) -> Path:
         return self.root / adapter / f"v{version}"
@@ -101,12 +122,14 @@ class AdapterStore:
         """Write one version; an existing one (a repeated window) is replaced whole."""
         final = self.version_dir(adapter, version)
         parent = final.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(f".v{version}.*"):  # left by a crash in an earlier try
-            shutil.rmtree(stale, ignore_errors=True)
         staging = parent / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
         try:
+            if self._before_write is not None:
+                self._before_write(parent)
+            parent.mkdir(parents=True, exist_ok=True)
+            for stale in parent.glob(f".v{version}.*"):  # left by a crash in an earlier try
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir()
             stepper.save_peft(state, staging)
             save_file(
                 {k: t.contiguous() for k, t in state.optimizer.items()},
@@ -131,8 +154,15 @@ class AdapterStore:
             else:
                 os.rename(staging, final)
             _fsync_dir(parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            code = resource_errno(exc)
+            if code is not None:
+                raise ResourceError(
+                    f"cannot write adapter {adapter} v{version} under {parent}: "
+                    f"{os.strerror(code)} ({errno.errorcode.get(code, code)})",
+                    code,
+                ) from exc
             raise
         return StoredVersion(adapter, version, final, digest)
 

@@ -31,7 +31,7 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     assert first.state is CommitState.NEW and not first.can_commit
     await first.start()
     assert first.state is CommitState.READY
-    await first.commit(Outgoing(topics.adapter_updates, "a", b"one"), {tp: 7})
+    await first.commit([Outgoing(topics.adapter_updates, "a", b"one")], {tp: 7})
     assert first.state is CommitState.READY
     assert await _committed(kafka_bootstrap, group, tp) == 7
 
@@ -40,10 +40,10 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
         raise RuntimeError("injected")
 
     with pytest.raises(RuntimeError):
-        await first.commit(Outgoing(topics.adapter_updates, "a", b"two"), {tp: 9}, inside=boom)
+        await first.commit([Outgoing(topics.adapter_updates, "a", b"two")], {tp: 9}, inside=boom)
     assert first.state is CommitState.FAILED
     with pytest.raises(TrainerError, match="the committer is failed"):
-        await first.commit(None, {tp: 9})
+        await first.commit((), {tp: 9})
     assert await _committed(kafka_bootstrap, group, tp) == 7
 
     # A second instance with the same transactional id fences the first.
@@ -52,11 +52,11 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     zombie = Committer(kafka_bootstrap, f"{prefix}txn", group)
     await zombie.start()  # now `second` is the stale one
     with pytest.raises(TrainerError, match="another instance took over"):
-        await second.commit(Outgoing(topics.adapter_updates, "a", b"three"), {tp: 11})
+        await second.commit([Outgoing(topics.adapter_updates, "a", b"three")], {tp: 11})
     assert second.state is CommitState.FENCED
     second.fail()
     assert second.state is CommitState.FENCED, "fenced stays fenced"
-    await zombie.commit(None, {tp: 12})
+    await zombie.commit((), {tp: 12})
     for committer in (first, second, zombie):
         await committer.stop()
     assert zombie.state is CommitState.STOPPED
@@ -74,7 +74,7 @@ async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
     committer = Committer(kafka_bootstrap, f"{prefix}txn", group, idle_commit_seconds=3600)
     await committer.start()
     try:
-        await committer.commit(None, {tp: 1})
+        await committer.commit((), {tp: 1})
         await committer.commit_offsets({tp: 5})  # too soon after the last commit
         assert await _committed(kafka_bootstrap, group, tp) == 1
         await committer.commit_offsets({tp: 5}, force=True)
@@ -83,10 +83,46 @@ async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
         await committer.stop()
     groupless = Committer(kafka_bootstrap, f"{prefix}replay")
     with pytest.raises(TrainerError, match="the committer is new"):
-        await groupless.commit(None, {tp: 1})
+        await groupless.commit((), {tp: 1})
     await groupless.start()
     try:
         with pytest.raises(TrainerError, match="only be committed for a consumer group"):
-            await groupless.commit(None, {tp: 1})
+            await groupless.commit((), {tp: 1})
     finally:
         await groupless.stop()
+
+
+async def test_a_refused_record_is_written_in_its_smaller_form_and_staged_ones_go_along(
+    kafka_bootstrap: str, prefix: str
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topics = await make_topics(kafka_bootstrap, prefix)
+    small_topic = f"{prefix}small"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(small_topic, 1, 1, topic_configs={"max.message.bytes": "20000"})]
+        )
+    finally:
+        await admin.close()
+    group = f"{prefix}group"
+    tp = TopicPartition(topics.learning_events, 0)
+    committer = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    await committer.start()
+    try:
+        committer.stage(Outgoing(small_topic, None, b"staged"))
+        big = Outgoing(small_topic, "a", b"x" * 50_000, (b"y" * 30_000, b"bounded"))
+        await committer.commit([big], {tp: 3})
+        assert committer.state is CommitState.READY and committer.staged == 0
+        values = [r.value for r in await read_all(kafka_bootstrap, small_topic, 2)]
+        assert values == [b"staged", b"bounded"]
+        assert await _committed(kafka_bootstrap, group, tp) == 3
+
+        with pytest.raises(TrainerError, match="refuses a record of 50000 bytes"):
+            await committer.commit([Outgoing(small_topic, "a", b"x" * 50_000)], {tp: 4})
+        assert committer.state is CommitState.FAILED
+    finally:
+        await committer.stop()
+    assert await _committed(kafka_bootstrap, group, tp) == 3
