@@ -251,9 +251,18 @@ def account_learning_events(
         if outcome == "lost":
             acc.lost.append(position)
         acc.outcomes[outcome] += 1
-    for ids in open_ids.values():
-        if len(ids) >= window:  # a full window's worth that never trained
-            acc.lost.extend(ids.values())
+    last_trained: dict[tuple[int, str], int] = {}
+    for u in updates:
+        key = (u.window.partition, u.adapter)
+        last_trained[key] = max(last_trained.get(key, -1), u.window.last_offset)
+    for key, ids in open_ids.items():
+        # Untrained events before the adapter's newest window were skipped; those after
+        # it wait in its open window, which holds fewer than a window's worth.
+        passed = [pos for pos in ids.values() if pos[1] < last_trained.get(key, -1)]
+        waiting = [pos for pos in ids.values() if pos[1] > last_trained.get(key, -1)]
+        acc.lost.extend(passed)
+        if len(waiting) >= window:
+            acc.lost.extend(waiting)
     return acc
 
 

@@ -51,6 +51,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+TRANSACTION_TIMEOUT_MS = 20_000
+
 
 class CommitState(enum.Enum):
     NEW = "new"  # not started
@@ -132,6 +134,10 @@ class Committer:
             transactional_id=self.transactional_id,
             enable_idempotence=True,
             acks="all",
+            # A commit holds its transaction open for well under a second; a writer that dies
+            # inside one keeps every read_committed reader (and so a resume) waiting until
+            # the broker aborts it, after this long.
+            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
             **self.client_options,
         )
         try:

@@ -61,11 +61,17 @@ class _Rebalance(ConsumerRebalanceListener):
         trainer = self.trainer
         async with trainer._busy:
             trainer._ready.clear()
+            # Records fetched before now belong to the old assignment: aiokafka may still
+            # list the partition (or give it back to us, to be read again from the
+            # committed offset), so the loop drops the rest of its batch on a new generation.
+            trainer._generation += 1
             await trainer._commit_offsets(force=True, why="on revocation")
             trainer.windows.drop(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # An exception here would only be logged by aiokafka's coordinator; the loop re-raises it.
+        self.trainer._generation += 1
+        self.trainer.windows.keep_only(set(assigned))
         try:
             await self.trainer.resume()
         except Exception as exc:
@@ -103,6 +109,9 @@ class Trainer:
         self._resume_error: Exception | None = None
         # Held while a record is handled (a window trains and commits); a revocation waits for it.
         self._busy = asyncio.Lock()
+        # Moves on every revocation and assignment: a batch fetched in an older generation
+        # is dropped, its records are read again by whoever owns their partition now.
+        self._generation = 0
 
     # ── lifecycle ────────────────────────────────────────────────────────────
 
@@ -171,22 +180,46 @@ class Trainer:
         assert self._consumer is not None
         consumer = self._consumer
         while not self._stopping.is_set():
+            generation = self._generation
             with kafka_errors(self.config.bootstrap_servers, "reading learning events"):
                 batch = await consumer.getmany(timeout_ms=500, max_records=256)
             if batch:
                 await self._ready.wait()
             if self._resume_error is not None:
                 raise self._resume_error
-            for tp, records in batch.items():
-                for record in records:
-                    async with self._busy:
-                        if self._stopping.is_set() or tp not in consumer.assignment():
-                            break  # revoked while this batch waited: the new owner reads it
-                        await self._handle(tp, record)
+            records = [(tp, record) for tp, part in batch.items() for record in part]
+            for tp, record in records:
+                async with self._busy:
+                    if self._stopping.is_set():
+                        break
+                    if self._generation != generation:
+                        await self._rewind()  # the assignment changed while this batch waited
+                        break
+                    await self._handle(tp, record)
             async with self._busy:
                 for window in self.windows.expired(self.config.max_wait_seconds):
                     await self._train(window)
                 await self._commit_offsets()
+
+    async def _rewind(self) -> None:
+        """Read every assigned partition again from its committed offset.
+
+        The rest of a batch fetched across a rebalance cannot be trusted: its records may
+        be of the old assignment (their windows were dropped on revocation) or of the new
+        one (fetched from the committed offset, and the position is now past them). Either
+        way, reading again from the committed offset, with no window open, is right.
+        """
+        assert self._consumer is not None
+        consumer = self._consumer
+        assigned = set(consumer.assignment())
+        self.windows.keep_only(set())
+        for tp in assigned:
+            with kafka_errors(self.config.bootstrap_servers, "reading the committed offsets"):
+                committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
 
     @property
     def lineages(self) -> dict[str, Lineage]:
@@ -213,7 +246,11 @@ class Trainer:
         try:
             event = decode(record.value, LearningEvent, position=position)
         except SchemaError as exc:
-            self._quarantine_record(tp, record, exc)
+            if record.offset <= self.history.unreadable.get(tp, -1):
+                self.windows.mark_read(tp, record.offset)  # quarantined before a rebalance
+                self.metrics.skipped.inc()
+            else:
+                self._quarantine_record(tp, record, exc)
             return
         lineage = self.lineages.setdefault(event.adapter, Lineage(event.adapter))
         admitted, window = self.windows.offer(tp, record.offset, event, lineage)
@@ -285,6 +322,7 @@ class Trainer:
         )
         self.windows.mark_read(tp, record.offset)
         self.committer.stage(quarantine(entry, self.config.topics))
+        self.history.unreadable[tp] = record.offset
         self.metrics.quarantined.inc()
         log.error("unreadable learning event quarantined: %s", clip(str(error), 300))
 

@@ -10,7 +10,10 @@ partition by partition, in offset order (:func:`resolve_range`,
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +25,8 @@ from aiokafka.structs import ConsumerRecord
 from trainer.exceptions import TrainerError
 from trainer.kafka import reader
 from trainer.lineage import Lineage, apply_records
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Bound",
@@ -70,6 +75,51 @@ async def _drain(
                 remaining.discard(tp)
 
 
+async def _settled_ends(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    bootstrap_servers: str,
+    client_options: dict[str, Any] | None,
+) -> dict[TopicPartition, int]:
+    """The read_committed end of each partition once every transaction open now has ended.
+
+    A read_committed reader stops at the last stable offset (LSO): the first
+    record of the oldest open transaction. A trainer killed inside its
+    transaction holds the LSO back until the broker aborts it (its
+    transaction timeout), and every version committed after that point stays
+    invisible: a lineage read then would be stale, and the trainer would
+    announce those versions again. So the reader waits until the LSO reaches
+    the high watermark as it is now; transactions begun later cannot hold a
+    version it needs (a partition's versions come from its one owner).
+    """
+    async with reader(
+        bootstrap_servers,
+        f"reading {tps[0].topic}",
+        client_options,
+        isolation_level="read_uncommitted",
+    ) as plain:
+        highwater = await plain.end_offsets(tps)
+    started = time.monotonic()
+    said = 0.0
+    while True:
+        stable = await consumer.end_offsets(tps)
+        behind = {tp: (stable[tp], highwater[tp]) for tp in tps if stable[tp] < highwater[tp]}
+        if not behind:
+            return stable
+        waited = time.monotonic() - started
+        if waited - said >= 10 or (not said and waited >= 1):
+            said = waited
+            log.warning(
+                "waiting for open transactions on %s to end (a writer that died inside one "
+                "is aborted by the broker after its transaction timeout): %s",
+                tps[0].topic,
+                ", ".join(
+                    f"[{tp.partition}] stable {lo} < {hi}" for tp, (lo, hi) in behind.items()
+                ),
+            )
+        await asyncio.sleep(0.2)
+
+
 async def read_committed_topic(
     bootstrap_servers: str,
     topic: str,
@@ -77,15 +127,19 @@ async def read_committed_topic(
     since: dict[TopicPartition, int] | None = None,
 ) -> tuple[list[ConsumerRecord[bytes, bytes]], dict[TopicPartition, int]]:
     """The committed records of ``topic`` as of now (from ``since``, else the beginning),
-    partition by partition in offset order, and the position reached in each partition."""
+    partition by partition in offset order, and the position reached in each partition.
+
+    "As of now" includes every transaction that is open now: the read waits until
+    they have ended (see :func:`_settled_ends`).
+    """
     async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
         tps = await topic_partitions(consumer, topic, bootstrap_servers)
+        ends = await _settled_ends(consumer, tps, bootstrap_servers, client_options)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*[tp for tp in tps if tp not in (since or {})])
         for tp, offset in (since or {}).items():
             if tp in tps:
                 consumer.seek(tp, offset)
-        ends = await consumer.end_offsets(tps)
         records: list[ConsumerRecord[bytes, bytes]] = []
         async for batch in _drain(consumer, ends):
             records.extend(batch)
@@ -114,13 +168,17 @@ class LineageLog:
         self.quarantine_topic = quarantine_topic
         self.client_options = client_options
         self.lineages: dict[str, Lineage] = {}
+        # Per learning-events partition, the last offset quarantined as unreadable: unreadable
+        # records are quarantined in offset order, so one at or below it is quarantined
+        # already (a rebalance re-reads from a committed offset held back by open windows).
+        self.unreadable: dict[TopicPartition, int] = {}
         self._reached: dict[str, dict[TopicPartition, int]] = {}
 
     async def refresh(self) -> dict[str, Lineage]:
         """Apply what was committed since the last refresh; return the lineages."""
         updates = await self._read(self.updates_topic)
         quarantined = await self._read(self.quarantine_topic) if self.quarantine_topic else []
-        apply_records(self.lineages, updates, quarantined)
+        apply_records(self.lineages, updates, quarantined, self.unreadable)
         return self.lineages
 
     async def _read(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:

@@ -44,13 +44,16 @@ def kafka_errors(servers: str, doing: str) -> Iterator[None]:
 async def reader(
     servers: str, doing: str, client_options: dict[str, Any] | None = None, **options: Any
 ) -> AsyncIterator[AIOKafkaConsumer]:
-    """A started consumer without a group (``read_committed``, no auto commit)."""
+    """A started consumer without a group (``read_committed`` unless ``options`` say
+    otherwise, no auto commit)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=servers,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        **(client_options or {}),
-        **options,
+        **{
+            "enable_auto_commit": False,
+            "isolation_level": "read_committed",
+            **(client_options or {}),
+            **options,
+        },
     )
     try:
         with kafka_errors(servers, doing):

@@ -98,9 +98,11 @@ def apply_records(
     lineages: dict[str, Lineage],
     updates: Iterable[ConsumerRecord[bytes, bytes]],
     quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
+    unreadable: dict[TopicPartition, int] | None = None,
 ) -> None:
     """Extend ``lineages`` with committed records; those already applied are skipped
-    (a version at or below the lineage's, a quarantined window already handled)."""
+    (a version at or below the lineage's, a quarantined window already handled).
+    ``unreadable`` gets, per source partition, the last offset quarantined as unreadable."""
     for record in sorted(updates, key=lambda r: (r.partition, r.offset)):
         try:
             update = decode(record.value, AdapterUpdate)
@@ -131,6 +133,9 @@ def apply_records(
             entry = decode(record.value, QuarantineRecord)
         except SchemaError:
             continue
+        if entry.source is not None and unreadable is not None:
+            tp = TopicPartition(entry.source.topic, entry.source.partition)
+            unreadable[tp] = max(unreadable.get(tp, -1), entry.source.offset)
         if entry.adapter is None or entry.window is None:
             continue
         lineages.setdefault(entry.adapter, Lineage(entry.adapter)).record_quarantine(entry.window)

@@ -130,5 +130,9 @@ class Windows:
         for tp in partitions:
             self._next.pop(tp, None)
 
+    def keep_only(self, partitions: set[TopicPartition]) -> None:
+        """Forget every partition but ``partitions`` (the new assignment)."""
+        self.drop((set(self._next) | {tp for tp, _ in self._open}) - partitions)
+
     def open_windows(self) -> list[Window]:
         return list(self._open.values())
