@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint format typecheck bench clean
+.PHONY: setup demo test lint format typecheck bench soak clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: setup
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_replay.py
+
+# Not part of `make test`: about 15 minutes of SIGKILLs and broker restarts, then a report.
+soak: setup
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
