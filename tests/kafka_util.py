@@ -124,6 +124,14 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def said(self, text: str) -> Any:
+        """A predicate for :func:`wait_for`: has the worker written ``text`` yet?"""
+
+        async def check() -> bool:
+            return text in self.output()
+
+        return check
+
     def __enter__(self) -> Worker:
         return self.start()
 

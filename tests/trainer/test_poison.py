@@ -111,16 +111,9 @@ async def test_badly_keyed_records_never_become_adapters_and_are_quarantined_in_
     assert await _transactions(kafka_bootstrap, topics.quarantine, 300) <= 4
 
     with Worker(["train"], env, tmp_path / "t2.log") as again:
-        await wait_for(_said(again, "resumed:"), 90, "the restarted trainer's resume")
+        await wait_for(again.said("resumed:"), 90, "the restarted trainer's resume")
     resumed = next(line for line in again.output().splitlines() if "resumed:" in line)
     assert resumed.split("resumed:")[1].split() == ["ok", "v1"], resumed
-
-
-def _said(worker: Worker, text: str):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return text in worker.output()
-
-    return check
 
 
 async def test_a_full_disk_is_waited_out_with_one_line_and_training_resumes(
@@ -136,7 +129,7 @@ async def test_a_full_disk_is_waited_out_with_one_line_and_training_resumes(
     full.touch()
     env = _env(kafka_bootstrap, prefix, tmp_path, LORASTREAM_FAULTS=f"full:{full}")
     with Worker(["train"], env, tmp_path / "t.log") as worker:
-        await wait_for(_said(worker, "trying again in 2s"), 120, "a second try on a full disk")
+        await wait_for(worker.said("trying again in 2s"), 120, "a second try on a full disk")
         assert await read_all(kafka_bootstrap, topics.adapter_updates, 0, settle=1) == []
         lines = [line for line in worker.output().splitlines() if "No space left" in line]
         assert "cannot write adapter disk v1 under" in lines[0]

@@ -19,13 +19,6 @@ from trainer.history import read_committed_topic
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
-def _said(worker: Worker, text: str):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return text in worker.output()
-
-    return check
-
-
 async def test_a_trainer_dead_inside_its_transaction_never_hides_versions_from_another(
     kafka_bootstrap: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -43,17 +36,17 @@ async def test_a_trainer_dead_inside_its_transaction_never_hides_versions_from_a
         tmp_path / "a.log",
     ).start()
     try:
-        await wait_for(_said(dying, "FAULT paused"), 120, "a to pause inside its transaction")
+        await wait_for(dying.said("FAULT paused"), 120, "a to pause inside its transaction")
     finally:
         dying.kill()  # and it stays down: its transaction stays open until the broker aborts it
     survivor = Worker(["train"], {**env, "LORASTREAM_INSTANCE_ID": "b"}, tmp_path / "b1.log")
     with survivor:
-        await wait_for(_said(survivor, "alpha v2:"), 180, "b to train alpha v1 and v2")
+        await wait_for(survivor.said("alpha v2:"), 180, "b to train alpha v1 and v2")
     survivor.kill()
     second = [(b"alpha", encode(learning_event("alpha", n))) for n in range(32, 48)]
     await produce(kafka_bootstrap, topics.learning_events, second)
     with Worker(["train"], {**env, "LORASTREAM_INSTANCE_ID": "b"}, tmp_path / "b2.log") as again:
-        await wait_for(_said(again, "alpha v"), 180, "b, restarted, to train the third window")
+        await wait_for(again.said("alpha v"), 180, "b, restarted, to train the third window")
         records = await read_all(kafka_bootstrap, topics.adapter_updates, 3, settle=2)
     updates = [decode(r.value, AdapterUpdate) for r in records]
     assert [(u.version, u.window.event_ids[0]) for u in updates] == [
@@ -82,13 +75,13 @@ async def test_batches_fetched_across_rebalances_are_read_again_not_handled_twic
         kafka_bootstrap, prefix, tmp_path / "home", LORASTREAM_ADAPTER_DIR=str(tmp_path / "ad")
     )
     with Worker(["train"], {**env, "LORASTREAM_INSTANCE_ID": "a"}, tmp_path / "a.log") as first:
-        await wait_for(_said(first, " v3:"), 120, "a to train")
+        await wait_for(first.said(" v3:"), 120, "a to train")
         for k in range(4):
             joiner = Worker(
                 ["train"], {**env, "LORASTREAM_INSTANCE_ID": "b"}, tmp_path / f"b{k}.log"
             )
             joiner.start()
-            await wait_for(_said(joiner, "resumed"), 120, "b to join")
+            await wait_for(joiner.said("resumed"), 120, "b to join")
             await asyncio.sleep(2)
             joiner.kill()
         records = await read_all(

@@ -207,11 +207,9 @@ async def test_a_killed_replay_continues_with_resume_and_announces_each_version_
         tmp_path / "replay-1.log",
     ).start()
     try:
-
-        async def paused() -> bool:
-            return "FAULT paused" in crashing.output()
-
-        await wait_for(paused, 120, f"the replay to reach {stage} of {name} v{version}")
+        await wait_for(
+            crashing.said("FAULT paused"), 120, f"the replay to reach {stage} of {name} v{version}"
+        )
     finally:
         crashing.kill()
 

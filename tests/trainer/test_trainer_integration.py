@@ -254,11 +254,11 @@ async def test_sigkill_repeats_the_window_without_gap_or_repeat(
         tmp_path / "train-1.log",
     ).start()
     try:
-
-        async def paused() -> bool:
-            return "FAULT paused" in crashing.output()
-
-        await wait_for(paused, 120, f"the trainer to reach {fault} of {adapter} v{version}")
+        await wait_for(
+            crashing.said("FAULT paused"),
+            120,
+            f"the trainer to reach {fault} of {adapter} v{version}",
+        )
         if fault == "commit":
             assert (adapters / adapter / f"v{version}" / "adapter_model.safetensors").exists()
         before = await read_all(kafka_bootstrap, topics.adapter_updates, 0, settle=1)
