@@ -63,11 +63,12 @@ def lora_settings(settings: Settings) -> LoraSettings:
 
 def base_model_of(settings: Settings) -> tuple[Path, str]:
     """The base model's directory and name; the built-in tiny model is made on first use."""
-    from trainer.model import TINY_MODEL_NAME, default_tiny_model_dir
+    from trainer.model import default_tiny_model_dir
 
-    if settings.base_model is None:
-        return default_tiny_model_dir(settings.home), TINY_MODEL_NAME
-    return settings.base_model, str(settings.base_model)
+    # The name announced is the directory's absolute path, the built-in model's too: an
+    # AdapterUpdate alone then tells a server where the base model lies.
+    directory = settings.base_model or default_tiny_model_dir(settings.home)
+    return directory, str(directory.resolve())
 
 
 def training_config(settings: Settings) -> TrainingConfig:

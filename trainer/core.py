@@ -210,7 +210,7 @@ class WindowTrainer:
             parent_version=version - 1 if version > 1 else None,
             base_model=self.config.base_model_name,
             base_model_fingerprint=self.base.fingerprint,
-            uri=stored.path.resolve().as_uri(),
+            uri=str(stored.path.resolve()),
             sha256=stored.sha256,
             lora=self.lora_spec,
             window=window.spec(),

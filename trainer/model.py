@@ -23,7 +23,6 @@ import torch
 from trainer.exceptions import BaseModelError
 
 __all__ = [
-    "TINY_MODEL_NAME",
     "BaseModel",
     "build_tiny_model_dir",
     "default_tiny_model_dir",
@@ -31,7 +30,6 @@ __all__ = [
     "resolve_device",
 ]
 
-TINY_MODEL_NAME = "lorastream/tiny-llama"
 _TINY_SEED = 0
 
 

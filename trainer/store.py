@@ -82,6 +82,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, and
+    setting it, even back, races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(directory: Path) -> None:
+    """Give the files in ``directory`` the modes the umask asks for. safetensors writes
+    0600 whatever the umask, so a server running as another user (a vLLM container)
+    could not read an adapter."""
+    mask = current_umask()
+    for entry in directory.iterdir():
+        if entry.is_file():
+            os.chmod(entry, 0o666 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
 def _fsync_tree(directory: Path) -> None:
     for entry in directory.rglob("*"):
         if entry.is_file():
@@ -145,6 +171,7 @@ class AdapterStore:
             (staging / METADATA_FILE).write_bytes(
                 orjson.dumps(document, option=orjson.OPT_INDENT_2)
             )
+            _honour_umask(staging)
             _fsync_tree(staging)
             if final.exists():
                 aside = parent / f".v{version}.old-{uuid.uuid4().hex[:8]}"

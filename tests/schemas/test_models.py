@@ -108,7 +108,7 @@ def _adapter_update(**changes: Any) -> dict[str, Any]:
         "adapter": "a1",
         "version": 2,
         "parent_version": 1,
-        "base_model": "lorastream/tiny-llama",
+        "base_model": "/models/tiny-llama",
         "uri": "file:///tmp/adapters/a1/v2",
         "sha256": "ab" * 32,
         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},

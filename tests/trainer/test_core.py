@@ -62,7 +62,7 @@ def test_a_window_becomes_the_next_version_of_the_lineage_it_is_given(
     assert update.window == first.spec() and update.window.event_ids == first.ids
     assert update.base_model_fingerprint == core.base.fingerprint
     directory = tmp_path / "renamed" / "v1"
-    assert update.uri == directory.resolve().as_uri()
+    assert update.uri == str(directory.resolve())
     assert update.sha256 == sha256_file(directory / "adapter_model.safetensors")
     assert lineage.version == 0, "nothing is recorded before the driver commits"
 
@@ -178,3 +178,47 @@ def test_lineages_are_rebuilt_once_whatever_is_read_twice(
         assert copy.quarantined == 1
         assert copy.handled == lineage.handled and copy.trained_ids == lineage.trained_ids
     assert isinstance(lineage.latest, AdapterUpdate)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_announcement_alone_loads_with_peft_and_its_files_honour_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    """From the AdapterUpdate's own fields, a server finds and loads both the base model
+    and the adapter (no hub name, no file:// URL), and reads files written under the
+    process's umask (safetensors alone writes 0600)."""
+    import os
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorastream.settings import load_settings
+    from lorastream.stages import training_config
+
+    settings = load_settings(
+        home=tmp_path / "home", adapter_dir=tmp_path / "adapters", window_size=4, device="cpu"
+    )
+    previous = os.umask(umask)
+    try:
+        core = WindowTrainer.load(training_config(settings))
+        outcome = core.train(_windows("tutor", 1)[0], Lineage("tutor"))
+    finally:
+        os.umask(previous)
+    assert isinstance(outcome, Trained)
+    update = outcome.update
+    assert Path(update.base_model).is_absolute() and Path(update.uri).is_absolute()
+
+    base = AutoModelForCausalLM.from_pretrained(update.base_model)
+    model = PeftModel.from_pretrained(base, update.uri)
+    stored = load_file(str(Path(update.uri) / "adapter_model.safetensors"))
+    loaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(stored) > 0
+    for key, tensor in stored.items():
+        name = key.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[name], tensor), key
+
+    directory = Path(update.uri)
+    assert (directory.stat().st_mode & 0o777) == 0o777 & ~umask
+    for entry in directory.iterdir():
+        assert (entry.stat().st_mode & 0o777) == 0o666 & ~umask, entry.name
