@@ -18,13 +18,17 @@ from schemas.errors import LorastreamError
 
 __all__ = [
     "KafkaSetupError",
+    "TopicInfo",
     "TopicRetention",
     "create_topics",
+    "delete_topics",
     "describe_retention",
+    "list_topics",
     "topic_specs",
 ]
 
 _TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
 _RETENTION_KEYS = ("retention.ms", "retention.bytes", "cleanup.policy")
 
 
@@ -244,3 +248,75 @@ def _retention_by_topic(responses: Iterable[Any]) -> dict[str, TopicRetention]:
                 )
             found[name] = TopicRetention.from_configs({entry[0]: entry[1] for entry in entries})
     return found
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """A topic as the cluster reports it: partitions and the records each one holds now."""
+
+    name: str
+    partitions: int
+    records: int  # sum over partitions of high watermark - log start offset
+
+
+async def list_topics(
+    bootstrap_servers: str,
+    prefix: str = "",
+    client_options: dict[str, Any] | None = None,
+) -> list[TopicInfo]:
+    """The cluster's topics whose name starts with ``prefix`` (internal ones left out),
+    sorted by name, with their partitions and the records they retain."""
+    from aiokafka import AIOKafkaConsumer
+
+    async with _admin(bootstrap_servers, "list topics", client_options) as admin:
+        metadata = await admin._client.fetch_all_metadata()
+    partitions = {
+        name: [TopicPartition(name, p) for p in sorted(metadata.partitions_for_topic(name) or ())]
+        for name in sorted(metadata.topics())
+        if name.startswith(prefix) and not name.startswith("__")
+    }
+    if not partitions:
+        return []
+    every = [tp for tps in partitions.values() for tp in tps]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, **(client_options or {})
+    )
+    try:
+        await consumer.start()
+        starts = await consumer.beginning_offsets(every)
+        ends = await consumer.end_offsets(every)
+    except KafkaError as exc:
+        raise KafkaSetupError(
+            f"could not read the offsets of {len(partitions)} topic(s) on {bootstrap_servers}: {exc!r}"
+        ) from exc
+    finally:
+        await consumer.stop()
+    return [
+        TopicInfo(name, len(tps), sum(ends[tp] - starts[tp] for tp in tps))
+        for name, tps in partitions.items()
+    ]
+
+
+async def delete_topics(
+    bootstrap_servers: str,
+    names: list[str],
+    client_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Delete the named topics; return those deleted (a topic already gone is skipped)."""
+    if not names:
+        return []
+    async with _admin(bootstrap_servers, "delete topics", client_options) as admin:
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if not doomed:
+            return []
+        response = await admin.delete_topics(doomed)
+    deleted = []
+    for topic, code, *_ in response.topic_error_codes:
+        if code == 0 or code == _UNKNOWN_TOPIC:
+            deleted.append(topic)
+        else:
+            raise KafkaSetupError(
+                f"topic {topic} could not be deleted: {for_code(code).__name__} (code {code})"
+            )
+    return sorted(deleted)
