@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from lorastream.settings import Settings, load_settings
+from lorastream.settings import Settings, help_for, load_settings
 from schemas.errors import LorastreamError
 
 __all__ = ["app", "main"]
@@ -53,14 +53,14 @@ def _common(
         typer.Option(
             "--bootstrap-servers",
             "-b",
-            help="Kafka bootstrap servers [env: KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092].",
+            help=help_for("bootstrap_servers"),
         ),
     ] = None,
     topic_prefix: Annotated[
         str | None,
         typer.Option(
             "--topic-prefix",
-            help="Prefix for every topic, the consumer groups and the transactional id [env: LORASTREAM_TOPIC_PREFIX].",
+            help=help_for("topic_prefix"),
         ),
     ] = None,
 ) -> None:
@@ -69,6 +69,20 @@ def _common(
 
 def settings_of(ctx: typer.Context, **flags: Any) -> Settings:
     return load_settings(**(ctx.obj or {}), **flags)
+
+
+# Options that set a setting take their help from it: its description, variable and default.
+WindowSizeOption = Annotated[int | None, typer.Option(help=help_for("window_size"))]
+BaseModelOption = Annotated[Path | None, typer.Option(help=help_for("base_model"))]
+AdapterDirOption = Annotated[Path | None, typer.Option(help=help_for("adapter_dir"))]
+MaxTriesOption = Annotated[int | None, typer.Option(help=help_for("max_tries"))]
+DeviceOption = Annotated[str | None, typer.Option(help=help_for("device"))]
+SeedOption = Annotated[int | None, typer.Option(help=help_for("seed"))]
+LearningRateOption = Annotated[float | None, typer.Option(help=help_for("learning_rate"))]
+LoraROption = Annotated[int | None, typer.Option(help=help_for("lora_r"))]
+LoraAlphaOption = Annotated[float | None, typer.Option(help=help_for("lora_alpha"))]
+TargetModulesOption = Annotated[str | None, typer.Option(help=help_for("lora_target_modules"))]
+MetricsPortOption = Annotated[int | None, typer.Option(help=help_for("metrics_port"))]
 
 
 # ── broker ───────────────────────────────────────────────────────────────────
@@ -151,26 +165,17 @@ def score(
     ctx: typer.Context,
     rouge_threshold: Annotated[
         float | None,
-        typer.Option(
-            help="Breakthrough needs ROUGE-L above this [env: LORASTREAM_ROUGE_THRESHOLD, 0.7]."
-        ),
+        typer.Option(help=help_for("rouge_threshold")),
     ] = None,
     breakthrough_entropy: Annotated[
         float | None,
-        typer.Option(
-            help="Breakthrough needs the entropy delta below this [env: LORASTREAM_BREAKTHROUGH_ENTROPY, -0.1]."
-        ),
+        typer.Option(help=help_for("breakthrough_entropy")),
     ] = None,
     qualify_entropy: Annotated[
         float | None,
-        typer.Option(
-            help="Non-breakthroughs qualify when |entropy delta| is above this [env: LORASTREAM_QUALIFY_ENTROPY, 0.15]."
-        ),
+        typer.Option(help=help_for("qualify_entropy")),
     ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(help="Serve Prometheus metrics on this port [env: LORASTREAM_METRICS_PORT]."),
-    ] = None,
+    metrics_port: MetricsPortOption = None,
     loglevel: Annotated[str, typer.Option(help="Faust's log level.")] = "warning",
 ) -> None:
     """Run the Faust scoring worker: generation-results → learning-events (+ dead letters)."""
@@ -190,7 +195,9 @@ def score(
     )
     metrics = ScoringMetrics()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
     config = scoring_config(settings)
     faust_app = create_app(config, metrics)
     err.print(
@@ -253,44 +260,6 @@ def produce(
 # ── train ────────────────────────────────────────────────────────────────────
 
 
-WindowSizeOption = Annotated[
-    int | None, typer.Option(help="Events per window [env: LORASTREAM_WINDOW_SIZE, 16].")
-]
-BaseModelOption = Annotated[
-    Path | None,
-    typer.Option(
-        help="A local Hugging Face causal LM directory [env: LORASTREAM_BASE_MODEL; default: the built-in tiny model]."
-    ),
-]
-AdapterDirOption = Annotated[
-    Path | None,
-    typer.Option(help="Where versions are written [env: LORASTREAM_ADAPTER_DIR, ./adapters]."),
-]
-MaxTriesOption = Annotated[
-    int | None,
-    typer.Option(help="Tries per window before it is quarantined [env: LORASTREAM_MAX_TRIES, 3]."),
-]
-DeviceOption = Annotated[
-    str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env: LORASTREAM_DEVICE].")
-]
-SeedOption = Annotated[
-    int | None, typer.Option(help="Seed of the initial LoRA weights [env: LORASTREAM_SEED, 0].")
-]
-LearningRateOption = Annotated[
-    float | None, typer.Option(help="AdamW learning rate [env: LORASTREAM_LEARNING_RATE].")
-]
-LoraROption = Annotated[int | None, typer.Option(help="LoRA rank [env: LORASTREAM_LORA_R, 8].")]
-LoraAlphaOption = Annotated[
-    float | None, typer.Option(help="LoRA alpha [env: LORASTREAM_LORA_ALPHA, 16].")
-]
-TargetModulesOption = Annotated[
-    str | None,
-    typer.Option(
-        help="Comma-separated modules [env: LORASTREAM_LORA_TARGET_MODULES, q_proj,v_proj]."
-    ),
-]
-
-
 @app.command("train")
 def train(
     ctx: typer.Context,
@@ -300,26 +269,19 @@ def train(
     max_tries: MaxTriesOption = None,
     max_wait_seconds: Annotated[
         float | None,
-        typer.Option(
-            help="Train a partial window after this long [env: LORASTREAM_MAX_WAIT_SECONDS; default: wait for a full one]."
-        ),
+        typer.Option(help=help_for("max_wait_seconds")),
     ] = None,
     device: DeviceOption = None,
     seed: SeedOption = None,
     instance_id: Annotated[
         str | None,
-        typer.Option(
-            help="Stable id of this instance; names its transactional id [env: LORASTREAM_INSTANCE_ID, 0]."
-        ),
+        typer.Option(help=help_for("instance_id")),
     ] = None,
     learning_rate: LearningRateOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(help="Serve Prometheus metrics on this port [env: LORASTREAM_METRICS_PORT]."),
-    ] = None,
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Run the trainer: learning-events → LoRA steps → adapter-updates, exactly once."""
     import signal
@@ -348,7 +310,9 @@ def train(
     _logging()
     metrics = TrainerMetrics()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
     config = trainer_config(settings)
 
     async def run() -> None:
@@ -402,21 +366,15 @@ def replay(
     ] = False,
     rouge_threshold: Annotated[
         float | None,
-        typer.Option(
-            help="With --rescore: breakthrough needs ROUGE-L above this [env: LORASTREAM_ROUGE_THRESHOLD, 0.7]."
-        ),
+        typer.Option(help="With --rescore: " + help_for("rouge_threshold")),
     ] = None,
     breakthrough_entropy: Annotated[
         float | None,
-        typer.Option(
-            help="With --rescore: breakthrough needs the entropy delta below this [env: LORASTREAM_BREAKTHROUGH_ENTROPY, -0.1]."
-        ),
+        typer.Option(help="With --rescore: " + help_for("breakthrough_entropy")),
     ] = None,
     qualify_entropy: Annotated[
         float | None,
-        typer.Option(
-            help="With --rescore: non-breakthroughs qualify when |entropy delta| is above this [env: LORASTREAM_QUALIFY_ENTROPY, 0.15]."
-        ),
+        typer.Option(help="With --rescore: " + help_for("qualify_entropy")),
     ] = None,
     resume: Annotated[
         bool,

@@ -11,20 +11,69 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
 from schemas.errors import LorastreamError
 from streams.scoring import Thresholds
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "help_for",
+    "load_settings",
+    "markdown_table",
+    "shown_default",
+    "variable_of",
+]
 
 
 class SettingsError(LorastreamError):
     """A configuration value is missing or wrong."""
+
+
+# Kafka's longest topic name is 249 characters; ours add at most this many to the prefix.
+MAX_PREFIX_LENGTH = 249 - len("learning-events.quarantine")
+
+
+def _setting(
+    default: Any,
+    variable: str,
+    description: str,
+    *,
+    shown: str | None = None,
+    internal: bool = False,
+    default_factory: Any = None,
+    **constraints: Any,
+) -> Any:
+    """A field read from ``variable``, described once: the CLI's help and the README's
+    table are made from this."""
+    extra = {"variable": variable, "shown": shown, "internal": internal}
+    if default_factory is not None:
+        return Field(
+            default_factory=default_factory,
+            validation_alias=AliasChoices(variable),
+            description=description,
+            json_schema_extra=extra,
+            **constraints,
+        )
+    return Field(
+        default,
+        validation_alias=AliasChoices(variable),
+        description=description,
+        json_schema_extra=extra,
+        **constraints,
+    )
 
 
 def _default_home() -> Path:
@@ -38,75 +87,150 @@ class Settings(BaseSettings):
     # the environment, so HOME would set `home` and SEED `seed`. Flags are passed by variable.
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
-    bootstrap_servers: Annotated[str, Field(min_length=1)] = Field(
-        "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
+    bootstrap_servers: str = _setting(
+        "127.0.0.1:9092",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "the Kafka cluster: HOST:PORT, comma-separated",
     )
-    topic_prefix: str = Field("", validation_alias=AliasChoices("LORASTREAM_TOPIC_PREFIX"))
-    adapter_dir: Path = Field(
-        Path("adapters"), validation_alias=AliasChoices("LORASTREAM_ADAPTER_DIR")
+    topic_prefix: str = _setting(
+        "",
+        "LORASTREAM_TOPIC_PREFIX",
+        "prefixed to every topic, the Faust app id, the trainer's group and transactional id",
+        shown="empty",
+        max_length=MAX_PREFIX_LENGTH,
+        pattern=r"^[A-Za-z0-9._-]*$",
     )
-    window_size: int = Field(16, ge=1, validation_alias=AliasChoices("LORASTREAM_WINDOW_SIZE"))
+    adapter_dir: Path = _setting(
+        Path("adapters"),
+        "LORASTREAM_ADAPTER_DIR",
+        "where versions are written, as DIR/ADAPTER/vVERSION/",
+        shown="./adapters",
+    )
+    window_size: int = _setting(16, "LORASTREAM_WINDOW_SIZE", "events per training window", ge=1)
+    base_model: Path | None = _setting(
+        None,
+        "LORASTREAM_BASE_MODEL",
+        "a local Hugging Face causal LM directory",
+        shown="the built-in tiny model",
+    )
+    seed: int = _setting(0, "LORASTREAM_SEED", "seed of the initial LoRA weights", ge=0)
+    max_tries: int = _setting(3, "LORASTREAM_MAX_TRIES", "tries per window before quarantine", ge=1)
+    max_wait_seconds: float | None = _setting(
+        None,
+        "LORASTREAM_MAX_WAIT_SECONDS",
+        "train a partial window once its oldest event has waited this long",
+        shown="off: a window trains when full",
+        gt=0,
+    )
+    device: str = _setting(
+        "auto",
+        "LORASTREAM_DEVICE",
+        "one of auto, cpu, cuda, cuda:N (bf16 on CUDA, fp32 on CPU)",
+        pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
+    )
+    lora_r: int = _setting(8, "LORASTREAM_LORA_R", "LoRA rank", ge=1)
+    lora_alpha: float = _setting(16, "LORASTREAM_LORA_ALPHA", "LoRA alpha", gt=0)
+    lora_dropout: float = _setting(0.0, "LORASTREAM_LORA_DROPOUT", "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: str = _setting(
+        "q_proj,v_proj",
+        "LORASTREAM_LORA_TARGET_MODULES",
+        "the base model's modules that get LoRA, comma-separated",
+        min_length=1,
+    )
+    learning_rate: float | None = _setting(
+        None, "LORASTREAM_LEARNING_RATE", "AdamW learning rate", shown="2e-3", gt=0
+    )
+    rouge_threshold: float = _setting(
+        0.7, "LORASTREAM_ROUGE_THRESHOLD", "a breakthrough needs ROUGE-L above this"
+    )
+    breakthrough_entropy: float = _setting(
+        -0.1, "LORASTREAM_BREAKTHROUGH_ENTROPY", "a breakthrough needs the entropy delta below this"
+    )
+    qualify_entropy: float = _setting(
+        0.15,
+        "LORASTREAM_QUALIFY_ENTROPY",
+        "other results qualify when the absolute entropy delta is above this",
+        ge=0,
+    )
+    instance_id: str = _setting(
+        "0",
+        "LORASTREAM_INSTANCE_ID",
+        "one stable value per trainer instance (it names the transactional id)",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+    )
+    metrics_port: int | None = _setting(
+        None,
+        "LORASTREAM_METRICS_PORT",
+        "serve Prometheus metrics on this port",
+        shown="off",
+        ge=1,
+        le=65535,
+    )
+    metrics_host: str = _setting(
+        "127.0.0.1",
+        "LORASTREAM_METRICS_HOST",
+        "the address the metrics server binds (0.0.0.0 in a container)",
+        min_length=1,
+    )
     # retention.ms of the history topics (learning events, adapter updates, quarantine):
     # they are the training set and the lineage, so -1, Kafka's "forever", by default.
-    history_retention_ms: int = Field(
-        -1, ge=-1, validation_alias=AliasChoices("LORASTREAM_HISTORY_RETENTION_MS")
+    history_retention_ms: int = _setting(
+        -1,
+        "LORASTREAM_HISTORY_RETENTION_MS",
+        "retention.ms that `topics create` gives learning-events, adapter-updates and the "
+        "quarantine topic (with retention.bytes=-1): the training set and the lineage",
+        shown="-1 (forever)",
+        ge=-1,
     )
-    base_model: Path | None = Field(None, validation_alias=AliasChoices("LORASTREAM_BASE_MODEL"))
-    seed: int = Field(0, ge=0, validation_alias=AliasChoices("LORASTREAM_SEED"))
-    home: Path = Field(
-        default_factory=_default_home, validation_alias=AliasChoices("LORASTREAM_HOME")
-    )
-
-    rouge_threshold: float = Field(0.7, validation_alias=AliasChoices("LORASTREAM_ROUGE_THRESHOLD"))
-    breakthrough_entropy: float = Field(
-        -0.1, validation_alias=AliasChoices("LORASTREAM_BREAKTHROUGH_ENTROPY")
-    )
-    qualify_entropy: float = Field(
-        0.15, ge=0, validation_alias=AliasChoices("LORASTREAM_QUALIFY_ENTROPY")
-    )
-
-    max_tries: int = Field(3, ge=1, validation_alias=AliasChoices("LORASTREAM_MAX_TRIES"))
-    max_wait_seconds: float | None = Field(
-        None, gt=0, validation_alias=AliasChoices("LORASTREAM_MAX_WAIT_SECONDS")
-    )
-    device: str = Field("auto", validation_alias=AliasChoices("LORASTREAM_DEVICE"))
-    lora_r: int = Field(8, ge=1, validation_alias=AliasChoices("LORASTREAM_LORA_R"))
-    lora_alpha: float = Field(16, gt=0, validation_alias=AliasChoices("LORASTREAM_LORA_ALPHA"))
-    lora_dropout: float = Field(
-        0.0, ge=0, lt=1, validation_alias=AliasChoices("LORASTREAM_LORA_DROPOUT")
-    )
-    lora_target_modules: str = Field(
-        "q_proj,v_proj",
-        min_length=1,
-        validation_alias=AliasChoices("LORASTREAM_LORA_TARGET_MODULES"),
-    )
-    learning_rate: float | None = Field(
-        None, gt=0, validation_alias=AliasChoices("LORASTREAM_LEARNING_RATE")
-    )
-    instance_id: str = Field(
-        "0",
-        pattern=r"^[A-Za-z0-9._-]{1,64}$",
-        validation_alias=AliasChoices("LORASTREAM_INSTANCE_ID"),
+    home: Path = _setting(
+        None,
+        "LORASTREAM_HOME",
+        "the local broker, its jars, the built-in model",
+        shown="~/.cache/lorastream",
+        default_factory=_default_home,
     )
     # Fault injection for the crash tests (trainer/faults.py); never set in production.
-    faults: str | None = Field(None, validation_alias=AliasChoices("LORASTREAM_FAULTS"))
-    metrics_port: int | None = Field(
-        None, ge=1, le=65535, validation_alias=AliasChoices("LORASTREAM_METRICS_PORT")
+    faults: str | None = _setting(
+        None,
+        "LORASTREAM_FAULTS",
+        "fault injection for tests; never set in production",
+        internal=True,
     )
 
-    security_protocol: str = Field(
+    security_protocol: str = _setting(
         "PLAINTEXT",
+        "KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
         pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
-        validation_alias=AliasChoices("KAFKA_SECURITY_PROTOCOL"),
     )
-    sasl_mechanism: str | None = Field(None, validation_alias=AliasChoices("KAFKA_SASL_MECHANISM"))
-    sasl_username: str | None = Field(None, validation_alias=AliasChoices("KAFKA_SASL_USERNAME"))
-    sasl_password: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("KAFKA_SASL_PASSWORD")
+    sasl_mechanism: str | None = _setting(
+        None, "KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", shown="none"
     )
-    ssl_cafile: Path | None = Field(None, validation_alias=AliasChoices("KAFKA_SSL_CAFILE"))
-    ssl_certfile: Path | None = Field(None, validation_alias=AliasChoices("KAFKA_SSL_CERTFILE"))
-    ssl_keyfile: Path | None = Field(None, validation_alias=AliasChoices("KAFKA_SSL_KEYFILE"))
+    sasl_username: str | None = _setting(None, "KAFKA_SASL_USERNAME", "SASL user", shown="none")
+    sasl_password: SecretStr | None = _setting(
+        None, "KAFKA_SASL_PASSWORD", "SASL password", shown="none"
+    )
+    ssl_cafile: Path | None = _setting(
+        None, "KAFKA_SSL_CAFILE", "CA bundle for TLS", shown="the system's"
+    )
+    ssl_certfile: Path | None = _setting(
+        None, "KAFKA_SSL_CERTFILE", "client certificate for TLS", shown="none"
+    )
+    ssl_keyfile: Path | None = _setting(
+        None, "KAFKA_SSL_KEYFILE", "client key for TLS", shown="none"
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        for server in value.split(","):
+            host, colon, port = server.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"{server.strip()!r} is not HOST:PORT (a port from 1 to 65535); "
+                    "several servers are separated by commas"
+                )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -182,7 +306,7 @@ class Settings(BaseSettings):
         return None
 
 
-def _variable(field: str) -> str:
+def variable_of(field: str) -> str:
     info = Settings.model_fields.get(field)
     alias = info.validation_alias if info else None
     if isinstance(alias, AliasChoices):
@@ -194,16 +318,54 @@ def load_settings(**flags: Any) -> Settings:
     """Settings from the given flags (None = not given), the environment and defaults."""
     given = {name: value for name, value in flags.items() if value is not None}
     try:
-        return Settings(**{_variable(name): value for name, value in given.items()})
+        return Settings(**{variable_of(name): value for name, value in given.items()})
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
             loc = error["loc"][0] if error["loc"] else ""
             field = next(
-                (n for n in Settings.model_fields if n == loc or _variable(n) == loc), str(loc)
+                (n for n in Settings.model_fields if n == loc or variable_of(n) == loc), str(loc)
             )
             message = error["msg"].removeprefix("Value error, ")
-            where = f"{_variable(field)} ({field})" if field else "settings"
+            where = f"{variable_of(field)} ({field})" if field else "settings"
             source = "flag" if field in given else "environment or default"
             problems.append(f"{where}, from the {source}: {message}; got {error.get('input')!r}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from exc
+
+
+def _extra(field: str) -> dict[str, Any]:
+    extra = Settings.model_fields[field].json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def shown_default(field: str) -> str:
+    """The default as users read it."""
+    shown = _extra(field).get("shown")
+    if shown is not None:
+        return str(shown)
+    default = Settings.model_fields[field].default
+    return str(default)
+
+
+def help_for(field: str, what: str | None = None) -> str:
+    """A CLI option's help: the setting's description, its variable and its default."""
+    description = what or Settings.model_fields[field].description or ""
+    text = description[:1].upper() + description[1:]
+    return f"{text} [env: {variable_of(field)}; default: {shown_default(field)}]"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per variable, from the fields above."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        if _extra(field).get("internal"):
+            continue
+        shown = _extra(field).get("shown")
+        literal = shown is None or (" " not in shown and shown not in ("empty", "none", "off"))
+        default = f"`{shown_default(field)}`" if literal else shown
+        rows.append(f"| `{variable_of(field)}` | {default} | {info.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

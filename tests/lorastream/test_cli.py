@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -49,17 +50,48 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert "Usage:" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("command", "shown"),
-    [
-        (["train"], "[env: LORASTREAM_WINDOW_SIZE, 16]"),
-        (["replay"], "[env: LORASTREAM_ROUGE_THRESHOLD, 0.7]"),
-        (["score"], "[env: LORASTREAM_QUALIFY_ENTROPY, 0.15]"),
-    ],
-)
-def test_help_shows_the_variable_and_default_of_an_option(command: list[str], shown: str) -> None:
-    result = _run(*command, "--help")
-    assert shown in " ".join(result.stdout.split()), result.stdout
+def _leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if hasattr(command, "commands"):  # a group (typer vendors its own click)
+        return [
+            leaf for name, sub in command.commands.items() for leaf in _leaves(sub, (*path, name))
+        ]
+    return [path]
+
+
+def test_every_option_that_sets_a_setting_shows_its_variable_and_default() -> None:
+    """One source: each option bound to a setting shows that setting's variable and default
+    in --help, as rendered (rich markup once ate every "[env: …]")."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from lorastream.cli import app
+    from lorastream.settings import Settings, shown_default, variable_of
+
+    root = get_command(app)
+    field_of = {"target_modules": "lora_target_modules"}
+    checked = 0
+    for path in [(), *_leaves(root)]:  # the root's options show in `lorastream --help`
+        command: Any = root
+        for name in path:
+            command = command.commands[name]
+        rendered = CliRunner().invoke(app, [*path, "--help"], terminal_width=100)
+        assert rendered.exit_code == 0, rendered.output
+        text = " ".join(rendered.output.split())
+        for param in command.params:
+            field = field_of.get(param.name or "", param.name or "")
+            if field not in Settings.model_fields:
+                continue
+            wanted = f"[env: {variable_of(field)}; default: {shown_default(field)}]"
+            assert wanted in text, f"lorastream {' '.join(path)} --help lacks {wanted}:\n{text}"
+            checked += 1
+    assert checked >= 30, checked
+
+
+def test_the_readme_configuration_table_is_made_from_the_settings() -> None:
+    from lorastream.settings import markdown_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert markdown_table() in readme, "run `python -m lorastream.settings` and paste its table"
 
 
 def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:

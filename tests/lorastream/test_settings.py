@@ -18,6 +18,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "KAFKA_SECURITY_PROTOCOL",
         "LORASTREAM_ROUGE_THRESHOLD",
         "LORASTREAM_SEED",
+        "LORASTREAM_DEVICE",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -52,6 +53,14 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL", "KAFKA_SASL_MECHANISM"),
         ("KAFKA_SECURITY_PROTOCOL", "TLS", "KAFKA_SECURITY_PROTOCOL"),
         ("LORASTREAM_SEED", "-1", "LORASTREAM_SEED"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "nonsense", "'nonsense' is not HOST:PORT"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "localhost:notaport", "'localhost:notaport' is not HOST:PORT"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,:9093", "':9093' is not HOST:PORT"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "k1:70000", "KAFKA_BOOTSTRAP_SERVERS"),
+        ("LORASTREAM_TOPIC_PREFIX", "my run/", "LORASTREAM_TOPIC_PREFIX"),
+        ("LORASTREAM_TOPIC_PREFIX", "p" * 224, "at most 223 characters"),
+        ("LORASTREAM_DEVICE", "gpu", "LORASTREAM_DEVICE (device)"),
+        ("LORASTREAM_DEVICE", "cuda:x", "LORASTREAM_DEVICE"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -82,3 +91,18 @@ def test_only_the_documented_variables_are_read(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("LORASTREAM_HOME", "/data/ls")
     assert load_settings().home == Path("/data/ls")
     assert load_settings(home=Path("/flag")).home == Path("/flag")
+
+
+def test_good_servers_prefixes_and_devices_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka-0.kafka:9092, 10.0.0.7:19092,[::1]:9092")
+    monkeypatch.setenv("LORASTREAM_TOPIC_PREFIX", "team_a.run-7.")
+    monkeypatch.setenv("LORASTREAM_DEVICE", "cuda:1")
+    settings = load_settings()
+    assert settings.device == "cuda:1" and settings.topic_prefix == "team_a.run-7."
+
+
+def test_the_documented_learning_rate_is_the_steps_own_default() -> None:
+    from lorastream.settings import shown_default
+    from trainer.lora import LoraSettings
+
+    assert float(shown_default("learning_rate")) == LoraSettings().learning_rate
