@@ -58,7 +58,7 @@ def _setting(
 ) -> Any:
     """A field read from ``variable``, described once: the CLI's help and the README's
     table are made from this."""
-    extra = {"variable": variable, "shown": shown, "internal": internal}
+    extra: dict[str, Any] = {"variable": variable, "shown": shown, "internal": internal}
     if default_factory is not None:
         return Field(
             default_factory=default_factory,

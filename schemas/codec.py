@@ -14,6 +14,7 @@ are listed, so that a reason fits in a Kafka header.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -29,6 +30,9 @@ ENCODED_BYTES = "encoded_bytes"
 
 _MAX_FIELD_CHARS = 200
 _MAX_MESSAGE_CHARS = 600
+# What other JSON writers emit for non-finite floats (Python's json, JavaScript's
+# String(), numpy); orjson reports each only as an unexpected character.
+_NON_FINITE = re.compile(r"-?(?:nan|inf(?:inity)?)(?![A-Za-z0-9_])", re.IGNORECASE)
 
 D = TypeVar("D", bound=BaseModel)
 
@@ -55,10 +59,25 @@ def decode(
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise SchemaError(
-            name, [("$", f"not valid JSON: {exc}")], position=position, line=line
+            name, [("$", f"not valid JSON: {_json_problem(exc)}")], position=position, line=line
         ) from exc
     size = len(raw.encode()) if isinstance(raw, str) else len(raw)
     return decode_obj(obj, type_, position=position, line=line, encoded_bytes=size)
+
+
+def _json_problem(exc: orjson.JSONDecodeError) -> str:
+    """orjson's message; for a NaN or Infinity literal, one that names it, at the same place."""
+    doc, pos = exc.doc, exc.pos
+    # orjson points past the sign of -Infinity ("no digit after sign").
+    start = pos - 1 if 0 < pos <= len(doc) and doc[pos - 1] == "-" else pos
+    found = _NON_FINITE.match(doc, start) if isinstance(doc, str) else None
+    if found is None:
+        return str(exc)
+    return (
+        f"{found.group()} is not allowed in JSON, which has no NaN or Infinity (write a "
+        f"finite number, or leave the field out): line {exc.lineno} column {exc.colno} "
+        f"(char {exc.pos})"
+    )
 
 
 def decode_obj(
