@@ -9,6 +9,7 @@ exit 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,13 @@ adapters_app = typer.Typer(help="Announced adapter versions.", no_args_is_help=T
 app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
 app.add_typer(adapters_app, name="adapters")
+# Its commands import out, err and settings_of from here when they run (no import cycle).
+from lorastream import cli_inspect  # noqa: E402
+
+app.add_typer(cli_inspect.dead_letters_app, name="dead-letters")
+app.add_typer(cli_inspect.quarantine_app, name="quarantine")
+topics_app.command("list")(cli_inspect.topics_list)
+topics_app.command("delete")(cli_inspect.topics_delete)
 
 # soft_wrap: a line such as a file:line: report or an announcement stays one line when piped.
 out = Console(soft_wrap=True)
@@ -182,6 +190,7 @@ def score(
     import faust
     from prometheus_client import start_http_server
 
+    from lorastream.admin import require_topics
     from lorastream.stages import scoring_config
     from streams import create_app
     from streams.metrics import ScoringMetrics
@@ -193,12 +202,25 @@ def score(
         qualify_entropy=qualify_entropy,
         metrics_port=metrics_port,
     )
+    config = scoring_config(settings)
+    # Faust would idle forever on a missing topic and print a traceback for a broker that is
+    # down: both are one line here, before the worker starts.
+    asyncio.run(
+        require_topics(
+            settings.bootstrap_servers,
+            [
+                config.topics.generation_results,
+                config.topics.learning_events,
+                config.topics.dead_letters,
+            ],
+            settings.kafka_client_options(),
+        )
+    )
     metrics = ScoringMetrics()
     if settings.metrics_port:
         start_http_server(
             settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
         )
-    config = scoring_config(settings)
     faust_app = create_app(config, metrics)
     err.print(
         f"scoring {config.topics.generation_results} → {config.topics.learning_events} "
@@ -241,7 +263,7 @@ def produce(
         err.print(f"{len(report.bad)} bad line(s); --strict: nothing produced")
         raise typer.Exit(1)
     topic = settings.topics.generation_results
-    with Progress(console=err, transient=True) as progress:
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(f"producing to {topic}", total=report.good)
         sent = asyncio.run(
             produce_file(
@@ -321,6 +343,9 @@ def train(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, trainer.request_stop)
         async with trainer:
+            # Joined: from now on the client's own connection trouble is worth a log line
+            # (a failed start is one error line, raised by the trainer itself).
+            _client_logs_on()
             await trainer.run()
 
     asyncio.run(run())
@@ -446,11 +471,14 @@ def adapters_list(
         bool, typer.Option("--json", help="One AdapterUpdate JSON document per line.")
     ] = False,
 ) -> None:
-    """Print the lineage of every adapter: version, window, loss, time."""
+    """Print the lineage of every adapter: version, window, loss, time; and the events
+    that wait in an open window (a partial window trains when full, or after
+    LORASTREAM_MAX_WAIT_SECONDS)."""
     from rich.table import Table
 
     from schemas import encode
-    from trainer.history import load_lineages
+    from trainer.history import load_lineages, pending_events
+    from trainer.lineage import Lineage
 
     settings = settings_of(ctx)
     lineages = asyncio.run(
@@ -467,6 +495,18 @@ def adapters_list(
             for update in lineage.updates:
                 sys.stdout.write(encode(update).decode() + "\n")
         return
+    pending = asyncio.run(
+        pending_events(
+            settings.bootstrap_servers,
+            settings.topics.learning_events,
+            settings.trainer_group_id,
+            lineages,
+            settings.kafka_client_options(),
+        )
+    )
+    for name in sorted(pending.keys() - lineages.keys()):
+        if adapter in (None, name):
+            chosen.append(Lineage(name))
     table = Table("adapter", "version", "parent", "window", "events", "loss", "created", "sha256")
     for lineage in chosen:
         for u in lineage.updates:
@@ -480,6 +520,18 @@ def adapters_list(
                 f"{u.train_loss:.4f}",
                 u.created_at.isoformat(timespec="seconds"),
                 u.sha256[:12],
+            )
+        if pending.get(lineage.adapter):
+            table.add_row(
+                lineage.adapter,
+                "-",
+                "-",
+                f"open window: {pending[lineage.adapter]} event(s) waiting for "
+                f"{settings.window_size}",
+                "",
+                "",
+                "",
+                "",
             )
         if lineage.quarantined:
             table.add_row(
@@ -511,8 +563,17 @@ def adapters_follow(
     json: Annotated[
         bool, typer.Option("--json", help="Print each AdapterUpdate as one JSON line.")
     ] = False,
+    give_up_after: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Exit (status 1) when Kafka has not answered for this many seconds."
+        ),
+    ] = 60.0,
 ) -> None:
-    """Print each AdapterUpdate as it is committed (read_committed)."""
+    """Print each AdapterUpdate as it is committed (read_committed).
+
+    Starts at the end of the topic unless --from-beginning; says so on stderr.
+    """
     from lorastream.follow import follow
 
     settings = settings_of(ctx)
@@ -539,6 +600,8 @@ def adapters_follow(
             count=count,
             timeout=timeout,
             client_options=settings.kafka_client_options(),
+            on_status=lambda line: err.print(line, markup=False, highlight=False),
+            give_up_after=give_up_after,
         )
     )
     if count is not None and seen < count:
@@ -561,8 +624,6 @@ def _logging(quiet: bool = False) -> None:
     """Log to stderr: through rich on a terminal, else one plain line per record (rich
     would wrap a line at 80 columns in a log file); ``quiet`` for jobs, whose progress
     is a bar."""
-    import logging
-
     from rich.logging import RichHandler
 
     handler: logging.Handler
@@ -573,16 +634,41 @@ def _logging(quiet: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
-    # A long-running stage logs the client's own connection trouble; a job says it once.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if quiet else logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
 
-def main() -> None:
-    import logging
+class _Repeats(logging.Filter):
+    """Let one aiokafka record per logger and message template through every ``every``
+    seconds: a client that lost its broker logs the same failure dozens of times a second."""
 
+    def __init__(self, every: float = 30.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        key = (record.name, str(record.msg))
+        now = record.created
+        if now - self._last.get(key, -self.every) < self.every:
+            return False
+        self._last[key] = now
+        return True
+
+
+def _client_logs_on() -> None:
+    """aiokafka's warnings and errors, each kind at most every 30 s, for a running stage."""
+    client = logging.getLogger("aiokafka")
+    client.setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Repeats) for f in handler.filters):
+            handler.addFilter(_Repeats())
+
+
+def main() -> None:
     # aiokafka logs every failed connection at ERROR before raising; the command reports
     # the failure itself, once (a stage that runs for long turns these logs back on).
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

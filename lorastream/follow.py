@@ -6,11 +6,17 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from schemas import AdapterUpdate, SchemaError, decode
+from schemas.errors import KafkaUnavailableError
 from trainer.history import topic_partitions
 from trainer.kafka import reader
 
 __all__ = ["follow"]
+
+PROBE_EVERY = 5.0  # seconds without a record before asking the cluster whether it is there
+PROBE_TIMEOUT = 10.0
 
 
 async def follow(
@@ -22,26 +28,43 @@ async def follow(
     count: int | None = None,
     timeout: float | None = None,
     client_options: dict[str, Any] | None = None,
+    on_status: Callable[[str], None] | None = None,
+    give_up_after: float = 60.0,
 ) -> int:
     """Call ``on_update`` for each committed AdapterUpdate; return how many were seen.
 
     Reads without a consumer group (every follower sees everything) and with
     ``read_committed``, so an announcement appears only once its transaction,
     and so its window's offsets, are committed.
+
+    ``on_status`` hears one line when following starts, one when the cluster stops
+    answering and one when it answers again. A cluster silent for ``give_up_after``
+    seconds is a KafkaUnavailableError: the client would otherwise retry forever.
     """
+    say = on_status or (lambda _line: None)
     seen = 0
+    loop = asyncio.get_running_loop()
     async with reader(bootstrap_servers, f"following {topic}", client_options) as consumer:
         tps = await topic_partitions(consumer, topic, bootstrap_servers)
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
+            say(f"following {topic} on {bootstrap_servers} from the beginning")
         else:
             await consumer.seek_to_end(*tps)
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            say(
+                f"following {topic} on {bootstrap_servers} from now: new announcements only "
+                "(--from-beginning for those made so far; `adapters list` for the lineage)"
+            )
+        deadline = None if timeout is None else loop.time() + timeout
+        answered = quiet_since = loop.time()
+        lost = False
         while count is None or seen < count:
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            if deadline is not None and loop.time() >= deadline:
                 break
             batch = await consumer.getmany(timeout_ms=500)
+            if batch:
+                answered = quiet_since = loop.time()
             for records in batch.values():
                 for record in records:
                     try:
@@ -50,4 +73,28 @@ async def follow(
                         continue
                     on_update(update, record.value or b"")
                     seen += 1
+            if loop.time() - quiet_since < PROBE_EVERY:
+                continue
+            quiet_since = loop.time()
+            try:
+                await asyncio.wait_for(consumer._client.fetch_all_metadata(), PROBE_TIMEOUT)
+            except (KafkaError, TimeoutError) as exc:
+                silent = loop.time() - answered
+                if silent >= give_up_after:
+                    raise KafkaUnavailableError(
+                        bootstrap_servers,
+                        f"following {topic}",
+                        f"no answer for {silent:.0f}s ({type(exc).__name__})",
+                    ) from exc
+                if not lost:
+                    lost = True
+                    say(
+                        f"Kafka at {bootstrap_servers} does not answer ({type(exc).__name__}); "
+                        f"retrying for up to {give_up_after:.0f}s"
+                    )
+            else:
+                answered = loop.time()
+                if lost:
+                    lost = False
+                    say(f"Kafka at {bootstrap_servers} answers again; following {topic}")
     return seen

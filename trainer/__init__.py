@@ -12,25 +12,73 @@ the base model, ``trainer.store`` the adapter files, ``trainer.lineage`` and
 configuration as arguments and never reads the environment.
 """
 
-from trainer.committer import CommitState, Committer, Outgoing
-from trainer.config import ReplayConfig, TrainerConfig
-from trainer.consumer import Trainer
-from trainer.core import Outcome, Trained, TrainingConfig, WindowTrainer
-from trainer.exceptions import (
-    AdapterStoreError,
-    BaseModelError,
-    NonFiniteLossError,
-    ReplayError,
-    StepError,
-    TrainerError,
-)
-from trainer.history import LineageLog, load_lineages
-from trainer.lineage import Lineage
-from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
-from trainer.metrics import TrainerMetrics
-from trainer.model import BaseModel, load_base_model
-from trainer.replay import Replay, ReplayReport, Session
-from trainer.store import AdapterStore, StoredVersion
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.committer import CommitState, Committer, Outgoing
+    from trainer.config import ReplayConfig, TrainerConfig
+    from trainer.consumer import Trainer
+    from trainer.core import Outcome, Trained, TrainingConfig, WindowTrainer
+    from trainer.exceptions import (
+        AdapterStoreError,
+        BaseModelError,
+        NonFiniteLossError,
+        ReplayError,
+        StepError,
+        TrainerError,
+    )
+    from trainer.history import LineageLog, load_lineages
+    from trainer.lineage import Lineage
+    from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
+    from trainer.metrics import TrainerMetrics
+    from trainer.model import BaseModel, load_base_model
+    from trainer.replay import Replay, ReplayReport, Session
+    from trainer.store import AdapterStore, StoredVersion
+
+_WHERE = {
+    "AdapterState": "trainer.lora",
+    "AdapterStore": "trainer.store",
+    "AdapterStoreError": "trainer.exceptions",
+    "BaseModel": "trainer.model",
+    "BaseModelError": "trainer.exceptions",
+    "CommitState": "trainer.committer",
+    "Committer": "trainer.committer",
+    "Lineage": "trainer.lineage",
+    "LineageLog": "trainer.history",
+    "LoraSettings": "trainer.lora",
+    "LoraStepper": "trainer.lora",
+    "NonFiniteLossError": "trainer.exceptions",
+    "Outcome": "trainer.core",
+    "Outgoing": "trainer.committer",
+    "Replay": "trainer.replay",
+    "ReplayConfig": "trainer.config",
+    "ReplayError": "trainer.exceptions",
+    "ReplayReport": "trainer.replay",
+    "Session": "trainer.replay",
+    "StepError": "trainer.exceptions",
+    "StepResult": "trainer.lora",
+    "StoredVersion": "trainer.store",
+    "Trained": "trainer.core",
+    "Trainer": "trainer.consumer",
+    "TrainerConfig": "trainer.config",
+    "TrainerError": "trainer.exceptions",
+    "TrainerMetrics": "trainer.metrics",
+    "TrainingConfig": "trainer.core",
+    "WindowTrainer": "trainer.core",
+    "load_base_model": "trainer.model",
+    "load_lineages": "trainer.history",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use: ``trainer.kafka`` or ``trainer.history`` alone must not pull
+    in torch (1.5 s), which the light commands (list, follow) never need."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "AdapterState",

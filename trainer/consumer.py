@@ -112,6 +112,7 @@ class Trainer:
         # Moves on every revocation and assignment: a batch fetched in an older generation
         # is dropped, its records are read again by whoever owns their partition now.
         self._generation = 0
+        self._pending: dict[str, int] = {}  # what the log last said waits in open windows
 
     # ── lifecycle ────────────────────────────────────────────────────────────
 
@@ -200,6 +201,32 @@ class Trainer:
                 for window in self.windows.expired(self.config.max_wait_seconds):
                     await self._train(window)
                 await self._commit_offsets()
+            if not batch:
+                self._report_pending()
+
+    def _report_pending(self) -> None:
+        """When the input goes quiet, say which events wait in open windows (once per
+        change), so a partial window is never invisible; the gauge follows every change."""
+        pending = self.windows.pending()
+        for adapter in self._pending.keys() - pending.keys():
+            self.metrics.pending.labels(adapter).set(0)
+        for adapter, count in pending.items():
+            self.metrics.pending.labels(adapter).set(count)
+        if pending == self._pending:
+            return
+        self._pending = pending
+        if not pending:
+            return
+        size = self.config.training.window_size
+        wait = self.config.max_wait_seconds
+        log.info(
+            "waiting for full windows of %d: %s; %s",
+            size,
+            ", ".join(f"{a} {n}/{size}" for a, n in sorted(pending.items())),
+            f"a partial window trains after {wait:g}s"
+            if wait
+            else "partial windows wait (LORASTREAM_MAX_WAIT_SECONDS to train them)",
+        )
 
     async def _rewind(self) -> None:
         """Read every assigned partition again from its committed offset.

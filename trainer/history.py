@@ -22,8 +22,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from schemas import LearningEvent, SchemaError, decode
 from trainer.exceptions import TrainerError
-from trainer.kafka import reader
+from trainer.kafka import kafka_errors, reader
 from trainer.lineage import Lineage, apply_records
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,53 @@ async def load_lineages(
     return await LineageLog(
         bootstrap_servers, updates_topic, quarantine_topic, client_options
     ).refresh()
+
+
+async def group_offsets(
+    bootstrap_servers: str,
+    group_id: str,
+    topic: str,
+    client_options: dict[str, Any] | None = None,
+) -> dict[TopicPartition, int]:
+    """The offsets ``group_id`` has committed on ``topic`` (none for a group never run)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_options or {}))
+    try:
+        with kafka_errors(bootstrap_servers, f"reading the offsets of group {group_id}"):
+            await admin.start()
+            offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {
+        tp: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0
+    }
+
+
+async def pending_events(
+    bootstrap_servers: str,
+    topic: str,
+    group_id: str,
+    lineages: dict[str, Lineage],
+    client_options: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """Per adapter, the learning events that no version holds yet: those in open
+    windows and those the trainer has not read. Read from the trainer group's committed
+    offsets, which never pass an open window's first event."""
+    since = await group_offsets(bootstrap_servers, group_id, topic, client_options)
+    records, _ = await read_committed_topic(bootstrap_servers, topic, client_options, since)
+    counted: dict[str, set[str]] = {}
+    for record in records:
+        try:
+            event = decode(record.value, LearningEvent)
+        except SchemaError:
+            continue  # quarantined by the trainer, never a window's event
+        lineage = lineages.get(event.adapter)
+        tp = TopicPartition(record.topic, record.partition)
+        if lineage is not None and not lineage.admits(tp, record.offset, event.id):
+            continue
+        counted.setdefault(event.adapter, set()).add(event.id)
+    return {adapter: len(ids) for adapter, ids in counted.items()}
 
 
 @dataclass(frozen=True)

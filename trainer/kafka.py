@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 
 from schemas.errors import KafkaUnavailableError
 
-__all__ = ["kafka_errors", "reader"]
+__all__ = ["kafka_errors", "reader", "stop_consumer"]
 
 
 def _reason(exc: BaseException) -> str:
@@ -38,6 +38,24 @@ def kafka_errors(servers: str, doing: str) -> Iterator[None]:
         yield
     except (KafkaError, TimeoutError) as exc:
         raise KafkaUnavailableError(servers, doing, _reason(exc)) from exc
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, minus aiokafka's own CancelledError.
+
+    aiokafka 0.14's fetcher cancels its pending fetch tasks on close and awaits them
+    without catching their CancelledError, so stopping a consumer whose broker went
+    away (a fetch sleeping before a retry) raises CancelledError although nobody
+    cancelled us. A cancellation of the caller's own task still propagates.
+    """
+    import asyncio
+
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 @asynccontextmanager
@@ -60,4 +78,4 @@ async def reader(
             await consumer.start()
             yield consumer
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)

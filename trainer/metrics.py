@@ -34,6 +34,12 @@ class TrainerMetrics:
         self.version = Gauge(
             "lorastream_adapter_version", "Newest announced version.", ["adapter"], registry=r
         )
+        self.pending = Gauge(
+            "lorastream_pending_events",
+            "Events waiting in an open (partial) window.",
+            ["adapter"],
+            registry=r,
+        )
         self.loss = Gauge(
             "lorastream_train_loss", "Loss of the newest window.", ["adapter"], registry=r
         )

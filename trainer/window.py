@@ -136,3 +136,10 @@ class Windows:
 
     def open_windows(self) -> list[Window]:
         return list(self._open.values())
+
+    def pending(self) -> dict[str, int]:
+        """Events waiting in open windows, per adapter (over its partitions)."""
+        counts: dict[str, int] = {}
+        for (_, adapter), window in self._open.items():
+            counts[adapter] = counts.get(adapter, 0) + len(window.events)
+        return counts

@@ -258,3 +258,47 @@ async def test_restart_keeps_the_data(broker: LocalBroker) -> None:
         assert broker.log_path.read_text().count("StorageTool format") == 1
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+@pytest.mark.timeout(150)
+async def test_follow_says_once_that_kafka_went_away_and_gives_up_in_bounded_time(
+    broker: LocalBroker,
+) -> None:
+    """A follower whose broker goes away prints one line about it, not a flood of client
+    logs, and exits 1 with one line after --give-up-after, instead of retrying forever."""
+    import subprocess
+    import sys
+    import time
+
+    await asyncio.to_thread(broker.start, 120)
+    prefix = f"f{uuid.uuid4().hex[:6]}."
+    try:
+        await _create(broker.bootstrap, f"{prefix}adapter-updates")
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "LORASTREAM_TOPIC_PREFIX": prefix,
+        }
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "lorastream", "adapters", "follow", "--give-up-after", "15"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert follower.stderr is not None
+        first = await asyncio.wait_for(asyncio.to_thread(follower.stderr.readline), 60)
+        assert "from now: new announcements only" in first and "--from-beginning" in first
+    finally:
+        await asyncio.to_thread(broker.stop)
+    gone = time.monotonic()
+    out, rest = await asyncio.to_thread(follower.communicate, timeout=90)
+    took = time.monotonic() - gone
+    lines = rest.splitlines()
+    assert follower.returncode == 1, rest
+    assert len(lines) == 2, rest
+    assert lines[0].startswith(f"Kafka at {broker.bootstrap} does not answer")
+    assert "retrying for up to 15s" in lines[0]
+    assert lines[1].startswith("KafkaUnavailableError: following ") and broker.bootstrap in lines[1]
+    assert took < 15 + 5 + 10 + 15, took  # give-up time + one probe interval + probe timeout
+    assert out == ""

@@ -399,3 +399,48 @@ async def test_two_trainers_share_the_partitions_and_each_window_trains_once(
         assert [u.sha256 for u in lineage] == [reference["alpha", 1], reference["alpha", 2]]
     trained_by_second = [line for line in second.output().splitlines() if " v2: " in line]
     assert trained_by_second, "the second trainer trained nothing; no rebalance was tested"
+
+
+async def test_events_waiting_in_an_open_window_are_shown_in_the_log_list_and_metrics(
+    kafka_bootstrap: str, prefix: str, home: Path, tmp_path: Path
+) -> None:
+    """21 events with windows of 16: v1, and the other 5 are not invisible."""
+    import socket
+    import urllib.request
+
+    topics = await make_topics(kafka_bootstrap, prefix)
+    events = [learning_event("tutor", n) for n in range(21)]
+    await produce(kafka_bootstrap, topics.learning_events, [(b"tutor", encode(e)) for e in events])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = _env(
+        kafka_bootstrap,
+        prefix,
+        home,
+        tmp_path / "adapters",
+        LORASTREAM_METRICS_PORT=str(port),
+        COLUMNS="250",  # the table is wrapped to 80 columns otherwise when piped
+    )
+    before = subprocess.run(
+        [LORASTREAM, "adapters", "list"], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert before.returncode == 0, before.stderr
+    assert "open window: 21 event(s) waiting for 16" in " ".join(before.stdout.split())
+    with Worker(["train"], env, tmp_path / "train.log") as trainer:
+        await wait_for(
+            trainer.said("waiting for full windows of 16: tutor 5/16"), 120, "the pending line"
+        )
+        assert "partial windows wait (LORASTREAM_MAX_WAIT_SECONDS" in trainer.output()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'lorastream_pending_events{adapter="tutor"} 5.0' in metrics
+        listed = subprocess.run(
+            [LORASTREAM, "adapters", "list"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
+    assert listed.returncode == 0, listed.stderr
+    text = " ".join(listed.stdout.split())
+    assert "open window: 5 event(s) waiting for 16" in text
+    assert len(await _updates(kafka_bootstrap, topics, 1)) == 1
