@@ -310,6 +310,7 @@ def train(
 
     from prometheus_client import start_http_server
 
+    from lorastream.admin import require_topics
     from lorastream.stages import trainer_config
     from trainer import Trainer, TrainerMetrics
 
@@ -328,6 +329,16 @@ def train(
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,
         metrics_port=metrics_port,
+    )
+    # Before the base model loads (seconds): a broker that is down or topics that are
+    # missing are one line, at once.
+    topics = settings.topics
+    asyncio.run(
+        require_topics(
+            settings.bootstrap_servers,
+            [topics.learning_events, topics.adapter_updates, topics.quarantine],
+            settings.kafka_client_options(),
+        )
     )
     _logging()
     metrics = TrainerMetrics()
@@ -613,11 +624,20 @@ def adapters_follow(
 def demo(
     ctx: typer.Context,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep",
+            help="Keep the run's topics, adapters, data and logs, and say where they are "
+            "(by default all are deleted at the end; the loss picture always stays).",
+        ),
+    ] = False,
 ) -> None:
-    """Everything on the local broker, start to finish: produce, score, train, announce, load."""
+    """Everything on a real Kafka broker, start to finish, explained as it runs: produce,
+    score, train, announce, load. Starts the local broker if none answers."""
     from lorastream.demo import run_demo
 
-    run_demo(settings_of(ctx), out, timeout=timeout)
+    run_demo(settings_of(ctx), out, timeout=timeout, keep=keep)
 
 
 def _logging(quiet: bool = False) -> None:
