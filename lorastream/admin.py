@@ -12,6 +12,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
+from aiokafka.protocol.offset import OffsetRequest
 
 from schemas import Topics
 from schemas.errors import LorastreamError
@@ -24,6 +25,7 @@ __all__ = [
     "delete_topics",
     "describe_retention",
     "list_topics",
+    "require_topics",
     "topic_specs",
 ]
 
@@ -252,11 +254,14 @@ def _retention_by_topic(responses: Iterable[Any]) -> dict[str, TopicRetention]:
 
 @dataclass(frozen=True)
 class TopicInfo:
-    """A topic as the cluster reports it: partitions and the records each one holds now."""
+    """A topic as the cluster reports it: partitions, and the offsets they hold now."""
 
     name: str
     partitions: int
-    records: int  # sum over partitions of high watermark - log start offset
+    # Sum over partitions of high watermark - log start offset: the records, plus one
+    # marker per transaction. None when a partition's offsets were not reported (no
+    # leader, or the topic is being deleted).
+    records: int | None
 
 
 async def list_topics(
@@ -265,36 +270,77 @@ async def list_topics(
     client_options: dict[str, Any] | None = None,
 ) -> list[TopicInfo]:
     """The cluster's topics whose name starts with ``prefix`` (internal ones left out),
-    sorted by name, with their partitions and the records they retain."""
-    from aiokafka import AIOKafkaConsumer
+    sorted by name, with their partitions and the offsets they retain.
 
+    One metadata request and one ListOffsets request per leader: a consumer would
+    learn each topic's metadata in a round trip of its own, which on a cluster of
+    hundreds of topics outlasts its request timeout.
+    """
     async with _admin(bootstrap_servers, "list topics", client_options) as admin:
         metadata = await admin._client.fetch_all_metadata()
-    partitions = {
-        name: [TopicPartition(name, p) for p in sorted(metadata.partitions_for_topic(name) or ())]
-        for name in sorted(metadata.topics())
-        if name.startswith(prefix) and not name.startswith("__")
-    }
-    if not partitions:
-        return []
-    every = [tp for tps in partitions.values() for tp in tps]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, **(client_options or {})
-    )
-    try:
-        await consumer.start()
-        starts = await consumer.beginning_offsets(every)
-        ends = await consumer.end_offsets(every)
-    except KafkaError as exc:
-        raise KafkaSetupError(
-            f"could not read the offsets of {len(partitions)} topic(s) on {bootstrap_servers}: {exc!r}"
-        ) from exc
-    finally:
-        await consumer.stop()
+        partitions = {
+            name: [
+                TopicPartition(name, p) for p in sorted(metadata.partitions_for_topic(name) or ())
+            ]
+            for name in sorted(metadata.topics())
+            if name.startswith(prefix) and not name.startswith("__")
+        }
+        every = [tp for tps in partitions.values() for tp in tps]
+        starts = await _offsets(admin, metadata, every, _EARLIEST)
+        ends = await _offsets(admin, metadata, every, _LATEST)
     return [
-        TopicInfo(name, len(tps), sum(ends[tp] - starts[tp] for tp in tps))
+        TopicInfo(
+            name,
+            len(tps),
+            sum(ends[tp] - starts[tp] for tp in tps)
+            if all(tp in starts and tp in ends for tp in tps)
+            else None,
+        )
         for name, tps in partitions.items()
     ]
+
+
+_EARLIEST, _LATEST = -2, -1
+
+
+async def _offsets(
+    admin: AIOKafkaAdminClient, metadata: Any, tps: list[TopicPartition], timestamp: int
+) -> dict[TopicPartition, int]:
+    """Each partition's earliest or latest offset, asked of its leader once; a partition
+    without a leader, or one its leader refuses, is left out (no retry)."""
+    by_leader: dict[int, dict[str, list[tuple[int, int]]]] = {}
+    for tp in tps:
+        leader = metadata.leader_for_partition(tp)
+        if leader is not None and leader >= 0:
+            topics = by_leader.setdefault(leader, {})
+            topics.setdefault(tp.topic, []).append((tp.partition, timestamp))
+    found: dict[TopicPartition, int] = {}
+    for leader, topics in by_leader.items():
+        response = await admin._client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
+        for topic, parts in response.topics:
+            for partition, error_code, *info in parts:
+                # v1 and later (Kafka 4 has no v0): (timestamp, offset, ...).
+                if error_code == 0 and len(info) >= 2:
+                    found[TopicPartition(topic, partition)] = int(info[1])
+    return found
+
+
+async def require_topics(
+    bootstrap_servers: str,
+    names: list[str],
+    client_options: dict[str, Any] | None = None,
+) -> None:
+    """Check the cluster answers and has every topic in ``names``; a KafkaSetupError
+    naming the missing ones (and the command that makes them) otherwise."""
+    async with _admin(bootstrap_servers, "list topics", client_options) as admin:
+        existing = set(await admin.list_topics())
+    missing = [name for name in names if name not in existing]
+    if missing:
+        raise KafkaSetupError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'do' if len(missing) > 1 else 'does'} not exist on {bootstrap_servers}; "
+            "run `lorastream topics create`"
+        )
 
 
 async def delete_topics(

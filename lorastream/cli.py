@@ -45,8 +45,6 @@ from lorastream import cli_inspect  # noqa: E402
 
 app.add_typer(cli_inspect.dead_letters_app, name="dead-letters")
 app.add_typer(cli_inspect.quarantine_app, name="quarantine")
-topics_app.command("list")(cli_inspect.topics_list)
-topics_app.command("delete")(cli_inspect.topics_delete)
 
 # soft_wrap: a line such as a file:line: report or an announcement stays one line when piped.
 out = Console(soft_wrap=True)
@@ -163,6 +161,10 @@ def topics_create(
     )
     for name, what in outcome.items():
         out.print(f"{what:8} {name}")
+
+
+topics_app.command("list")(cli_inspect.topics_list)
+topics_app.command("delete")(cli_inspect.topics_delete)
 
 
 # ── score ────────────────────────────────────────────────────────────────────
