@@ -315,6 +315,7 @@ def train(
     from lorastream.admin import require_topics
     from lorastream.stages import trainer_config
     from trainer import Trainer, TrainerMetrics
+    from trainer.model import check_model_dir
 
     settings = settings_of(
         ctx,
@@ -332,8 +333,10 @@ def train(
         lora_target_modules=target_modules,
         metrics_port=metrics_port,
     )
-    # Before the base model loads (seconds): a broker that is down or topics that are
-    # missing are one line, at once.
+    # Before the base model loads (seconds): a base model that is not one, a broker that
+    # is down or topics that are missing are one line, at once.
+    if settings.base_model is not None:
+        check_model_dir(settings.base_model)
     topics = settings.topics
     asyncio.run(
         require_topics(

@@ -25,6 +25,7 @@ from trainer.exceptions import BaseModelError
 __all__ = [
     "BaseModel",
     "build_tiny_model_dir",
+    "check_model_dir",
     "default_tiny_model_dir",
     "load_base_model",
     "resolve_device",
@@ -108,16 +109,23 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_base_model(path: Path, device: torch.device, name: str | None = None) -> BaseModel:
-    """Load a local causal LM directory: bf16 on CUDA, fp32 on the CPU; frozen, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_dir(path: Path) -> Path:
+    """``path`` if it looks like a Hugging Face model directory; a BaseModelError otherwise.
+    Cheap: a command checks it before anything slow (Kafka, loading)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise BaseModelError(
             f"base model {path} is not a Hugging Face model directory (no config.json there); "
             "set LORASTREAM_BASE_MODEL or --base-model to a local causal LM directory"
         )
+    return path
+
+
+def load_base_model(path: Path, device: torch.device, name: str | None = None) -> BaseModel:
+    """Load a local causal LM directory: bf16 on CUDA, fp32 on the CPU; frozen, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
