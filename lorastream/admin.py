@@ -183,6 +183,43 @@ async def _wait_for_leaders(
         await asyncio.sleep(0.1)
 
 
+async def _wait_until_served(
+    bootstrap: str, names: list[str], options: dict[str, Any] | None, timeout: float = 30.0
+) -> None:
+    """Return once every partition of ``names`` is served by its leader.
+
+    A new partition's leader appears in the metadata a moment before the broker
+    acts as its leader: a producer that starts in between gets
+    NotLeaderForPartitionError, retries and logs it. A ListOffsets request is
+    answered only by the partition's real leader, and the consumer retries it
+    quietly, so once it answers for every partition, producers go straight through.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    from trainer.kafka import kafka_errors, stop_consumer
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        retry_backoff_ms=20,
+        **(options or {}),
+    )
+    try:
+        with kafka_errors(bootstrap, "waiting for the new topics' leaders"):
+            await consumer.start()
+            partitions = []
+            for name in names:
+                consumer._client.add_topic(name)
+            await consumer._client.force_metadata_update()
+            for name in names:
+                partitions += [
+                    TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()
+                ]
+            await asyncio.wait_for(consumer.end_offsets(partitions), timeout)
+    finally:
+        await stop_consumer(consumer)
+
+
 async def create_topics(
     bootstrap_servers: str,
     specs: list[NewTopic],
@@ -192,6 +229,9 @@ async def create_topics(
     async with _admin(bootstrap_servers, "create topics", client_options) as admin:
         response = await admin.create_topics(specs)
         await _wait_for_leaders(admin, [spec.name for spec in specs])
+    # The metadata names a new leader a moment before it acts as one: a producer right
+    # after `topics create` would log NotLeaderForPartitionError retries.
+    await _wait_until_served(bootstrap_servers, [spec.name for spec in specs], client_options)
     outcome: dict[str, str] = {}
     for topic, code, *rest in response.topic_errors:
         if code == 0:

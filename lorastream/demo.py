@@ -356,7 +356,6 @@ class _Run:
                 "LORASTREAM_TOPIC_PREFIX (a fresh demo-… prefix is made) or give a new --topic-prefix"
             )
         await create_topics(self.bootstrap, topic_specs(self.topics, 3, 1), self.options)
-        await _wait_until_led(self.bootstrap, self.topics.all(), self.options)
 
     def produce(self) -> list[bytes]:
         from lorastream.produce import produce_file, validate_file
@@ -783,40 +782,6 @@ class _Run:
             "(or dead-letters list)"
         )
         self.plain(f"delete    lorastream topics delete --prefix {self.prefix} --yes")
-
-
-async def _wait_until_led(
-    bootstrap: str, names: list[str], options: dict[str, Any], timeout: float = 30.0
-) -> None:
-    """Return once every partition of ``names`` is served by its leader.
-
-    A new partition's leader appears in the metadata a moment before the broker
-    acts as its leader: a producer that starts in between gets
-    NotLeaderForPartitionError, retries and logs it. A ListOffsets request is
-    answered only by the partition's real leader, and the consumer retries it
-    quietly, so once it answers for every partition, producers go straight through.
-    """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from trainer.kafka import kafka_errors
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, retry_backoff_ms=20, **options
-    )
-    try:
-        with kafka_errors(bootstrap, "waiting for the new topics' leaders"):
-            await consumer.start()
-            partitions = []
-            for name in names:
-                consumer._client.add_topic(name)
-            await consumer._client.force_metadata_update()
-            for name in names:
-                partitions += [
-                    TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()
-                ]
-            await asyncio.wait_for(consumer.end_offsets(partitions), timeout)
-    finally:
-        await consumer.stop()
 
 
 def _preload() -> None:

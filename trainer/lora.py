@@ -257,7 +257,11 @@ class LoraStepper:
         any process (a replay is compared with its lineage file for file).
         """
         self._load(state)
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        # Never the base model's own embedding and output weights (PEFT's "auto" writes them
+        # when lm_head or the embeddings are targeted): an adapter holds its LoRA tensors.
+        self.model.save_pretrained(
+            str(directory), safe_serialization=True, save_embedding_layers=False
+        )
         config_path = directory / "adapter_config.json"
         config = json.loads(config_path.read_text())
         for key in ("target_modules", "exclude_modules", "modules_to_save"):

@@ -221,3 +221,27 @@ def test_history_retention_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
     assert "LORASTREAM_HISTORY_RETENTION_MS (history_retention_ms)" in str(info.value)
     assert "greater than or equal to -1" in str(info.value)
+
+
+@pytest.mark.integration
+async def test_a_producer_right_after_create_topics_meets_a_leader_that_acts_as_one(
+    kafka_bootstrap: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The metadata names a new partition's leader a moment before the broker acts as
+    it; producing in between logged NotLeaderForPartitionError (6 times in 8 tries)."""
+    import logging
+
+    from aiokafka import AIOKafkaProducer
+
+    caplog.set_level(logging.WARNING, logger="aiokafka")
+    for attempt in range(3):
+        topics = Topics.named(f"{prefix}{attempt}.")
+        await admin.create_topics(kafka_bootstrap, admin.topic_specs(topics, 3, 1))
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for partition in range(3):
+                await producer.send_and_wait(topics.generation_results, b"x", partition=partition)
+        finally:
+            await producer.stop()
+    assert "NotLeaderForPartition" not in caplog.text

@@ -131,3 +131,18 @@ def test_lora_settings_name_the_bad_field(field: str, value: object) -> None:
 def test_an_adapter_state_prints_as_a_summary_not_its_weights(base: BaseModel) -> None:
     state = LoraStepper(base, LoraSettings(), seed=0).initial_state()
     assert repr(state) == "AdapterState(8 LoRA tensors, 4096 values, 0 optimizer tensors, steps=0)"
+
+
+def test_an_adapter_file_holds_lora_tensors_only_even_with_lm_head_targeted(
+    base: BaseModel, tmp_path: Path
+) -> None:
+    """PEFT's default would also write the base model's lm_head and embeddings into every
+    version: for a real model, the full vocabulary matrices in each adapter file."""
+    from safetensors.torch import load_file
+
+    stepper = LoraStepper(base, LoraSettings(target_modules=("q_proj", "lm_head")), seed=0)
+    state = stepper.step(stepper.initial_state(), [("2+2?", "4")]).state
+    stepper.save_peft(state, tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any("lm_head.lora_" in name for name in tensors)
+    assert all(".lora_A." in name or ".lora_B." in name for name in tensors), sorted(tensors)
