@@ -33,9 +33,10 @@ from lorastream.admin import describe_retention
 from lorastream.settings import Settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import ADAPTER_PATTERN
-from trainer.core import Outcome, WindowTrainer
+from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
 from trainer.history import Bound, PartitionRange
+from trainer.metrics import ReplayMetrics
 from trainer.replay import AdapterPlan, Plan, Replay, ReplayReport, Session
 
 __all__ = ["ReplayRequest", "parse_bound", "run_replay"]
@@ -136,8 +137,15 @@ def _bound(bound: Bound) -> str:
     return f"offset {bound}" if isinstance(bound, int) else bound.isoformat()
 
 
-def run_replay(settings: Settings, request: ReplayRequest, out: Console, err: Console) -> None:
-    """Run (or, with ``dry_run``, plan) the replay; raise a LorastreamError on any problem."""
+def run_replay(
+    settings: Settings,
+    request: ReplayRequest,
+    out: Console,
+    err: Console,
+    metrics: ReplayMetrics | None = None,
+) -> None:
+    """Run (or, with ``dry_run``, plan) the replay; raise a LorastreamError on any problem.
+    ``metrics`` count the events read, the windows and the versions announced."""
     config = replay_config(
         settings,
         source=request.source,
@@ -155,7 +163,7 @@ def run_replay(settings: Settings, request: ReplayRequest, out: Console, err: Co
         _check_found(request, plan, config.topic)
         _print_plan(plan, request, config.topic, settings.window_size, out)
         return
-    report = asyncio.run(_train(settings, request, replay, err))
+    report = asyncio.run(_train(settings, request, replay, err, metrics or ReplayMetrics()))
     if report is not None:
         _print_report(report, out)
 
@@ -216,7 +224,7 @@ def _check_found(request: ReplayRequest, plan: Plan, topic: str) -> None:
 
 
 async def _train(
-    settings: Settings, request: ReplayRequest, replay: Replay, err: Console
+    settings: Settings, request: ReplayRequest, replay: Replay, err: Console, metrics: ReplayMetrics
 ) -> ReplayReport | None:
     config = replay.config
     assert request.source is not None
@@ -242,7 +250,7 @@ async def _train(
             core = await asyncio.to_thread(WindowTrainer.load, config.training)
         if existing.version:
             err.print(f"resuming {existing.adapter} at v{existing.version}", highlight=False)
-        return await _run_with_progress(replay, core, session, counts, err)
+        return await _run_with_progress(replay, core, session, counts, err, metrics)
 
 
 class _Rate(ProgressColumn):
@@ -259,6 +267,7 @@ async def _run_with_progress(
     session: Session,
     counts: AdapterPlan,
     err: Console,
+    metrics: ReplayMetrics,
 ) -> ReplayReport:
     progress = Progress(
         TextColumn("{task.description:>8}"),
@@ -274,15 +283,20 @@ async def _run_with_progress(
         events = progress.add_task("events", total=counts.events)
         windows = progress.add_task("windows", total=counts.windows)
 
-        def on_window(_outcome: Outcome) -> None:
-            progress.advance(windows)
+        def on_event() -> None:
+            progress.advance(events)
+            metrics.events.inc()
 
-        return await replay.run(
-            core,
-            session,
-            on_event=lambda: progress.advance(events),
-            on_window=on_window,
-        )
+        def on_window(outcome: Outcome) -> None:
+            progress.advance(windows)
+            if isinstance(outcome, Trained):
+                metrics.windows.labels("trained").inc()
+                metrics.announced.inc()
+                metrics.version.labels(outcome.update.adapter).set(outcome.update.version)
+            else:
+                metrics.windows.labels("quarantined").inc()
+
+        return await replay.run(core, session, on_event=on_event, on_window=on_window)
 
 
 def _print_plan(plan: Plan, request: ReplayRequest, topic: str, window: int, out: Console) -> None:

@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         "the address the metrics server binds (0.0.0.0 in a container)",
         min_length=1,
     )
+    log_format: str = _setting(
+        "text",
+        "LORASTREAM_LOG_FORMAT",
+        "the log lines of `train` and `replay`: text, or json (one object per line: time, "
+        "level, logger, message, and topic, partition, offset where a record has them)",
+        pattern=r"^(text|json)$",
+    )
     # retention.ms of the history topics (learning events, adapter updates, quarantine):
     # they are the training set and the lineage, so -1, Kafka's "forever", by default.
     history_retention_ms: int = _setting(

@@ -446,3 +446,98 @@ def test_compose_cli_resolves_the_files_as_this_test_reads_them() -> None:
         index = trainer["build"]["args"]["TORCH_INDEX"]
         assert index == (CUDA_INDEX if GPU in files else CPU_INDEX)
         assert project["scorer"]["build"]["args"]["TORCH_INDEX"] == CPU_INDEX
+
+
+# ── the monitoring profile ───────────────────────────────────────────────────
+
+PROMETHEUS = ROOT / "docker" / "prometheus.yml"
+DASHBOARD = ROOT / "docker" / "grafana" / "lorastream.json"
+PROVISIONING = ROOT / "docker" / "grafana" / "provisioning"
+
+
+def defined_metrics() -> set[str]:
+    """Every sample name our metric classes can serve (a counter's ``_total``, a
+    histogram's ``_bucket``, ``_sum``, ``_count``)."""
+    from lorastream.serving.metrics import ServeMetrics
+    from streams.metrics import ScoringMetrics
+    from trainer.metrics import ReplayMetrics, TrainerMetrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = set()
+    for metrics in (ScoringMetrics(), TrainerMetrics(), ReplayMetrics(), ServeMetrics()):
+        for family in metrics.registry.collect():
+            names.update(family.name + suffix for suffix in suffixes[family.type])
+    return names
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    document = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in document["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def test_every_metric_on_the_dashboard_is_one_we_define() -> None:
+    defined = defined_metrics()
+    exprs = dashboard_exprs()
+    used = {(title, name) for title, e in exprs for name in re.findall(r"lorastream_\w+", e)}
+    unknown = sorted(f"{title}: {name}" for title, name in used if name not in defined)
+    assert not unknown, f"the dashboard queries metrics no stage serves: {unknown}"
+    shown = {name for _, name in used}
+    for needed in (
+        "lorastream_scored_total",
+        "lorastream_dead_letters_total",
+        "lorastream_adapter_version",
+        "lorastream_train_loss",
+        "lorastream_step_seconds_bucket",
+        "lorastream_consumer_lag",
+        "lorastream_pending_events",
+        "lorastream_adapter_quarantined_total",
+        "lorastream_serve_loads_total",
+        "lorastream_serve_refusals_total",
+        "lorastream_serve_live_version",
+    ):
+        assert needed in shown, f"the dashboard has no panel for {needed}"
+
+
+def test_the_dashboard_uses_the_provisioned_datasource() -> None:
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    document = json.loads(DASHBOARD.read_text())
+    for panel in document["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def test_prometheus_scrapes_every_service_that_serves_metrics() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    targets = {
+        t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
+    for name, service in metrics_services().items():
+        port = environment_of(service).get("LORASTREAM_METRICS_PORT")
+        assert f"{name}:{port}" in targets, f"prometheus.yml does not scrape {name}:{port}"
+    assert any(t.endswith(":9102") for t in targets), "serve (port 9102) is not scraped"
+
+
+def test_the_monitoring_profile_adds_prometheus_and_grafana_only() -> None:
+    profiled = {
+        name: s for name, s in services(BASE).items() if "monitoring" in (s.get("profiles") or [])
+    }
+    assert set(profiled) == {"prometheus", "grafana"}
+    for name, service in profiled.items():
+        for host_ip, _, _ in published(service):
+            assert host_ip == "127.0.0.1", f"{name} is published beyond this host's loopback"
+        for mount in mounts_of(service):
+            source = ROOT / mount["source"]
+            assert source.exists(), f"{name} mounts {mount['source']}, which does not exist"
+    mounted = {m["target"]: m["source"] for m in mounts_of(profiled["prometheus"])}
+    assert Path(mounted["/etc/prometheus/prometheus.yml"]).name == PROMETHEUS.name
+    grafana = {m["target"]: m["source"] for m in mounts_of(profiled["grafana"])}
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "lorastream.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert grafana[f"{path}/{DASHBOARD.name}"] == "./docker/grafana/lorastream.json"
+    assert grafana["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"

@@ -17,7 +17,7 @@ import logging
 import re
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
@@ -113,6 +113,7 @@ class Trainer:
         # is dropped, its records are read again by whoever owns their partition now.
         self._generation = 0
         self._pending: dict[str, int] = {}  # what the log last said waits in open windows
+        self._lag_labels: set[TopicPartition] = set()  # partitions the lag gauge shows
 
     # ── lifecycle ────────────────────────────────────────────────────────────
 
@@ -184,6 +185,7 @@ class Trainer:
             generation = self._generation
             with kafka_errors(self.config.bootstrap_servers, "reading learning events"):
                 batch = await consumer.getmany(timeout_ms=500, max_records=256)
+                await self._report_lag(consumer)
             if batch:
                 await self._ready.wait()
             if self._resume_error is not None:
@@ -203,6 +205,24 @@ class Trainer:
                 await self._commit_offsets()
             if not batch:
                 self._report_pending()
+
+    async def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """The lag gauge of each assigned partition: its highwater (known once fetched from)
+        minus the fetch position. Partitions no longer assigned drop out of the gauge."""
+        assigned = consumer.assignment()
+        for tp in self._lag_labels - assigned:
+            self.metrics.lag.remove(tp.topic, str(tp.partition))
+        self._lag_labels &= assigned
+        for tp in assigned:
+            try:
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                position = await consumer.position(tp)
+            except (AssertionError, IllegalStateError):
+                continue  # revoked meanwhile: the next poll sees the new assignment
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+            self._lag_labels.add(tp)
 
     def _report_pending(self) -> None:
         """When the input goes quiet, say which events wait in open windows (once per
@@ -313,14 +333,17 @@ class Trainer:
                 len(window.events),
                 outcome.update.train_loss,
                 outcome.step_seconds,
+                extra=_at(window.tp, window.last_offset),
             )
         else:
+            self.metrics.adapter_quarantined.labels(lineage.adapter).inc()
             log.error(
                 "%s: window %s quarantined after %d tries; the adapter stays at v%d",
                 lineage.adapter,
                 _where(window),
                 outcome.tries,
                 lineage.version,
+                extra=_at(window.tp, window.last_offset),
             )
 
     async def _commit_offsets(self, force: bool = False, why: str = "") -> None:
@@ -351,8 +374,18 @@ class Trainer:
         self.committer.stage(quarantine(entry, self.config.topics))
         self.history.unreadable[tp] = record.offset
         self.metrics.quarantined.inc()
-        log.error("unreadable learning event quarantined: %s", clip(str(error), 300))
+        self.metrics.adapter_quarantined.labels(adapter or "unknown").inc()
+        log.error(
+            "unreadable learning event quarantined: %s",
+            clip(str(error), 300),
+            extra=_at(tp, record.offset),
+        )
 
 
 def _where(window: Window) -> str:
     return f"{window.tp.topic}[{window.tp.partition}]@{window.first_offset}..{window.last_offset}"
+
+
+def _at(tp: TopicPartition, offset: int) -> dict[str, object]:
+    """A log record's Kafka position, for ``--log-format json``."""
+    return {"topic": tp.topic, "partition": tp.partition, "offset": offset}

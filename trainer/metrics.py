@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["TrainerMetrics"]
+__all__ = ["ReplayMetrics", "TrainerMetrics"]
 
 
 class TrainerMetrics:
@@ -18,6 +18,21 @@ class TrainerMetrics:
         )
         self.quarantined = Counter(
             "lorastream_quarantined_total", "Windows or records quarantined.", registry=r
+        )
+        # The same, per adapter, counted by the live trainer ("unknown": an unreadable record
+        # whose key is no adapter name).
+        self.adapter_quarantined = Counter(
+            "lorastream_adapter_quarantined_total",
+            "Windows or records the live trainer quarantined, per adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "lorastream_consumer_lag",
+            "Records of an assigned learning-events partition past the trainer's fetch "
+            "position (highwater minus position), after each poll.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.skipped = Counter(
             "lorastream_events_skipped_total", "Events already trained or re-read.", registry=r
@@ -42,4 +57,34 @@ class TrainerMetrics:
         )
         self.loss = Gauge(
             "lorastream_train_loss", "Loss of the newest window.", ["adapter"], registry=r
+        )
+
+
+class ReplayMetrics:
+    """One set per ``lorastream replay`` run."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "lorastream_replay_events_read_total",
+            "Learning events the replay read and admitted to a window.",
+            registry=r,
+        )
+        self.windows = Counter(
+            "lorastream_replay_windows_total",
+            "Windows the replay closed, trained or quarantined.",
+            ["outcome"],
+            registry=r,
+        )
+        self.announced = Counter(
+            "lorastream_replay_versions_announced_total",
+            "Versions the replay announced (committed with their window).",
+            registry=r,
+        )
+        self.version = Gauge(
+            "lorastream_replay_version",
+            "Newest version the replay announced in its target lineage.",
+            ["adapter"],
+            registry=r,
         )

@@ -1,0 +1,102 @@
+"""``lorastream status``: prints what :func:`lorastream.status.read_status` reads.
+
+``lorastream.cli`` registers the command, so it imports ``out``, ``err`` and
+``settings_of`` from there when it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from contextlib import nullcontext
+from datetime import datetime
+from typing import Annotated
+
+import typer
+
+from lorastream.status import GroupLag, Status
+
+__all__ = ["status"]
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _lag_line(stage: str, lag: GroupLag) -> str:
+    parts = ", ".join(f"[{p}] {n}" for p, n in sorted(lag.partitions.items()))
+    return f"{stage} lag: {lag.total} on {lag.topic} (group {lag.group}: {parts})"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="seconds") if moment else "-"
+
+
+def render(status: Status) -> tuple[object, list[str]]:
+    """The adapters' table and the lines under it."""
+    from rich.table import Table
+
+    table = Table("adapter", "version", "age", "created", "pending", "quarantined")
+    for a in status.adapters:
+        table.add_row(
+            a.adapter,
+            str(a.version) if a.version else "-",
+            _age(a.age_seconds(status.at)),
+            _when(a.created_at),
+            f"{a.pending}/{status.window_size}",
+            str(a.quarantined),
+        )
+    lines = [
+        _lag_line("scorer", status.scorer),
+        _lag_line("trainer", status.trainer),
+        f"dead letters: {status.dead_letters} in {status.dead_letter_topic}",
+    ]
+    return table, lines
+
+
+def status(
+    ctx: typer.Context,
+    json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Per adapter: the newest version and its age, the events waiting in its open window,
+    the windows quarantined; the lag of the scorer's and the trainer's consumer groups;
+    the dead letters. Reads Kafka only."""
+    from lorastream.admin import require_topics
+    from lorastream.cli import err, out, settings_of
+    from lorastream.status import read_status
+
+    settings = settings_of(ctx)
+    topics = settings.topics
+    asyncio.run(
+        require_topics(
+            settings.bootstrap_servers,
+            [
+                topics.generation_results,
+                topics.learning_events,
+                topics.adapter_updates,
+                topics.quarantine,
+                topics.dead_letters,
+            ],
+            settings.kafka_client_options(),
+        )
+    )
+    with err.status("reading the pipeline's topics…") if err.is_terminal else nullcontext():
+        current = asyncio.run(read_status(settings))
+    if json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(current.to_json()).decode() + "\n")
+        return
+    table, lines = render(current)
+    if current.adapters:
+        out.print(table)
+    else:
+        out.print("no adapter has events or versions yet")
+    for line in lines:
+        out.print(line, markup=False, highlight=False)

@@ -1,0 +1,154 @@
+"""``lorastream status``: the pipeline at a glance, read from Kafka alone.
+
+Per adapter: the newest announced version and its age, the learning events
+that wait in its open window, the windows quarantined. Per stage: the lag of
+its consumer group (the records of its input topic past the group's
+committed offsets). And the dead letters. Everything is read, nothing is
+written: no group's offsets move. :func:`read_status` returns data;
+``lorastream.cli_status`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import TopicPartition
+
+from trainer.history import group_offsets, load_lineages, pending_events, topic_partitions
+from trainer.kafka import reader
+
+if TYPE_CHECKING:
+    from lorastream.settings import Settings
+
+__all__ = ["AdapterStatus", "GroupLag", "Status", "read_status"]
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """One adapter: ``version`` 0 and ``created_at`` None before its first version."""
+
+    adapter: str
+    version: int
+    created_at: datetime | None
+    pending: int
+    quarantined: int
+
+    def age_seconds(self, now: datetime) -> float | None:
+        return None if self.created_at is None else (now - self.created_at).total_seconds()
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    """How far ``group`` is behind on ``topic``: per partition, the end offset minus the
+    committed offset (minus the log start where the group has committed nothing)."""
+
+    group: str
+    topic: str
+    partitions: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.partitions.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "topic": self.topic,
+            "total": self.total,
+            "partitions": {str(p): lag for p, lag in sorted(self.partitions.items())},
+        }
+
+
+@dataclass(frozen=True)
+class Status:
+    """What ``lorastream status`` shows, as of ``at``."""
+
+    at: datetime
+    adapters: list[AdapterStatus]
+    scorer: GroupLag
+    trainer: GroupLag
+    dead_letters: int
+    dead_letter_topic: str
+    window_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "window_size": self.window_size,
+            "adapters": [
+                {
+                    "adapter": a.adapter,
+                    "version": a.version,
+                    "created_at": a.created_at.isoformat() if a.created_at else None,
+                    "age_seconds": _rounded(a.age_seconds(self.at)),
+                    "pending_events": a.pending,
+                    "quarantined_windows": a.quarantined,
+                }
+                for a in self.adapters
+            ],
+            "lag": {"scorer": self.scorer.to_json(), "trainer": self.trainer.to_json()},
+            "dead_letters": {"topic": self.dead_letter_topic, "records": self.dead_letters},
+        }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+async def _extent(
+    servers: str, topic: str, client_options: dict[str, Any] | None
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Each partition's log start and end (the end a ``read_committed`` reader sees)."""
+    async with reader(servers, f"reading the offsets of {topic}", client_options) as consumer:
+        tps = await topic_partitions(consumer, topic, servers)
+        return await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+
+
+async def group_lag(
+    servers: str, group: str, topic: str, client_options: dict[str, Any] | None = None
+) -> GroupLag:
+    """``group``'s lag on ``topic`` (see :class:`GroupLag`)."""
+    starts, ends = await _extent(servers, topic, client_options)
+    committed = await group_offsets(servers, group, topic, client_options)
+    return GroupLag(
+        group,
+        topic,
+        {tp.partition: max(0, end - committed.get(tp, starts[tp])) for tp, end in ends.items()},
+    )
+
+
+async def read_status(settings: Settings) -> Status:
+    """Everything ``lorastream status`` shows. The caller checks the topics exist."""
+    servers, topics = settings.bootstrap_servers, settings.topics
+    options = settings.kafka_client_options()
+    lineages = await load_lineages(servers, topics.adapter_updates, topics.quarantine, options)
+    pending = await pending_events(
+        servers, topics.learning_events, settings.trainer_group_id, lineages, options
+    )
+    adapters = []
+    for name in sorted(lineages.keys() | pending.keys()):
+        lineage = lineages.get(name)
+        latest = lineage.latest if lineage is not None else None
+        adapters.append(
+            AdapterStatus(
+                adapter=name,
+                version=latest.version if latest else 0,
+                created_at=latest.created_at if latest else None,
+                pending=pending.get(name, 0),
+                quarantined=lineage.quarantined if lineage is not None else 0,
+            )
+        )
+    scorer = await group_lag(servers, settings.scorer_app_id, topics.generation_results, options)
+    trainer = await group_lag(servers, settings.trainer_group_id, topics.learning_events, options)
+    starts, ends = await _extent(servers, topics.dead_letters, options)
+    return Status(
+        at=datetime.now(UTC),
+        adapters=adapters,
+        scorer=scorer,
+        trainer=trainer,
+        dead_letters=sum(ends[tp] - starts[tp] for tp in ends),
+        dead_letter_topic=topics.dead_letters,
+        window_size=settings.window_size,
+    )
