@@ -41,7 +41,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
 app.add_typer(adapters_app, name="adapters")
 # Its commands import out, err and settings_of from here when they run (no import cycle).
-from lorastream import cli_inspect  # noqa: E402
+from lorastream import cli_inspect, cli_serve, cli_status  # noqa: E402
 
 app.add_typer(cli_inspect.dead_letters_app, name="dead-letters")
 app.add_typer(cli_inspect.quarantine_app, name="quarantine")
@@ -69,8 +69,16 @@ def _common(
             help=help_for("topic_prefix"),
         ),
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option("--log-format", help=help_for("log_format")),
+    ] = None,
 ) -> None:
-    ctx.obj = {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}
+    ctx.obj = {
+        "bootstrap_servers": bootstrap_servers,
+        "topic_prefix": topic_prefix,
+        "log_format": log_format,
+    }
 
 
 def settings_of(ctx: typer.Context, **flags: Any) -> Settings:
@@ -89,6 +97,7 @@ LoraROption = Annotated[int | None, typer.Option(help=help_for("lora_r"))]
 LoraAlphaOption = Annotated[float | None, typer.Option(help=help_for("lora_alpha"))]
 TargetModulesOption = Annotated[str | None, typer.Option(help=help_for("lora_target_modules"))]
 MetricsPortOption = Annotated[int | None, typer.Option(help=help_for("metrics_port"))]
+MetricsHostOption = Annotated[str | None, typer.Option(help=help_for("metrics_host"))]
 
 
 # ── broker ───────────────────────────────────────────────────────────────────
@@ -165,6 +174,8 @@ def topics_create(
 
 topics_app.command("list")(cli_inspect.topics_list)
 topics_app.command("delete")(cli_inspect.topics_delete)
+app.command("serve")(cli_serve.serve)
+app.command("status")(cli_status.status)
 
 
 # ── score ────────────────────────────────────────────────────────────────────
@@ -186,6 +197,7 @@ def score(
         typer.Option(help=help_for("qualify_entropy")),
     ] = None,
     metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = None,
     loglevel: Annotated[str, typer.Option(help="Faust's log level.")] = "warning",
 ) -> None:
     """Run the Faust scoring worker: generation-results → learning-events (+ dead letters)."""
@@ -203,6 +215,7 @@ def score(
         breakthrough_entropy=breakthrough_entropy,
         qualify_entropy=qualify_entropy,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     config = scoring_config(settings)
     # Faust would idle forever on a missing topic and print a traceback for a broker that is
@@ -306,6 +319,7 @@ def train(
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
     metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = None,
 ) -> None:
     """Run the trainer: learning-events → LoRA steps → adapter-updates, exactly once."""
     import signal
@@ -332,6 +346,7 @@ def train(
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     # Before the base model loads (seconds): a base model that is not one, a broker that
     # is down or topics that are missing are one line, at once.
@@ -345,7 +360,7 @@ def train(
             settings.kafka_client_options(),
         )
     )
-    _logging()
+    _logging(log_format=settings.log_format)
     metrics = TrainerMetrics()
     if settings.metrics_port:
         start_http_server(
@@ -437,6 +452,8 @@ def replay(
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = None,
 ) -> None:
     """Retrain an adapter from the log into a new lineage, exactly as the live trainer would.
 
@@ -446,6 +463,7 @@ def replay(
     range is done. Killed, it continues with --resume.
     """
     from lorastream.replay import ReplayRequest, run_replay
+    from trainer.metrics import ReplayMetrics
 
     settings = settings_of(
         ctx,
@@ -462,8 +480,19 @@ def replay(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
-    _logging(quiet=True)
+    _logging(quiet=True, log_format=settings.log_format)
+    metrics = ReplayMetrics()
+    # Only when asked on the command line: a replay run inside the trainer's container would
+    # otherwise take the trainer's LORASTREAM_METRICS_PORT.
+    if metrics_port is not None and settings.metrics_port and not dry_run:
+        from prometheus_client import start_http_server
+
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
     request = ReplayRequest.of(
         source=adapter,
         target=into,
@@ -473,7 +502,7 @@ def replay(
         resume=resume,
         dry_run=dry_run,
     )
-    run_replay(settings, request, out, err)
+    run_replay(settings, request, out, err, metrics)
 
 
 # ── adapters ─────────────────────────────────────────────────────────────────
@@ -645,14 +674,19 @@ def demo(
     run_demo(settings_of(ctx), out, timeout=timeout, keep=keep)
 
 
-def _logging(quiet: bool = False) -> None:
+def _logging(quiet: bool = False, log_format: str = "text") -> None:
     """Log to stderr: through rich on a terminal, else one plain line per record (rich
-    would wrap a line at 80 columns in a log file); ``quiet`` for jobs, whose progress
-    is a bar."""
+    would wrap a line at 80 columns in a log file), or one JSON object per line with
+    ``log_format="json"``; ``quiet`` for jobs, whose progress is a bar."""
     from rich.logging import RichHandler
 
     handler: logging.Handler
-    if err.is_terminal:
+    if log_format == "json":
+        from lorastream.logformat import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif err.is_terminal:
         handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:

@@ -1,0 +1,220 @@
+"""``lorastream serve``: every new adapter version goes live in an inference server.
+
+The loop is :class:`lorastream.serving.Serve`; the proxy (``--listen``) is
+:class:`lorastream.serving.proxy.Proxy`. ``lorastream.cli`` registers :func:`serve`,
+which imports what it needs from there when it runs (no import cycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from lorastream.settings import help_for
+
+if TYPE_CHECKING:
+    from lorastream.serving import ServeConfig
+    from lorastream.settings import Settings
+
+__all__ = ["serve", "serve_config"]
+
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def serve_config(
+    settings: Settings,
+    *,
+    backend: str,
+    url: str,
+    keep: int,
+    drain: float,
+    adapters: list[str],
+    max_lora_rank: int,
+    served_base: str | None,
+    poll: float,
+) -> ServeConfig:
+    from lorastream.serving import ServeConfig
+
+    trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
+    return ServeConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        updates_topic=settings.topics.adapter_updates,
+        group_id=f"{settings.topic_prefix}lorastream-serve",
+        backend="vllm" if backend == "vllm" else "sglang",
+        url=url,
+        keep=keep,
+        drain_seconds=drain,
+        adapters=frozenset(adapters),
+        max_lora_rank=max_lora_rank,
+        served_base=served_base,
+        trainer_base=trainer_base,
+        poll_seconds=poll,
+        client_options=settings.kafka_client_options(),
+    )
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--listen")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve(
+    ctx: typer.Context,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            metavar="vllm|sglang",
+            help="The inference server: vllm (VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, "
+            "--enable-lora) or sglang (--enable-lora).",
+            case_sensitive=False,
+        ),
+    ],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url", metavar="URL", help="The inference server's base URL, e.g. http://gpu:8000."
+        ),
+    ],
+    keep: Annotated[
+        int,
+        typer.Option(
+            "--keep",
+            metavar="K",
+            min=1,
+            help="Verified versions kept loaded per adapter, newest first; at most the "
+            "server's --max-loras (vLLM) or --max-loaded-loras (SGLang).",
+        ),
+    ] = 2,
+    drain: Annotated[
+        float,
+        typer.Option(
+            "--drain",
+            metavar="SECONDS",
+            min=0,
+            help="Seconds a version that fell out of the newest K stays loaded before it is "
+            "unloaded, so that requests in flight on it finish.",
+        ),
+    ] = 30.0,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter", metavar="NAME", help="Serve only this adapter (repeatable); default all."
+        ),
+    ] = None,
+    max_lora_rank: Annotated[
+        int,
+        typer.Option(
+            "--max-lora-rank",
+            metavar="R",
+            help="The server's --max-lora-rank (vLLM accepts 1, 8, 16, 32, 64, 128, 256, "
+            "320, 512); versions of a higher rank are refused.",
+        ),
+    ] = 16,
+    served_base: Annotated[
+        str | None,
+        typer.Option(
+            "--served-base",
+            metavar="ID",
+            help="The server's base model id (as GET /v1/models lists it) when it is not the "
+            "directory the trainer announces (a --served-model-name, a hub id, another mount "
+            "point): declares that id the same model. Without it, a version is loaded only if "
+            "its announced base_model equals the server base's root or id. With it, the "
+            "server's id must be this, and versions must name LORASTREAM_BASE_MODEL when set.",
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen",
+            metavar="HOST:PORT",
+            help="Also run an OpenAI-compatible proxy on HOST:PORT that sends "
+            "`model: <adapter>` to the adapter's newest live version; other requests pass "
+            "through to --url.",
+        ),
+    ] = None,
+    poll: Annotated[
+        float,
+        typer.Option(
+            "--poll",
+            metavar="SECONDS",
+            min=0.05,
+            help="Seconds between checks that the server still holds the loaded versions "
+            "(a restarted server has lost them).",
+        ),
+    ] = 5.0,
+    metrics_port: Annotated[int | None, typer.Option(help=help_for("metrics_port"))] = None,
+    metrics_host: Annotated[str | None, typer.Option(help=help_for("metrics_host"))] = None,
+) -> None:
+    """Load every verified adapter version into vLLM or SGLang as <adapter>-v<N>, keep the
+    newest K, unload older ones after the drain, reload after a server restart."""
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from lorastream.admin import require_topics
+    from lorastream.cli import _client_logs_on, _logging, settings_of
+    from lorastream.serving import Serve, ServeMetrics
+
+    kind = backend.lower()
+    if kind not in ("vllm", "sglang"):
+        raise typer.BadParameter(f"{backend!r} is not vllm or sglang", param_hint="--backend")
+    if max_lora_rank not in MAX_LORA_RANKS:
+        raise typer.BadParameter(
+            f"{max_lora_rank} is not one of {', '.join(map(str, MAX_LORA_RANKS))}",
+            param_hint="--max-lora-rank",
+        )
+    for name in adapter or []:
+        if not ADAPTER_NAME.match(name):
+            raise typer.BadParameter(f"{name!r} is not an adapter name", param_hint="--adapter")
+    address = _listen_address(listen) if listen else None
+    settings = settings_of(ctx, metrics_port=metrics_port, metrics_host=metrics_host)
+    asyncio.run(
+        require_topics(
+            settings.bootstrap_servers,
+            [settings.topics.adapter_updates],
+            settings.kafka_client_options(),
+        )
+    )
+    config = serve_config(
+        settings,
+        backend=kind,
+        url=url,
+        keep=keep,
+        drain=drain,
+        adapters=adapter or [],
+        max_lora_rank=max_lora_rank,
+        served_base=served_base,
+        poll=poll,
+    )
+    _logging(log_format=settings.log_format)
+    metrics = ServeMetrics()
+    if settings.metrics_port:
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+
+    async def run() -> None:
+        loop = Serve(config, metrics)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, loop.request_stop)
+        _client_logs_on()
+        proxy = None
+        if address is not None:
+            from lorastream.serving.proxy import Proxy
+
+            proxy = Proxy(config.url, loop.resolve, known=loop.known)
+            await proxy.start(*address)
+        try:
+            await loop.run()
+        finally:
+            if proxy is not None:
+                await proxy.stop()
+
+    asyncio.run(run())

@@ -1,0 +1,287 @@
+"""An OpenAI-compatible proxy that gives clients one stable model name per adapter.
+
+The serve loop loads every adapter version into the inference server under a
+name it never reuses (``tutor-v3``); clients should not have to follow that.
+They ask this proxy for ``"model": "tutor"`` and the request reaches the
+server with ``model`` replaced by whatever ``resolve("tutor")`` returns, the
+newest live version's name at that moment. Everything else passes through as
+it came: other models, the base model, other paths, GET requests, bodies that
+are not a JSON object — method, path, query, headers (less the hop-by-hop
+ones) and body. Responses stream back chunk by chunk, so server-sent events
+(``"stream": true``) reach the client as the server writes them.
+
+A model that ``known`` recognises but ``resolve`` cannot map (an adapter with
+no live version yet) gets a 503; a server that cannot be reached gets a 502;
+both in the OpenAI error shape, ``{"error": {"message", "type", "param",
+"code"}}``, so that OpenAI clients show the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from lorastream.serving.exceptions import ServingError
+
+__all__ = ["Proxy", "sglang_model"]
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1: these describe one connection, not the message, so a proxy
+# must not forward them. Host and Content-Length are set anew for the upstream
+# request (the body may have been rewritten), and Expect is answered here: the
+# proxy has read the whole body before it connects upstream.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+
+# No total or read timeout: a streamed generation may run for minutes and a
+# long prompt may take a while before its first token. Only connecting is
+# bounded, so that a server that is down is reported quickly.
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+
+# Multimodal requests carry images inline; aiohttp's default limit is 1 MiB.
+MAX_REQUEST_BYTES = 100 * 1024 * 1024
+
+
+def sglang_model(base: str, name: str) -> str:
+    """The ``model`` SGLang expects for LoRA adapter ``name`` on base model ``base``.
+
+    SGLang's OpenAI server selects a loaded adapter with ``"<base>:<adapter>"``;
+    a bare adapter name is taken as a (missing) base model.
+    """
+    return f"{base}:{name}"
+
+
+def _never_known(_model: str) -> bool:
+    return False
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Copy ``headers`` less ``drop`` and less any the Connection header names."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for key, value in pairs
+        if key.lower() == "connection"
+        for token in value.split(",")
+    }
+    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in drop and k.lower() not in named)
+
+
+class Proxy:
+    """Forward OpenAI-style requests to ``upstream_url``, mapping adapter names.
+
+    ``resolve(model)`` returns the upstream model name for a request's
+    ``model`` (for an adapter: its newest live version, in the server's own
+    form, see :func:`sglang_model`) or None to pass the request through
+    untouched. ``known(model)`` says whether ``model`` is an adapter the serve
+    loop knows of; such a model that ``resolve`` cannot map is answered 503
+    rather than sent to a server that would reject it.
+
+    ``app`` is a plain :class:`aiohttp.web.Application` (usable with aiohttp's
+    test utilities); :meth:`start` and :meth:`stop` run it on a socket. The one
+    upstream :class:`aiohttp.ClientSession` lives as long as the application.
+    """
+
+    def __init__(
+        self,
+        upstream_url: str,
+        resolve: Callable[[str], str | None],
+        *,
+        known: Callable[[str], bool] = _never_known,
+    ) -> None:
+        self.upstream = URL(upstream_url.rstrip("/"))
+        self._base = str(self.upstream)
+        self.resolve = resolve
+        self.known = known
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        self.app.cleanup_ctx.append(self._client_session)
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    async def _client_session(self, _app: web.Application) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession(
+            timeout=UPSTREAM_TIMEOUT,
+            # Bodies pass through byte for byte, compressed or not.
+            auto_decompress=False,
+            # One client's cookies must never reach another client's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # The server queues requests itself; a pool limit here would only
+            # stall streams behind one another.
+            connector=aiohttp.TCPConnector(limit=0),
+            trust_env=False,
+        )
+        try:
+            yield
+        finally:
+            await self._session.close()
+            self._session = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one, see :attr:`port`)."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            await self.stop()
+            raise ServingError(
+                f"The proxy cannot listen on {host}:{port}: {exc.strerror or exc}. "
+                "Is another process using that port (--listen)?"
+            ) from exc
+        log.info("proxy listening on %s, forwarding to %s", self.url, self.upstream)
+
+    async def stop(self) -> None:
+        """Stop listening, end open requests and close the upstream session."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._runner = None
+
+    @property
+    def port(self) -> int:
+        """The port :meth:`start` bound."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("The proxy is not listening: call start() first.")
+        return int(self._runner.addresses[0][1])
+
+    @property
+    def url(self) -> str:
+        """The proxy's base URL, for clients (``http://host:port``)."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("The proxy is not listening: call start() first.")
+        host, port = self._runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    def _map_body(self, body: bytes) -> tuple[bytes, str | None, str | None]:
+        """Return (body to send, requested model, upstream model) for one request body.
+
+        The upstream model is None when the request passes through unchanged.
+        """
+        if not body.lstrip().startswith(b"{"):
+            return body, None, None
+        try:
+            payload: Any = json.loads(body)
+        except ValueError:
+            return body, None, None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str):
+            return body, None, None
+        target = self.resolve(model)
+        if target is None or target == model:
+            return body, model, None
+        payload["model"] = target
+        return json.dumps(payload, ensure_ascii=False).encode(), model, target
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        body, model, target = self._map_body(body)
+        if model is not None and target is None and self.known(model):
+            log.debug(
+                "%s %s: adapter %r has no live version: 503", request.method, request.path, model
+            )
+            return _error(
+                503,
+                f"The adapter {model!r} has no version loaded in the inference server yet; "
+                "retry once its first version has been announced and loaded.",
+                "adapter_not_ready",
+                "model",
+            )
+        if target is not None:
+            log.debug("%s %s: model %r -> %r", request.method, request.path, model, target)
+        elif model is not None:
+            log.debug("%s %s: model %r passes through", request.method, request.path, model)
+        else:
+            log.debug("%s %s passes through (no model)", request.method, request.path)
+
+        headers = _forwardable(request.headers.items(), _REQUEST_DROP)
+        # Only what the client sent goes upstream: aiohttp would otherwise add
+        # its own Accept-Encoding (and, with auto_decompress off, hand a client
+        # that never asked for it a gzip body), User-Agent and Content-Type.
+        skip = {"Accept-Encoding", "User-Agent", "Content-Type"}
+        # raw_path keeps the client's percent-encoding and query string as sent.
+        url = URL(self._base + request.raw_path, encoded=True)
+        assert self._session is not None, "the application's cleanup_ctx opens the session"
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body if body or request.can_read_body else None,
+                skip_auto_headers=skip,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "upstream %s unreachable for %s %s: %r",
+                self.upstream,
+                request.method,
+                request.path,
+                exc,
+            )
+            return _error(
+                502,
+                f"The inference server at {self.upstream} cannot be reached ({exc!r}); "
+                "check that it is running and that the proxy's --url is right.",
+                "upstream_unreachable",
+            )
+        async with upstream:
+            return await self._relay(request, upstream)
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(_forwardable(upstream.headers.items(), HOP_BY_HOP))
+        await response.prepare(request)
+        try:
+            # iter_any yields each piece as soon as it arrives: one SSE event
+            # reaches the client while the server is still generating the next.
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except ConnectionResetError:
+            # The client went away; closing the upstream connection (rather
+            # than draining it) makes vLLM and SGLang abort the generation.
+            log.debug("client left %s %s mid-response", request.method, request.path)
+            upstream.close()
+            return response
+        except aiohttp.ClientError as exc:
+            log.warning(
+                "upstream %s broke off %s %s mid-response: %r",
+                self.upstream,
+                request.method,
+                request.path,
+                exc,
+            )
+            # The status line is gone already; dropping the connection is the
+            # only way left to tell the client that the body is incomplete.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,115 @@
+"""The checks an announced adapter version passes before it is loaded into a server.
+
+Each returns None or a :class:`Refusal` whose ``reason`` is a short label (the
+metric's) and whose ``detail`` is a sentence naming the file or value at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorastream.serving.backends import ModelCard
+from schemas import AdapterUpdate
+from schemas.limits import sha256_file
+
+__all__ = ["VLLM_RANKS", "Refusal", "check_base", "check_files", "sha256_file"]
+
+# vLLM's --max-lora-rank accepts only these (its LoRAConfig validator).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    detail: str
+
+
+def check_files(update: AdapterUpdate, max_rank: int) -> Refusal | None:
+    """The files at ``update.uri``: weights present with the announced sha256, a config with
+    ``r`` (and every ``rank_pattern`` rank) at most ``max_rank`` and ``bias`` "none".
+    Reads the whole weights file: call it off the event loop."""
+    directory = Path(update.uri)
+    weights, config = directory / WEIGHTS, directory / CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            return Refusal("missing", f"{path} does not exist")
+    try:
+        digest = sha256_file(weights)
+    except OSError as exc:
+        return Refusal("missing", f"{weights} cannot be read: {exc.strerror or exc}")
+    if digest != update.sha256:
+        return Refusal(
+            "sha256",
+            f"{weights} has sha256 {digest}, announced {update.sha256}: changed or corrupt",
+        )
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return Refusal("config", f"{config} is not a readable JSON object: {exc}")
+    ranks = [settings.get("r", 8)]
+    pattern = settings.get("rank_pattern") or {}
+    if isinstance(pattern, dict):
+        ranks += list(pattern.values())
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        return Refusal("config", f"{config} has a rank that is not an integer: {ranks}")
+    if max(ranks) > max_rank:
+        return Refusal(
+            "rank", f"{config} has rank {max(ranks)}, above the server's --max-lora-rank {max_rank}"
+        )
+    bias = settings.get("bias", "none")
+    if bias != "none":
+        return Refusal("bias", f'{config} has bias "{bias}"; the servers load only bias "none"')
+    return None
+
+
+def _same_path(a: str, b: str | None) -> bool:
+    if not b:
+        return False
+    return a == b or os.path.normpath(a) == os.path.normpath(b)
+
+
+def check_base(
+    update: AdapterUpdate,
+    server_base: ModelCard,
+    served_base: str | None = None,
+    trainer_base: str | None = None,
+) -> Refusal | None:
+    """Whether the server's base model is the one ``update`` was trained on.
+
+    By default the announcement's ``base_model`` (the trainer's absolute base directory)
+    must be the server base's ``root`` or ``id`` (``vllm serve /models/llama`` lists both as
+    that path). ``served_base`` declares instead that the server's base id names the same
+    model (a ``--served-model-name``, a hub id, another mount point): then the server's id
+    must be ``served_base``, and the announcement must name ``trainer_base`` when it is
+    known (LORASTREAM_BASE_MODEL).
+    """
+    where = f"server base model {server_base.id!r} (root {server_base.root!r})"
+    if served_base is not None:
+        if server_base.id != served_base:
+            return Refusal(
+                "base_model", f"--served-base is {served_base!r} but the server serves {where}"
+            )
+        if trainer_base is not None and not _same_path(update.base_model, trainer_base):
+            return Refusal(
+                "base_model",
+                f"trained on {update.base_model}, not on {trainer_base} (LORASTREAM_BASE_MODEL) "
+                f"that --served-base {served_base!r} stands for",
+            )
+        return None
+    if _same_path(update.base_model, server_base.root) or _same_path(
+        update.base_model, server_base.id
+    ):
+        return None
+    return Refusal(
+        "base_model",
+        f"trained on {update.base_model} but the {where} differs; "
+        "pass --served-base if the server names the same model otherwise",
+    )
