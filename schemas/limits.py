@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 __all__ = [
     "KEPT_PAYLOAD_BYTES",
@@ -26,6 +27,7 @@ __all__ = [
     "TRUNCATION_MARKER",
     "clip",
     "record_size",
+    "sha256_file",
     "sha256_hex",
 ]
 
@@ -64,6 +66,15 @@ def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
         return text
     tail = f"{TRUNCATION_MARKER} ({len(text)} chars)"
     return text[: max(0, limit - len(tail))] + tail
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in blocks (an adapter file can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_hex(data: bytes) -> str:

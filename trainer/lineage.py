@@ -20,7 +20,7 @@ from aiokafka.structs import ConsumerRecord
 from schemas import AdapterUpdate, QuarantineRecord, SchemaError, WindowSpec, decode
 from trainer.exceptions import TrainerError
 
-__all__ = ["Lineage", "apply_records", "lineages_from"]
+__all__ = ["Lineage", "apply_records", "lineages_from", "read_announcement"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,21 @@ class Lineage:
         return not self.is_handled(tp, offset) and event_id not in self.trained_ids
 
 
+def read_announcement(record: ConsumerRecord[bytes, bytes]) -> AdapterUpdate | None:
+    """The AdapterUpdate in ``record``, or None (logged with its position) if unreadable."""
+    try:
+        return decode(record.value, AdapterUpdate)
+    except SchemaError as exc:
+        log.warning(
+            "skipping an unreadable announcement at %s[%s]@%s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            exc,
+        )
+        return None
+
+
 def lineages_from(
     updates: Iterable[ConsumerRecord[bytes, bytes]],
     quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
@@ -104,16 +119,8 @@ def apply_records(
     (a version at or below the lineage's, a quarantined window already handled).
     ``unreadable`` gets, per source partition, the last offset quarantined as unreadable."""
     for record in sorted(updates, key=lambda r: (r.partition, r.offset)):
-        try:
-            update = decode(record.value, AdapterUpdate)
-        except SchemaError as exc:
-            log.warning(
-                "skipping an unreadable announcement at %s[%s]@%s: %s",
-                record.topic,
-                record.partition,
-                record.offset,
-                exc,
-            )
+        update = read_announcement(record)
+        if update is None:
             continue
         lineage = lineages.setdefault(update.adapter, Lineage(update.adapter))
         if update.version > lineage.version:

@@ -12,7 +12,6 @@ file that is missing or wrong.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ import orjson
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from schemas.limits import sha256_file
 from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.lora import AdapterState
 
@@ -72,14 +72,6 @@ class StoredVersion:
     version: int
     path: Path
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def current_umask() -> int:
