@@ -225,6 +225,14 @@ class LoraSpec(_Document):
     dropout: Annotated[FiniteFloat, Field(ge=0.0, lt=1.0)] = 0.0
 
 
+class EvalSpec(_Document):
+    """A version measured on its adapter's held-out events, which no window trains on."""
+
+    loss: FiniteFloat  # the version's mean response-token loss on the held-out events
+    base_loss: FiniteFloat  # the base model's (no adapter) on the same events
+    events: Annotated[StrictInt, Field(ge=1)]
+
+
 class WindowSpec(_Document):
     """The learning events a version was trained on."""
 
@@ -260,6 +268,7 @@ class AdapterUpdate(_Document):
     window: WindowSpec
     train_loss: FiniteFloat
     created_at: Timestamp
+    eval: EvalSpec | None = None  # null while the adapter has no held-out events
 
     @model_validator(mode="after")
     def _lineage(self) -> AdapterUpdate:

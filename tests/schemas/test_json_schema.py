@@ -77,6 +77,8 @@ def _resolved(node: dict[str, Any]) -> dict[str, Any]:
     """An object schema, through an array's ``items`` and a ``$ref`` to another file."""
     if node.get("type") == "array":
         node = node["items"]
+    if "oneOf" in node:  # an optional object: null, or the object
+        node = next(option for option in node["oneOf"] if option.get("type") == "object")
     if "$ref" in node:
         node = REGISTRY.resolver().lookup(node["$ref"]).contents
     return node
@@ -102,6 +104,7 @@ def test_fields_and_required_fields_agree(name: str) -> None:
         ("LearningEvent", "source", "SourcePosition"),
         ("AdapterUpdate", "lora", "LoraSpec"),
         ("AdapterUpdate", "window", "WindowSpec"),
+        ("AdapterUpdate", "eval", "EvalSpec"),
         ("QuarantineRecord", "window", "WindowSpec"),
         ("QuarantineRecord", "source", "SourcePosition"),
         ("QuarantineRecord", "events", "LearningEvent"),
@@ -145,6 +148,22 @@ AGREEMENT_CASES: list[tuple[str, str, Any]] = (
         ("AdapterUpdate", "first-version", _adapter_update(version=1, parent_version=None)),
         ("AdapterUpdate", "bad-sha", _adapter_update(sha256="ABC")),
         ("AdapterUpdate", "not-peft", _adapter_update(format="bin")),
+        (
+            "AdapterUpdate",
+            "evaluated",
+            _adapter_update(eval={"loss": 1.25, "base_loss": 5.9, "events": 12}),
+        ),
+        ("AdapterUpdate", "eval-null", _adapter_update(eval=None)),
+        (
+            "AdapterUpdate",
+            "eval-no-events",
+            _adapter_update(eval={"loss": 1.25, "base_loss": 5.9, "events": 0}),
+        ),
+        (
+            "AdapterUpdate",
+            "eval-extra-field",
+            _adapter_update(eval={"loss": 1.0, "base_loss": 5.9, "events": 3, "x": 1}),
+        ),
         ("AdapterUpdate", "version-0", _adapter_update(version=0, parent_version=None)),
     ]
     + [("QuarantineRecord", f"reject-{i}", d) for i, d, _ in QUARANTINE_REJECTS]
