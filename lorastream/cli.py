@@ -516,9 +516,9 @@ def adapters_list(
         bool, typer.Option("--json", help="One AdapterUpdate JSON document per line.")
     ] = False,
 ) -> None:
-    """Print the lineage of every adapter: version, window, loss, time; and the events
-    that wait in an open window (a partial window trains when full, or after
-    LORASTREAM_MAX_WAIT_SECONDS)."""
+    """Print the lineage of every adapter: version, window, train loss, eval loss on the
+    held-out events (beside the base model's), time; and the events that wait in an open
+    window (a partial window trains when full, or after LORASTREAM_MAX_WAIT_SECONDS)."""
     from rich.table import Table
 
     from schemas import encode
@@ -552,7 +552,9 @@ def adapters_list(
     for name in sorted(pending.keys() - lineages.keys()):
         if adapter in (None, name):
             chosen.append(Lineage(name))
-    table = Table("adapter", "version", "parent", "window", "events", "loss", "created", "sha256")
+    table = Table(
+        "adapter", "version", "parent", "window", "events", "loss", "eval", "created", "sha256"
+    )
     for lineage in chosen:
         for u in lineage.updates:
             w = u.window
@@ -563,6 +565,7 @@ def adapters_list(
                 f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}",
                 str(w.size),
                 f"{u.train_loss:.4f}",
+                f"{u.eval.loss:.2f} (base {u.eval.base_loss:.2f})" if u.eval else "-",
                 u.created_at.isoformat(timespec="seconds"),
                 u.sha256[:12],
             )
@@ -577,6 +580,7 @@ def adapters_list(
                 "",
                 "",
                 "",
+                "",
             )
         if lineage.quarantined:
             table.add_row(
@@ -584,6 +588,7 @@ def adapters_list(
                 "-",
                 "-",
                 f"{lineage.quarantined} window(s) quarantined",
+                "",
                 "",
                 "",
                 "",

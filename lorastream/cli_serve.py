@@ -36,6 +36,7 @@ def serve_config(
     max_lora_rank: int,
     served_base: str | None,
     poll: float,
+    max_regression: float = 0.02,
 ) -> ServeConfig:
     from lorastream.serving import ServeConfig
 
@@ -48,6 +49,7 @@ def serve_config(
         url=url,
         keep=keep,
         drain_seconds=drain,
+        max_regression=max_regression,
         adapters=frozenset(adapters),
         max_lora_rank=max_lora_rank,
         served_base=served_base,
@@ -102,6 +104,19 @@ def serve(
             "unloaded, so that requests in flight on it finish.",
         ),
     ] = 30.0,
+    max_regression: Annotated[
+        float,
+        typer.Option(
+            "--max-regression",
+            metavar="FRACTION",
+            min=0,
+            help="The promotion gate: a version whose held-out eval loss is above the best "
+            "live version's by more than this fraction (0.02 = 2%) is refused, never loaded, "
+            "and the previous version keeps serving; later versions are judged again. A "
+            "version without an eval (no held-out events yet) is promoted as before, and so "
+            "is any version while no live version has one.",
+        ),
+    ] = 0.02,
     adapter: Annotated[
         list[str] | None,
         typer.Option(
@@ -153,7 +168,8 @@ def serve(
     metrics_host: Annotated[str | None, typer.Option(help=help_for("metrics_host"))] = None,
 ) -> None:
     """Load every verified adapter version into vLLM or SGLang as <adapter>-v<N>, keep the
-    newest K, unload older ones after the drain, reload after a server restart."""
+    newest K, unload older ones after the drain, reload after a server restart. A version
+    whose eval loss regresses past --max-regression is refused."""
     import signal
 
     from prometheus_client import start_http_server
@@ -192,6 +208,7 @@ def serve(
         max_lora_rank=max_lora_rank,
         served_base=served_base,
         poll=poll,
+        max_regression=max_regression,
     )
     _logging(log_format=settings.log_format)
     metrics = ServeMetrics()

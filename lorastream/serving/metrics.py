@@ -21,7 +21,8 @@ class ServeMetrics:
         )
         self.refusals = Counter(
             "lorastream_serve_refusals_total",
-            "Adapter versions refused (sha256, missing, config, rank, bias, base_model, server).",
+            "Adapter versions refused (sha256, missing, config, rank, bias, base_model, server, "
+            "regression).",
             ["adapter", "reason"],
             registry=r,
         )

@@ -10,6 +10,13 @@ Two tasks share one record of what is loaded:
   fell out of that set ``drain`` seconds later (requests in flight on it finish
   first: an unload does not wait for them).
 
+The promotion gate (:func:`~lorastream.serving.verify.check_regression`) judges each
+version, in version order, against the versions the gate let through before it (the
+newest ``keep`` of them not refused otherwise): one whose held-out eval loss is worse
+than the best of theirs by more than ``max_regression`` is refused and never loaded.
+The verdicts depend on the announced eval losses (and the other refusals known by then),
+not on how announcements were batched, so a serve that starts again reaches the same ones.
+
 Names are never reused: version N of ``tutor`` is ``tutor-vN``, because reloading new
 weights under a name vLLM has seen serves stale prefix-cache blocks, and
 ``load_inplace`` re-reads the files at every step. The newest loaded version is the
@@ -27,6 +34,7 @@ means the server had forgotten it, so every other version is loaded again too.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
@@ -40,7 +48,7 @@ from aiokafka.structs import ConsumerRecord
 from lorastream.serving.backends import Backend, BackendKind, Loaded, ModelCard, make
 from lorastream.serving.exceptions import BackendRefused, BackendUnavailable
 from lorastream.serving.metrics import ServeMetrics
-from lorastream.serving.verify import Refusal, check_base, check_files
+from lorastream.serving.verify import Refusal, check_base, check_files, check_regression
 from schemas import AdapterUpdate
 from trainer.lineage import read_announcement
 
@@ -72,6 +80,8 @@ class ServeConfig:
     url: str
     keep: int = 2
     drain_seconds: float = 30.0
+    max_regression: float = 0.02
+    """Refuse a version whose eval loss exceeds the best live one's by more than this fraction."""
     adapters: frozenset[str] = frozenset()
     """Only these adapters (all when empty)."""
     max_lora_rank: int = 16
@@ -87,6 +97,8 @@ class ServeConfig:
             raise ValueError(f"keep must be at least 1, not {self.keep}")
         if self.drain_seconds < 0:
             raise ValueError(f"drain_seconds must be 0 or more, not {self.drain_seconds}")
+        if not self.max_regression >= 0:
+            raise ValueError(f"max_regression must be 0 or more, not {self.max_regression}")
 
 
 @dataclass
@@ -96,6 +108,10 @@ class _Versions:
     updates: dict[int, AdapterUpdate] = field(default_factory=dict)
     file_checks: dict[int, Refusal | None] = field(default_factory=dict)
     refused: dict[int, Refusal] = field(default_factory=dict)
+    gate: dict[int, Refusal | None] = field(default_factory=dict)
+    """The promotion gate's verdict on each version, made once, in version order."""
+    promoted: list[int] = field(default_factory=list)
+    """The versions the gate let through, oldest first."""
 
 
 class Serve:
@@ -375,16 +391,36 @@ class Serve:
             self.loaded = {name: (adapter, version)}
             self.retire_at.clear()
 
-    async def _kept(self, adapter: str) -> list[int]:
-        """The newest ``keep`` versions that pass every check, oldest first."""
+    def _judge(self, adapter: str) -> None:
+        """The gate's verdict on every version it has not judged yet, in version order.
+
+        Each is compared with the newest ``keep`` versions the gate let through before it
+        and no other check refused (serve's live set as it stood, files aside)."""
         versions = self.versions[adapter]
+        for version in sorted(versions.updates.keys() - versions.gate.keys()):
+            live: list[AdapterUpdate] = []
+            for earlier in reversed(versions.promoted):
+                if len(live) == self.config.keep:
+                    break
+                if earlier < version and earlier not in versions.refused:
+                    live.append(versions.updates[earlier])
+            update = versions.updates[version]
+            verdict = check_regression(update, live, self.config.max_regression)
+            versions.gate[version] = verdict
+            if verdict is None:
+                bisect.insort(versions.promoted, version)
+
+    async def _kept(self, adapter: str) -> list[int]:
+        """The newest ``keep`` versions that pass every check, the gate first, oldest first."""
+        versions = self.versions[adapter]
+        self._judge(adapter)
         kept: list[int] = []
         for version in sorted(versions.updates, reverse=True):
             if len(kept) == self.config.keep:
                 break
             if version in versions.refused:
                 continue
-            refusal = await self._check(adapter, version)
+            refusal = versions.gate[version] or await self._check(adapter, version)
             if refusal is None:
                 kept.append(version)
             else:
@@ -408,7 +444,9 @@ class Serve:
         self.versions[adapter].refused[version] = refusal
         self.metrics.refusals.labels(adapter, refusal.reason).inc()
         live = self.live(adapter)
-        log.error(
+        # A regression is the gate doing its job; the other reasons are faults to fix.
+        log.log(
+            logging.WARNING if refusal.reason == "regression" else logging.ERROR,
             "refused %s (%s): %s; %s",
             version_name(adapter, version),
             refusal.reason,

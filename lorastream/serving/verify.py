@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from lorastream.serving.backends import ModelCard
 from schemas import AdapterUpdate
 from schemas.limits import sha256_file
 
-__all__ = ["VLLM_RANKS", "Refusal", "check_base", "check_files", "sha256_file"]
+__all__ = [
+    "VLLM_RANKS",
+    "Refusal",
+    "check_base",
+    "check_files",
+    "check_regression",
+    "sha256_file",
+]
 
 # vLLM's --max-lora-rank accepts only these (its LoRAConfig validator).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -112,4 +120,30 @@ def check_base(
         "base_model",
         f"trained on {update.base_model} but the {where} differs; "
         "pass --served-base if the server names the same model otherwise",
+    )
+
+
+def check_regression(
+    update: AdapterUpdate, live: Iterable[AdapterUpdate], max_regression: float
+) -> Refusal | None:
+    """The promotion gate: refuse ``update`` when its held-out eval loss is worse than the
+    best (lowest) eval loss among the ``live`` versions by more than ``max_regression``
+    (a fraction: 0.02 allows 2 %), i.e. when ``loss > best * (1 + max_regression)``.
+
+    A version without ``eval`` (its adapter had no held-out events yet) passes, and so
+    does any version when no live version has ``eval``: there is nothing to compare.
+    """
+    if update.eval is None:
+        return None
+    measured = [(u.eval.loss, u.version) for u in live if u.eval is not None]
+    if not measured:
+        return None
+    best_loss, best_version = min(measured, key=lambda m: (m[0], -m[1]))
+    threshold = best_loss * (1 + max_regression)
+    if update.eval.loss <= threshold:
+        return None
+    return Refusal(
+        "regression",
+        f"eval loss {update.eval.loss:.4f} is above {threshold:.4f}, the best live version's "
+        f"(v{best_version}: {best_loss:.4f}) plus --max-regression {max_regression:g}",
     )
