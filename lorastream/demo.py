@@ -122,6 +122,9 @@ class DemoTraining:
             "LORASTREAM_LORA_ALPHA": str(self.lora_alpha),
             "LORASTREAM_LORA_DROPOUT": "0",
             "LORASTREAM_LORA_TARGET_MODULES": self.target_modules,
+            # Every event trains: the demo's windows and versions are counted in advance,
+            # and its own held-out check is the load-and-generate step at the end.
+            "LORASTREAM_EVAL_FRACTION": "0",
         }
 
 
@@ -144,6 +147,7 @@ _DEFAULTS = {
     "LORASTREAM_LORA_R": "lora_r",
     "LORASTREAM_LORA_ALPHA": "lora_alpha",
     "LORASTREAM_LORA_TARGET_MODULES": "lora_target_modules",
+    "LORASTREAM_EVAL_FRACTION": "eval_fraction",
 }
 
 

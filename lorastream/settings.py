@@ -137,6 +137,20 @@ class Settings(BaseSettings):
         "the base model's modules that get LoRA, comma-separated",
         min_length=1,
     )
+    eval_fraction: float = _setting(
+        0.1,
+        "LORASTREAM_EVAL_FRACTION",
+        "share of each adapter's events held out of training (chosen by a hash of the event "
+        "id) to evaluate every version on; 0 turns evaluation off",
+        ge=0,
+        lt=1,
+    )
+    eval_size: int = _setting(
+        256,
+        "LORASTREAM_EVAL_SIZE",
+        "held-out events per adapter that each version is evaluated on (the newest)",
+        ge=1,
+    )
     learning_rate: float | None = _setting(
         None, "LORASTREAM_LEARNING_RATE", "AdamW learning rate", shown="2e-3", gt=0
     )

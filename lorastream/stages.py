@@ -85,6 +85,8 @@ def training_config(settings: Settings) -> TrainingConfig:
         device=settings.device,
         lora=lora_settings(settings),
         faults=settings.faults,
+        eval_fraction=settings.eval_fraction,
+        eval_size=settings.eval_size,
     )
 
 

@@ -144,6 +144,9 @@ def worker_env(bootstrap: str, prefix: str, home: Path, **more: str) -> dict[str
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "LORASTREAM_TOPIC_PREFIX": prefix,
         "LORASTREAM_HOME": str(home),
+        # Tests that count windows and check lineages train every event; held-out
+        # evaluation is tested on its own (tests/trainer/test_eval.py).
+        "LORASTREAM_EVAL_FRACTION": "0",
         **more,
     }
 

@@ -85,7 +85,7 @@ class Trainer:
     def __init__(self, config: TrainerConfig, metrics: TrainerMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or TrainerMetrics()
-        self.windows = Windows(config.training.window_size)
+        self.windows = Windows(config.training.window_size, config.training.eval_fraction)
         self.history = LineageLog(
             config.bootstrap_servers,
             config.topics.adapter_updates,
@@ -324,6 +324,7 @@ class Trainer:
             self.windows.committable(),
             self._stopping,
         )
+        self.windows.settle(window)  # committed: its held-out events no longer hold offsets
         if isinstance(outcome, Trained):
             log.info(
                 "%s v%d: %s (%d events) loss %.4f in %.3fs",

@@ -11,23 +11,31 @@ between repeats the window, and the core rewrites the same files.
 
 The version is named after the lineage, not after the events: a replay
 trains ``tutor``'s events into the lineage ``tutor-v2``.
+
+With an evaluation fraction, each version is also measured on its adapter's
+evaluation set (:mod:`trainer.evaluation`) after its step: the new weights'
+and the base model's mean response-token loss go into the AdapterUpdate's
+``eval`` and the version's metadata. The evaluation reads the new state and
+changes nothing a step reads, so the weights are the same with or without it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from schemas import AdapterUpdate, LoraSpec, QuarantineRecord
+from schemas import AdapterUpdate, EvalSpec, LoraSpec, QuarantineRecord
+from trainer.evaluation import EvalExample, decode_eval_set, encode_eval_set, extend_eval_set
 from trainer.exceptions import TrainerError
 from trainer.faults import Faults
 from trainer.lineage import Lineage
 from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
 from trainer.metrics import TrainerMetrics
 from trainer.model import BaseModel, load_base_model, resolve_device
-from trainer.store import AdapterStore, StoredVersion
+from trainer.store import EVAL_SET_FILE, AdapterStore, StoredVersion
 from trainer.window import Window
 
 __all__ = ["Outcome", "Trained", "TrainingConfig", "WindowTrainer"]
@@ -48,6 +56,10 @@ class TrainingConfig:
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     faults: str | None = None
+    # Off unless asked for (the settings ask for 0.1): with 0, windows, files and
+    # announcements are exactly those of a trainer without evaluation.
+    eval_fraction: float = 0.0
+    eval_size: int = 256
 
     def __post_init__(self) -> None:
         if self.window_size < 1:
@@ -56,6 +68,16 @@ class TrainingConfig:
             )
         if self.max_tries < 1:
             raise ValueError(f"TrainingConfig.max_tries must be at least 1, not {self.max_tries}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(
+                f"TrainingConfig.eval_fraction must be in [0, 1), not {self.eval_fraction}"
+            )
+        if self.eval_size < 1:
+            raise ValueError(f"TrainingConfig.eval_size must be at least 1, not {self.eval_size}")
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_fraction > 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,8 @@ class Trained:
     state: AdapterState
     step_seconds: float
     tries: int
+    eval_set: list[EvalExample] = field(default_factory=list)
+    eval_seconds: float | None = None  # None: evaluation is off
 
 
 Outcome = Trained | QuarantineRecord
@@ -90,6 +114,7 @@ class WindowTrainer:
         self.stepper = LoraStepper(base, config.lora, seed=config.seed)
         self.store = AdapterStore(config.adapter_dir, before_write=self.faults.disk)
         self._states: dict[str, tuple[int, AdapterState]] = {}
+        self._eval_sets: dict[str, tuple[int, list[EvalExample]]] = {}
 
     @classmethod
     def load(cls, config: TrainingConfig, metrics: TrainerMetrics | None = None) -> WindowTrainer:
@@ -130,18 +155,36 @@ class WindowTrainer:
         self._states[lineage.adapter] = (lineage.version, state)
         return state
 
+    def eval_set_of(self, lineage: Lineage) -> list[EvalExample]:
+        """The evaluation set of ``lineage``'s newest version (empty for a new lineage, or
+        for a version written while evaluation was off)."""
+        cached = self._eval_sets.get(lineage.adapter)
+        if cached is not None and cached[0] == lineage.version:
+            return cached[1]
+        latest = lineage.latest
+        examples: list[EvalExample] = []
+        if latest is not None:
+            data = self.store.read_optional(lineage.adapter, latest.version, EVAL_SET_FILE)
+            if data is not None:
+                where = str(self.store.version_dir(lineage.adapter, latest.version) / EVAL_SET_FILE)
+                examples = decode_eval_set(data, where)
+        self._eval_sets[lineage.adapter] = (lineage.version, examples)
+        return examples
+
     def forget(self, lineages: dict[str, Lineage]) -> None:
         """Drop cached states that no longer match the lineages (read again from Kafka)."""
-        for adapter in list(self._states):
-            lineage = lineages.get(adapter)
-            if lineage is None or lineage.version != self._states[adapter][0]:
-                del self._states[adapter]
+        for cache in (self._states, self._eval_sets):
+            for adapter in list(cache):
+                lineage = lineages.get(adapter)
+                if lineage is None or lineage.version != cache[adapter][0]:
+                    del cache[adapter]
 
     # ── one window ───────────────────────────────────────────────────────────
 
     def train(self, window: Window, lineage: Lineage) -> Outcome:
         """Train ``window`` as the next version of ``lineage``; files durable, nothing announced."""
         state = self.state_of(lineage)
+        previous_eval = self.eval_set_of(lineage) if self.config.evaluates else []
         version = lineage.version + 1
         errors: list[str] = []
         for attempt in range(1, self.config.max_tries + 1):
@@ -153,10 +196,31 @@ class WindowTrainer:
                 self.metrics.step_failures.inc()
                 log.warning("%s v%d: step failed (%s)", lineage.adapter, version, errors[-1])
                 continue
-            stored = self._write(window, lineage.adapter, version, result)
+            if self.config.evaluates:
+                eval_set = extend_eval_set(
+                    previous_eval,
+                    (
+                        EvalExample.of(window.tp.topic, window.tp.partition, p)
+                        for p in window.held_out
+                    ),
+                    self.config.eval_size,
+                )
+                spec, seconds = self._evaluate(result.state, eval_set, lineage.adapter, version)
+                evaluation: _Evaluation | None = _Evaluation(eval_set, spec, seconds)
+            else:
+                evaluation = None
+            stored = self._write(window, lineage.adapter, version, result, evaluation)
             self.faults.at("commit", lineage.adapter, version)
+            update = self._update(window, version, stored, result, evaluation)
+            if evaluation is None:
+                return Trained(update, result.state, result.seconds, attempt)
             return Trained(
-                self._update(window, version, stored, result), result.state, result.seconds, attempt
+                update,
+                result.state,
+                result.seconds,
+                attempt,
+                evaluation.examples,
+                evaluation.seconds,
             )
         return QuarantineRecord(
             adapter=lineage.adapter,
@@ -171,6 +235,8 @@ class WindowTrainer:
         if isinstance(outcome, Trained):
             lineage.record_update(outcome.update)
             self._states[lineage.adapter] = (outcome.update.version, outcome.state)
+            if outcome.eval_seconds is not None:
+                self._eval_sets[lineage.adapter] = (outcome.update.version, outcome.eval_set)
             self.metrics.windows.inc()
             self.metrics.version.labels(lineage.adapter).set(outcome.update.version)
             self.metrics.loss.labels(lineage.adapter).set(outcome.update.train_loss)
@@ -185,8 +251,48 @@ class WindowTrainer:
         self.faults.at("step", adapter, version)
         return result
 
+    def _evaluate(
+        self, state: AdapterState, eval_set: list[EvalExample], adapter: str, version: int
+    ) -> tuple[EvalSpec | None, float]:
+        """The version's ``eval`` (None for an empty set, or one that cannot be measured:
+        an evaluation never costs a window its version) and the seconds it took."""
+        started = time.perf_counter()
+        if not eval_set:
+            return None, 0.0
+        try:
+            new = [i for i, e in enumerate(eval_set) if e.base_loss_sum is None]
+            measured = self.stepper.losses(
+                None, [(eval_set[i].prompt, eval_set[i].response) for i in new]
+            )
+            for i, (total, tokens) in zip(new, measured, strict=True):
+                eval_set[i] = replace(eval_set[i], base_loss_sum=total, tokens=tokens)
+            sums = self.stepper.losses(state, [(e.prompt, e.response) for e in eval_set])
+            count = sum(tokens for _, tokens in sums)
+            spec = EvalSpec(
+                loss=sum(total for total, _ in sums) / count,
+                base_loss=sum(e.base_loss_sum or 0.0 for e in eval_set) / count,
+                events=len(eval_set),
+            )
+        except Exception as exc:
+            log.warning("%s v%d: evaluation failed, eval is null (%r)", adapter, version, exc)
+            spec = None
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s v%d: evaluated on %d held-out events in %.1f ms",
+            adapter,
+            version,
+            len(eval_set),
+            seconds * 1000,
+        )
+        return spec, seconds
+
     def _write(
-        self, window: Window, adapter: str, version: int, result: StepResult
+        self,
+        window: Window,
+        adapter: str,
+        version: int,
+        result: StepResult,
+        evaluation: _Evaluation | None,
     ) -> StoredVersion:
         metadata = {
             "adapter": adapter,
@@ -199,10 +305,23 @@ class WindowTrainer:
             "optimizer_steps": result.state.steps,
             "window": window.spec().model_dump(mode="json"),
         }
-        return self.store.write(adapter, version, result.state, self.stepper, metadata)
+        if evaluation is None:
+            return self.store.write(adapter, version, result.state, self.stepper, metadata)
+        spec = evaluation.spec
+        metadata["eval"] = spec.model_dump(mode="json") if spec is not None else None
+        metadata["eval_seconds"] = round(evaluation.seconds, 6)
+        metadata["eval_fraction"] = self.config.eval_fraction
+        metadata["eval_size"] = self.config.eval_size
+        files = {EVAL_SET_FILE: encode_eval_set(evaluation.examples)}
+        return self.store.write(adapter, version, result.state, self.stepper, metadata, files)
 
     def _update(
-        self, window: Window, version: int, stored: StoredVersion, result: StepResult
+        self,
+        window: Window,
+        version: int,
+        stored: StoredVersion,
+        result: StepResult,
+        evaluation: _Evaluation | None,
     ) -> AdapterUpdate:
         return AdapterUpdate(
             adapter=stored.adapter,
@@ -216,4 +335,14 @@ class WindowTrainer:
             window=window.spec(),
             train_loss=result.loss,
             created_at=datetime.now(tz=UTC),
+            eval=evaluation.spec if evaluation is not None else None,
         )
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """A version's evaluation set, its measure on it, and how long measuring took."""
+
+    examples: list[EvalExample]
+    spec: EvalSpec | None
+    seconds: float

@@ -236,6 +236,56 @@ class LoraStepper:
             raise NonFiniteLossError(total / tokens, "the step made the LoRA weights non-finite")
         return StepResult(new, total / tokens, tokens, time.perf_counter() - started)
 
+    def losses(
+        self, state: AdapterState | None, examples: Sequence[tuple[str, str]]
+    ) -> list[tuple[float, int]]:
+        """Per example: the summed cross-entropy over its response tokens and their number,
+        with the step's masking, under ``state`` (None: the base model alone, the adapter
+        disabled). The mean response-token loss of a set is sum(sums) / sum(tokens).
+
+        Changes nothing that training reads: no gradients, no optimizer, no random
+        numbers drawn (the model is in eval mode, so dropout is off), the model's mode
+        put back after; every step loads its own state into the LoRA weights first.
+        """
+        if not examples:
+            return []
+        if state is not None:
+            self._load(state)
+        ids, mask, labels = build_batch(self.base.tokenizer, examples, self.lora.max_length)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if state is not None:
+                    return self._loss_sums(ids, mask, labels)
+                with self.model.disable_adapter():
+                    return self._loss_sums(ids, mask, labels)
+        finally:
+            self.model.train(was_training)
+
+    def _loss_sums(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> list[tuple[float, int]]:
+        device = self.base.device
+        out: list[tuple[float, int]] = []
+        for start in range(0, ids.shape[0], self.lora.micro_batch):
+            part = slice(start, start + self.lora.micro_batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = self.model(
+                    input_ids=ids[part].to(device), attention_mask=mask[part].to(device)
+                ).logits
+            shifted = labels[part, 1:].to(device)
+            each = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="none",
+            ).view(shifted.shape)
+            sums = each.sum(dim=1).tolist()
+            counts = (shifted != IGNORE).sum(dim=1).tolist()
+            out.extend((float(s), int(c)) for s, c in zip(sums, counts, strict=True))
+        return out
+
     def _snapshot(self, optimizer: torch.optim.Optimizer, steps: int) -> AdapterState:
         weights = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
         moments: dict[str, torch.Tensor] = {}

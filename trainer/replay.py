@@ -81,13 +81,14 @@ class AdapterPlan:
 
     adapter: str
     events: int = 0  # admitted into windows
+    held_out: int = 0  # admitted into the evaluation set, never trained on
     skipped: int = 0  # duplicates, or handled by the target lineage already
     windows: int = 0  # full windows: one version each
     open_events: int = 0  # in the last, partial window: not trained
 
     @property
     def seen(self) -> int:
-        return self.events + self.skipped
+        return self.events + self.held_out + self.skipped
 
 
 @dataclass
@@ -125,6 +126,7 @@ class ReplayReport:
     quarantined: list[QuarantineRecord] = field(default_factory=list)
     resumed_at: int = 0  # the target's version when this run started
     events: int = 0  # read and admitted into windows, the open one included
+    held_out: int = 0  # read and kept for evaluation (never trained on)
     open_events: int = 0  # in the last, partial window: not trained
     seconds: float = 0.0
 
@@ -177,7 +179,8 @@ class Replay:
         """
         ranges = self.ranges if self.ranges is not None else await self.resolve()
         plan = Plan(ranges)
-        windows = Windows(self.config.training.window_size)
+        training = self.config.training
+        windows = Windows(training.window_size, training.eval_fraction)
         shadows: dict[str, Lineage] = {}
 
         events = self._events(plan)
@@ -190,13 +193,16 @@ class Replay:
                         _copy(target) if target else Lineage(event.adapter)
                     )
                 admitted, closed = windows.offer(tp, offset, event, lineage)
-                if admitted:
-                    counts.events += 1
-                else:
+                if not admitted:
                     counts.skipped += 1
+                elif windows.holds_out(event.id):
+                    counts.held_out += 1
+                else:
+                    counts.events += 1
                 if closed is not None:
                     counts.windows += 1
                     lineage.record_window(closed.spec())  # as its commit would
+                    windows.settle(closed)
         for window in windows.open_windows():
             plan.adapters[window.adapter].open_events += len(window.events)
         return plan
@@ -249,7 +255,7 @@ class Replay:
         lineage, committer = session.lineage, session.committer
         report = ReplayReport(cfg.source, cfg.target, resumed_at=lineage.version)
         started = time.perf_counter()
-        windows = Windows(cfg.training.window_size)
+        windows = Windows(cfg.training.window_size, cfg.training.eval_fraction)
         plan = Plan(self.ranges or [])
         starts = {tp: offset + 1 for tp, offset in lineage.handled.items()}
 
@@ -258,7 +264,9 @@ class Replay:
             async with aclosing(events):
                 async for tp, offset, event in events:
                     admitted, closed = windows.offer(tp, offset, event, lineage)
-                    if admitted:
+                    if admitted and windows.holds_out(event.id):
+                        report.held_out += 1
+                    elif admitted:
                         report.events += 1
                         if on_event is not None:
                             on_event()
@@ -267,6 +275,7 @@ class Replay:
                     outcome = await train_and_commit(
                         core, committer, cfg.topics, closed, lineage, {}
                     )
+                    windows.settle(closed)
                     if isinstance(outcome, Trained):
                         report.trained.append(Replayed(outcome.update, outcome.step_seconds))
                     else:

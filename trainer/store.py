@@ -2,7 +2,8 @@
 
 Each version directory holds what PEFT and vLLM load as it is
 (``adapter_model.safetensors``, ``adapter_config.json``), the optimizer state
-(``optimizer.safetensors``) and ``lorastream.json`` (metadata). Everything is
+(``optimizer.safetensors``), ``lorastream.json`` (metadata) and, when
+evaluation is on, ``eval-set.jsonl`` (the adapter's evaluation set). Everything is
 written into a hidden temporary directory beside the target, fsynced, and
 renamed into place; the parent is fsynced after. Safetensors and JSON only:
 nothing is ever pickled. Reading checks the announced sha256 and names the
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ADAPTER_FILE",
     "CONFIG_FILE",
+    "EVAL_SET_FILE",
     "METADATA_FILE",
     "OPTIMIZER_FILE",
     "AdapterStore",
@@ -47,6 +49,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METADATA_FILE = "lorastream.json"
+EVAL_SET_FILE = "eval-set.jsonl"
 
 
 # Errors of the machine, not of the window: waiting (and freeing space) fixes them.
@@ -136,8 +139,10 @@ class AdapterStore:
         state: AdapterState,
         stepper: LoraStepper,
         metadata: Mapping[str, Any],
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> StoredVersion:
-        """Write one version; an existing one (a repeated window) is replaced whole."""
+        """Write one version; an existing one (a repeated window) is replaced whole.
+        ``extra_files`` (name → bytes) are written beside the others, as durably."""
         final = self.version_dir(adapter, version)
         parent = final.parent
         staging = parent / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
@@ -154,6 +159,8 @@ class AdapterStore:
                 str(staging / OPTIMIZER_FILE),
                 metadata={"steps": str(state.steps)},
             )
+            for name, data in (extra_files or {}).items():
+                (staging / name).write_bytes(data)
             digest = sha256_file(staging / ADAPTER_FILE)
             document = {
                 **metadata,
@@ -217,6 +224,23 @@ class AdapterStore:
                 f"adapter {adapter} v{version}: cannot read {weights_path} or {optimizer_path}: {exc}"
             ) from exc
         return AdapterState(weights=weights, optimizer=optimizer, steps=steps)
+
+    def read_optional(self, adapter: str, version: int, name: str) -> bytes | None:
+        """A version's file ``name``, or None if the version was written without it."""
+        directory = self.version_dir(adapter, version)
+        if not directory.is_dir():
+            raise AdapterStoreError(
+                f"adapter {adapter} v{version}: directory {directory} is missing"
+            )
+        path = directory / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AdapterStoreError(
+                f"adapter {adapter} v{version}: cannot read {path}: {exc}"
+            ) from exc
 
     def read_metadata(self, adapter: str, version: int) -> dict[str, Any]:
         path = self._file(adapter, version, METADATA_FILE)

@@ -4,10 +4,18 @@ One partition of ``learning-events`` interleaves the events of many adapters;
 each adapter fills its own window in offset order. The offset committed for
 a partition may never pass the first event of a window still being filled,
 or a crash would lose that window's head. :class:`Windows` tracks both.
+
+With an evaluation fraction, an event whose id hashes below it
+(:func:`held_out`) never enters a window: it waits, like an open window, in
+its adapter's held-out list until the next window of that adapter closes and
+is committed (:meth:`Windows.settle`), and the version trained on that window
+is evaluated on it. The choice depends on the id alone, so every trainer
+instance and every replay hold out the same events.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +25,16 @@ from aiokafka import TopicPartition
 from schemas import LearningEvent, WindowSpec
 from trainer.lineage import Lineage
 
-__all__ = ["PendingEvent", "Window", "Windows"]
+__all__ = ["PendingEvent", "Window", "Windows", "held_out"]
+
+
+def held_out(event_id: str, fraction: float) -> bool:
+    """Whether the event ``event_id`` is kept for evaluation: the first 8 bytes of the
+    sha256 of its id, as a fraction of 2**64, below ``fraction``. Never for 0."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(event_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,9 @@ class Window:
     adapter: str
     tp: TopicPartition
     events: list[PendingEvent] = field(default_factory=list)
+    # The adapter's held-out events read since its last window, up to this one's close:
+    # the version trained on this window adds them to its evaluation set.
+    held_out: list[PendingEvent] = field(default_factory=list)
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -64,11 +84,15 @@ class Window:
 class Windows:
     """Open windows per (partition, adapter), and the next offset read per partition."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, eval_fraction: float = 0.0) -> None:
         if size < 1:
             raise ValueError(f"window size must be at least 1, not {size}")
+        if not 0.0 <= eval_fraction < 1.0:
+            raise ValueError(f"eval fraction must be in [0, 1), not {eval_fraction}")
         self.size = size
+        self.eval_fraction = eval_fraction
         self._open: dict[tuple[TopicPartition, str], Window] = {}
+        self._held: dict[tuple[TopicPartition, str], list[PendingEvent]] = {}
         self._next: dict[TopicPartition, int] = {}
 
     def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
@@ -79,8 +103,26 @@ class Windows:
             window = self._open[key] = Window(event.adapter, tp)
         window.events.append(PendingEvent(offset, event))
         if len(window.events) >= self.size:
-            return self._open.pop(key)
+            return self._close(key)
         return None
+
+    def _close(self, key: tuple[TopicPartition, str]) -> Window:
+        window = self._open.pop(key)
+        # Copied, not moved: until the driver commits the window's outcome they still hold
+        # the committable offset back (a crash reads them again), then :meth:`settle` drops them.
+        window.held_out = list(self._held.get(key, ()))
+        return window
+
+    def settle(self, window: Window) -> None:
+        """The driver committed ``window``'s outcome: its held-out events are no longer
+        pending (in the version's evaluation set, or gone with a quarantined window)."""
+        key = (window.tp, window.adapter)
+        taken = {pending.offset for pending in window.held_out}
+        left = [p for p in self._held.get(key, ()) if p.offset not in taken]
+        if left:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
 
     def offer(
         self, tp: TopicPartition, offset: int, event: LearningEvent, lineage: Lineage
@@ -91,14 +133,27 @@ class Windows:
         (its offset) or trained (its id), or one its open window already holds,
         is not admitted: the scoring stage delivers at least once and a crash
         re-reads records. ``closed`` is the window this event filled. Either
-        way the record counts as read.
+        way the record counts as read. A held-out event is admitted to the
+        adapter's held-out list instead (by the same rule), and never closes a window.
         """
+        if self.holds_out(event.id):
+            admitted = lineage.admits(tp, offset, event.id) and not any(
+                p.event.id == event.id for p in self._held.get((tp, event.adapter), ())
+            )
+            if admitted:
+                self._held.setdefault((tp, event.adapter), []).append(PendingEvent(offset, event))
+            self.mark_read(tp, offset)
+            return admitted, None
         admitted = lineage.admits(tp, offset, event.id) and not self.holds(
             tp, event.adapter, event.id
         )
         closed = self.add(tp, offset, event) if admitted else None
         self.mark_read(tp, offset)
         return admitted, closed
+
+    def holds_out(self, event_id: str) -> bool:
+        """Whether this event is held out of training, for evaluation."""
+        return held_out(event_id, self.eval_fraction)
 
     def holds(self, tp: TopicPartition, adapter: str, event_id: str) -> bool:
         window = self._open.get((tp, adapter))
@@ -114,28 +169,41 @@ class Windows:
             return
         now = time.monotonic()
         for key in [k for k, w in self._open.items() if now - w.opened_at >= max_wait]:
-            yield self._open.pop(key)
+            yield self._close(key)
 
     def committable(self) -> dict[TopicPartition, int]:
         """Per partition: the offset below which every record is handled for good."""
         offsets = dict(self._next)
         for (tp, _), window in self._open.items():
             offsets[tp] = min(offsets.get(tp, window.first_offset), window.first_offset)
+        for (tp, _), held in self._held.items():
+            if held:  # held-out events not yet in a committed version are read again
+                offsets[tp] = min(offsets.get(tp, held[0].offset), held[0].offset)
         return offsets
 
     def drop(self, partitions: set[TopicPartition]) -> None:
         """Forget revoked partitions: their uncommitted records go to the next owner."""
         for key in [k for k in self._open if k[0] in partitions]:
             del self._open[key]
+        for key in [k for k in self._held if k[0] in partitions]:
+            del self._held[key]
         for tp in partitions:
             self._next.pop(tp, None)
 
     def keep_only(self, partitions: set[TopicPartition]) -> None:
         """Forget every partition but ``partitions`` (the new assignment)."""
-        self.drop((set(self._next) | {tp for tp, _ in self._open}) - partitions)
+        known = set(self._next) | {tp for tp, _ in self._open} | {tp for tp, _ in self._held}
+        self.drop(known - partitions)
 
     def open_windows(self) -> list[Window]:
         return list(self._open.values())
+
+    def held(self) -> dict[str, int]:
+        """Held-out events not yet in a committed version, per adapter."""
+        counts: dict[str, int] = {}
+        for (_, adapter), events in self._held.items():
+            counts[adapter] = counts.get(adapter, 0) + len(events)
+        return counts
 
     def pending(self) -> dict[str, int]:
         """Events waiting in open windows, per adapter (over its partitions)."""

@@ -28,7 +28,11 @@ async def test_a_trainer_dead_inside_its_transaction_never_hides_versions_from_a
     first = [(b"alpha", encode(learning_event("alpha", n))) for n in range(32)]
     await produce(kafka_bootstrap, topics.learning_events, first)
     env = worker_env(
-        kafka_bootstrap, prefix, tmp_path / "home", LORASTREAM_ADAPTER_DIR=str(tmp_path / "ad")
+        kafka_bootstrap,
+        prefix,
+        tmp_path / "home",
+        LORASTREAM_ADAPTER_DIR=str(tmp_path / "ad"),
+        LORASTREAM_EVAL_FRACTION="0",  # check_windows re-derives windows of every event
     )
     dying = Worker(
         ["train"],
@@ -72,7 +76,11 @@ async def test_batches_fetched_across_rebalances_are_read_again_not_handled_twic
             events.append((name.encode(), encode(learning_event(name, n))))
     await produce(kafka_bootstrap, topics.learning_events, events)
     env = worker_env(
-        kafka_bootstrap, prefix, tmp_path / "home", LORASTREAM_ADAPTER_DIR=str(tmp_path / "ad")
+        kafka_bootstrap,
+        prefix,
+        tmp_path / "home",
+        LORASTREAM_ADAPTER_DIR=str(tmp_path / "ad"),
+        LORASTREAM_EVAL_FRACTION="0",  # check_windows re-derives windows of every event
     )
     with Worker(["train"], {**env, "LORASTREAM_INSTANCE_ID": "a"}, tmp_path / "a.log") as first:
         await wait_for(first.said(" v3:"), 120, "a to train")

@@ -74,6 +74,7 @@ class Live:
                 self.prefix,
                 self.home,
                 LORASTREAM_ADAPTER_DIR=str(self.adapters),
+                LORASTREAM_EVAL_FRACTION="0",
             ),
             **more,
         }
@@ -86,7 +87,14 @@ async def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
     topics = await make_topics(kafka_bootstrap, prefix)
     await produce(kafka_bootstrap, topics.learning_events, _stream())
     home, adapters = root / "home", root / "adapters"
-    env = worker_env(kafka_bootstrap, prefix, home, LORASTREAM_ADAPTER_DIR=str(adapters))
+    # Evaluation off: the windows and files compared are those of every event, as before.
+    env = worker_env(
+        kafka_bootstrap,
+        prefix,
+        home,
+        LORASTREAM_ADAPTER_DIR=str(adapters),
+        LORASTREAM_EVAL_FRACTION="0",
+    )
     with Worker(["train"], env, root / "train.log") as worker:
         records = await read_all(kafka_bootstrap, topics.adapter_updates, 3, timeout=180, settle=2)
         assert worker.alive(), worker.output()
@@ -166,6 +174,7 @@ async def test_the_live_trainer_and_replay_train_through_one_core(
         topic_prefix=prefix,
         adapter_dir=tmp_path / "adapters",
         home=tmp_path / "home",
+        eval_fraction=0,  # one window of all 16 events
     )
 
     trainer = Trainer(trainer_config(settings))
@@ -464,7 +473,13 @@ async def test_time_ranges_and_offsets_the_cluster_dropped(
         await producer.stop()
     env = {
         **os.environ,
-        **worker_env(kafka_bootstrap, prefix, tmp_path, LORASTREAM_ADAPTER_DIR=str(tmp_path)),
+        **worker_env(
+            kafka_bootstrap,
+            prefix,
+            tmp_path,
+            LORASTREAM_ADAPTER_DIR=str(tmp_path),
+            LORASTREAM_EVAL_FRACTION="0",
+        ),
     }
 
     def replay(*args: str) -> subprocess.CompletedProcess[str]:

@@ -69,7 +69,15 @@ async def _setup(bootstrap: str, prefix: str) -> Topics:
 
 
 def _env(bootstrap: str, prefix: str, home: Path, adapters: Path, **more: str) -> dict[str, str]:
-    return worker_env(bootstrap, prefix, home, LORASTREAM_ADAPTER_DIR=str(adapters), **more)
+    # Evaluation off: the expected windows (and the reference digests) hold every event.
+    return worker_env(
+        bootstrap,
+        prefix,
+        home,
+        LORASTREAM_ADAPTER_DIR=str(adapters),
+        LORASTREAM_EVAL_FRACTION="0",
+        **more,
+    )
 
 
 async def _updates(
