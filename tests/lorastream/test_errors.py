@@ -36,6 +36,8 @@ KAFKA_COMMANDS = [
     ["replay", "--dry-run"],
     ["dead-letters", "list"],
     ["quarantine", "list"],
+    ["status"],
+    ["serve", "--backend", "vllm", "--url", "http://127.0.0.1:9"],
 ]
 # And those that do not, which still read the settings.
 OTHER_COMMANDS = [["broker", "status"], ["broker", "stop"], ["demo"]]
