@@ -1,7 +1,9 @@
 """Adapter versions trained once per session by the real core, and the contract servers.
 
 ``trained`` holds four versions of ``tutor`` on the built-in tiny model; each test gets
-its own copy (``versions``), so that a test may corrupt its files. The contract servers
+its own copy (``versions``), so that a test may corrupt its files. ``worsened`` holds
+versions of ``tutor`` evaluated on held-out events, the newest of them made worse on
+purpose: a window of garbage trained at a high learning rate. The contract servers
 (``tests/serving/contract.py``) stand in for vLLM and SGLang.
 """
 
@@ -19,6 +21,16 @@ from tests.serving.contract import ContractServer, contract_server
 
 ADAPTER = "tutor"
 VERSIONS = 4
+EVERY_LAYER = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,74 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
             core.committed(lineage, outcome)
     assert [u.version for u in lineage.updates] == list(range(1, VERSIONS + 1))
     return Trained(model_dir, list(lineage.updates))
+
+
+@pytest.fixture(scope="session")
+def worsened(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> list[AdapterUpdate]:
+    """Four good versions of ``tutor`` (the learnable pairs, a quarter of the events held
+    out and evaluated; LoRA on every layer, at the contract servers' highest rank, so that
+    four windows of four learn), then v5: a window of random CJK characters (bytes that no
+    held-out response has) at ten times the learning rate, on the same evaluation set.
+    Real eval losses, measured by the trainer. (Random printable ASCII is no garbage to
+    this byte-level model: it teaches which bytes are printable, and the eval loss falls.)"""
+    import itertools
+    import random
+
+    from aiokafka import TopicPartition
+
+    from tests.trainer.events import learning_event
+    from trainer.core import Trained as Outcome
+    from trainer.core import TrainingConfig, WindowTrainer
+    from trainer.lineage import Lineage
+    from trainer.lora import LoraSettings
+    from schemas import LearningEvent
+    from trainer.window import Windows, held_out
+
+    fraction, size = 0.25, 4
+    adapters = tmp_path_factory.mktemp("worsened")
+    lineage, windows = Lineage(ADAPTER), Windows(size, fraction)
+    tp = TopicPartition("learning-events", 0)
+
+    def core(learning_rate: float) -> WindowTrainer:
+        return WindowTrainer.load(
+            TrainingConfig(
+                adapter_dir=adapters,
+                base_model=trained.model_dir,
+                base_model_name=str(trained.model_dir),
+                window_size=size,
+                device="cpu",
+                lora=LoraSettings(
+                    r=16, alpha=48, target_modules=EVERY_LAYER, learning_rate=learning_rate
+                ),
+                eval_fraction=fraction,
+            )
+        )
+
+    def feed(trainer: WindowTrainer, events: list[LearningEvent], until: int) -> None:
+        """Offer events from the next offset until version ``until`` is trained."""
+        for event in events:
+            _, window = windows.offer(tp, next(offsets), event, lineage)
+            if window is not None:
+                outcome = trainer.train(window, lineage)
+                assert isinstance(outcome, Outcome)
+                trainer.committed(lineage, outcome)
+                windows.settle(window)
+                if lineage.version == until:
+                    return  # the window just closed: none is open
+        raise AssertionError(f"too few events for v{until}")
+
+    offsets = itertools.count()
+    feed(core(5e-3), [learning_event(ADAPTER, n) for n in range(60)], until=4)
+
+    rng = random.Random(0)
+    garbage = []
+    for n in range(40):
+        event = learning_event(ADAPTER, 100 + n)
+        junk = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(12))
+        if not held_out(event.id, fraction):  # the evaluation set stays what it was
+            garbage.append(event.model_copy(update={"response": junk}))
+    feed(core(5e-2), garbage, until=5)
+    return list(lineage.updates)
 
 
 @pytest.fixture

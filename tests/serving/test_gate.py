@@ -194,6 +194,35 @@ async def test_a_version_that_regresses_is_never_loaded_and_the_best_one_stays_l
 
 
 @pytest.mark.timeout(90)
+async def test_a_version_trained_worse_on_purpose_is_refused_and_the_previous_stays_live(
+    kafka_bootstrap: str, prefix: str, server: ContractServer, worsened: list[AdapterUpdate]
+) -> None:
+    """No fabricated losses: v5 is a window of garbage at ten times the learning rate, and
+    the trainer's own evaluation on the same held-out events says it regressed."""
+    *good, bad = worsened
+    assert [u.version for u in worsened] == [1, 2, 3, 4, 5]
+    assert all(u.eval is not None for u in worsened)
+    losses = [u.eval.loss for u in good]  # type: ignore[union-attr]
+    assert losses == sorted(losses, reverse=True), f"the good versions did not learn: {losses}"
+    assert bad.eval is not None and good[-1].eval is not None
+    assert bad.eval.events == good[-1].eval.events, "the evaluation set changed"
+    assert bad.eval.loss > good[-1].eval.loss * 1.1, (bad.eval, good[-1].eval)
+
+    topics = await make_topics(kafka_bootstrap, prefix)
+    await announce(kafka_bootstrap, topics, good)
+    config = config_for(kafka_bootstrap, topics, prefix, server, keep=2, drain_seconds=0.2)
+    async with running(config) as serve:
+        await eventually(lambda: serve.live("tutor") == "tutor-v4", what="v4 live")
+        await announce(kafka_bootstrap, topics, [bad])
+        await eventually(lambda: _refusals(serve) == 1, what="v5 refused")
+        await asyncio.sleep(0.5)  # more than the drain and a poll: nothing may change
+        assert serve.live("tutor") == "tutor-v4"
+        assert 5 in serve.versions["tutor"].refused
+    assert "tutor-v5" not in server.loads(), "the worse version reached the server"
+    assert server.loads()[-1] == "tutor-v4"
+
+
+@pytest.mark.timeout(90)
 async def test_max_regression_wide_enough_lets_a_worse_version_through(
     kafka_bootstrap: str, prefix: str, server: ContractServer, versions: list[AdapterUpdate]
 ) -> None:
