@@ -93,6 +93,7 @@ MaxTriesOption = Annotated[int | None, typer.Option(help=help_for("max_tries"))]
 DeviceOption = Annotated[str | None, typer.Option(help=help_for("device"))]
 SeedOption = Annotated[int | None, typer.Option(help=help_for("seed"))]
 LearningRateOption = Annotated[float | None, typer.Option(help=help_for("learning_rate"))]
+StepsPerWindowOption = Annotated[int | None, typer.Option(help=help_for("steps_per_window"))]
 LoraROption = Annotated[int | None, typer.Option(help=help_for("lora_r"))]
 LoraAlphaOption = Annotated[float | None, typer.Option(help=help_for("lora_alpha"))]
 TargetModulesOption = Annotated[str | None, typer.Option(help=help_for("lora_target_modules"))]
@@ -315,6 +316,7 @@ def train(
         typer.Option(help=help_for("instance_id")),
     ] = None,
     learning_rate: LearningRateOption = None,
+    steps_per_window: StepsPerWindowOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
@@ -342,6 +344,7 @@ def train(
         seed=seed,
         instance_id=instance_id,
         learning_rate=learning_rate,
+        steps_per_window=steps_per_window,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,
@@ -449,6 +452,7 @@ def replay(
     device: DeviceOption = None,
     seed: SeedOption = None,
     learning_rate: LearningRateOption = None,
+    steps_per_window: StepsPerWindowOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
@@ -477,6 +481,7 @@ def replay(
         device=device,
         seed=seed,
         learning_rate=learning_rate,
+        steps_per_window=steps_per_window,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,

@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     learning_rate: float | None = _setting(
         None, "LORASTREAM_LEARNING_RATE", "AdamW learning rate", shown="2e-3", gt=0
     )
+    steps_per_window: int = _setting(
+        1,
+        "LORASTREAM_STEPS_PER_WINDOW",
+        "AdamW steps on each window: more learn more from each event, at that many times "
+        "the step's time",
+        ge=1,
+        le=64,
+    )
     rouge_threshold: float = _setting(
         0.7, "LORASTREAM_ROUGE_THRESHOLD", "a breakthrough needs ROUGE-L above this"
     )

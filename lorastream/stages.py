@@ -45,19 +45,14 @@ def scoring_config(settings: Settings) -> ScoringConfig:
 def lora_settings(settings: Settings) -> LoraSettings:
     from trainer.lora import LoraSettings
 
-    if settings.learning_rate is None:
-        return LoraSettings(
-            r=settings.lora_r,
-            alpha=settings.lora_alpha,
-            dropout=settings.lora_dropout,
-            target_modules=settings.target_modules,
-        )
+    rate = {} if settings.learning_rate is None else {"learning_rate": settings.learning_rate}
     return LoraSettings(
         r=settings.lora_r,
         alpha=settings.lora_alpha,
         dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
-        learning_rate=settings.learning_rate,
+        steps_per_window=settings.steps_per_window,
+        **rate,
     )
 
 

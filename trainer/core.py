@@ -300,6 +300,8 @@ class WindowTrainer:
             "base_model": self.config.base_model_name,
             "base_model_fingerprint": self.base.fingerprint,
             "seed": self.config.seed,
+            "learning_rate": self.config.lora.learning_rate,
+            "steps_per_window": self.config.lora.steps_per_window,
             "train_loss": result.loss,
             "tokens": result.tokens,
             "optimizer_steps": result.state.steps,

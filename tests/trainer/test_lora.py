@@ -96,6 +96,33 @@ def test_optimizer_state_carries_over(base: BaseModel) -> None:
     assert any(not torch.equal(two.weights[k], other.weights[k]) for k in two.weights)
 
 
+def test_steps_per_window_are_that_many_steps_on_the_window_reporting_the_first_loss(
+    tiny_model_dir: Path,
+) -> None:
+    """Three steps per window are, bit for bit, three one-step windows of the same events
+    (the optimizer's moments and step count carried between them); the loss announced is
+    the window's loss before it trained, the first step's."""
+    three = LoraStepper(
+        load_base_model(tiny_model_dir, torch.device("cpu")),
+        LoraSettings(steps_per_window=3),
+        seed=0,
+    )
+    one = LoraStepper(load_base_model(tiny_model_dir, torch.device("cpu")), LoraSettings(), seed=0)
+    result = three.step(three.initial_state(), WINDOW)
+
+    state, losses = one.initial_state(), []
+    for _ in range(3):
+        single = one.step(state, WINDOW)
+        state, losses = single.state, [*losses, single.loss]
+    assert result.loss == losses[0] and losses[2] < losses[0] - 0.05, losses
+    assert result.state.steps == state.steps == 3
+    assert all(torch.equal(result.state.weights[k], state.weights[k]) for k in state.weights)
+    assert all(torch.equal(result.state.optimizer[k], state.optimizer[k]) for k in state.optimizer)
+    # ... and not one step's weights.
+    first = one.step(one.initial_state(), WINDOW).state
+    assert any(not torch.equal(first.weights[k], state.weights[k]) for k in state.weights)
+
+
 def test_a_non_finite_loss_raises_and_changes_nothing(base: BaseModel) -> None:
     stepper = LoraStepper(base, LoraSettings(), seed=0)
     state = stepper.initial_state()
@@ -121,6 +148,7 @@ def test_unknown_target_modules_are_an_error(base: BaseModel) -> None:
         ("dropout", 1.0),
         ("learning_rate", float("nan")),
         ("target_modules", ()),
+        ("steps_per_window", 0),
     ],
 )
 def test_lora_settings_name_the_bad_field(field: str, value: object) -> None:
