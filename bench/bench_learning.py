@@ -60,11 +60,13 @@ from lorastream.admin import create_topics, delete_topics, list_topics, topic_sp
 from lorastream.broker import default_home, kafka_answers
 from lorastream.demo import TRAINING
 from lorastream.follow import follow
+from lorastream.plots import Panel, draw_learning
 from lorastream.settings import load_settings
 from lorastream.stages import lora_settings
 from schemas import AdapterUpdate, GenerationResult, KafkaPosition, Topics, encode
 from streams.scoring import Thresholds, process
 from tests.kafka_util import Worker, produce, worker_env
+from trainer.offline import fine_tune
 
 WINDOW = 16
 HOLD_OUT = 10  # one pair in HOLD_OUT is held out (by a hash of its id)
@@ -224,54 +226,6 @@ class Evaluator:
                 return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
             with model.disable_adapter():
                 return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
-
-
-def _draw(
-    png: Path,
-    tasks: list[Task],
-    updates: dict[str, list[AdapterUpdate]],
-    streamed: dict[str, list[float]],
-    offline: dict[str, float],
-    base: dict[str, float],
-    title: str,
-    steps_per_window: int,
-) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5 * len(tasks), 4.2), dpi=100)
-    FigureCanvasAgg(figure)
-    for i, task in enumerate(tasks, 1):
-        axes = figure.add_subplot(1, len(tasks), i)
-        versions = [u.version for u in updates[task.adapter]]
-        axes.plot(
-            versions,
-            [u.train_loss for u in updates[task.adapter]],
-            marker=".",
-            label="train loss (window, before its step)",
-        )
-        axes.plot(
-            [0, *versions],
-            [base[task.adapter], *streamed[task.adapter]],
-            marker=".",
-            label="held-out loss after the version",
-        )
-        axes.axhline(
-            offline[task.adapter],
-            color="C2",
-            linestyle="--",
-            label="offline fine-tune, held-out (mean of the shuffles)",
-        )
-        axes.set_title(f"{task.adapter} ({len(task.held_out)} held-out pairs)")
-        axes.set_xlabel(f"version ({steps_per_window} AdamW step(s) per window of 16)")
-        axes.set_ylabel("nats per response token")
-        axes.set_ylim(bottom=0)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png)
 
 
 async def _follow_versions(
@@ -504,14 +458,10 @@ def _bench(
         ]
         per_epoch: list[list[float]] = [[] for _ in range(epochs)]
         for shuffle in range(params.shuffles):
-            rng = random.Random(f"offline-{task.adapter}" + (f"-{shuffle}" if shuffle else ""))
-            order = list(events)
-            state = evaluator.stepper.initial_state()
-            for epoch in range(epochs):
-                rng.shuffle(order)
-                for start in range(0, len(order), WINDOW):
-                    state = evaluator.stepper.step(state, order[start : start + WINDOW]).state
-                    steps += 1
+            seed = f"offline-{task.adapter}" + (f"-{shuffle}" if shuffle else "")
+            states = fine_tune(evaluator.stepper, events, WINDOW, epochs, seed)
+            steps += epochs * -(-len(events) // WINDOW)
+            for epoch, state in enumerate(states):
                 evaluator.set_weights(state.weights)
                 per_epoch[epoch].append(evaluator.loss(task.held_out))
         offline[task.adapter] = [sum(e) / len(e) for e in per_epoch]
@@ -576,17 +526,23 @@ def _bench(
         )
     )
 
-    _draw(
+    draw_learning(
         png,
-        tasks,
-        updates,
-        streamed,
-        {a: o[-1] for a, o in offline.items()},
-        base,
+        [
+            Panel(
+                title=f"{t.adapter} ({len(t.held_out)} held-out pairs)",
+                versions=[u.version for u in updates[t.adapter]],
+                train=[u.train_loss for u in updates[t.adapter]],
+                held_out=list(streamed[t.adapter]),
+                base=base[t.adapter],
+                offline=offline[t.adapter][-1],
+                offline_label=f"offline, {epochs} epochs (mean of {params.shuffles} shuffles)",
+            )
+            for t in tasks
+        ],
         f"streamed vs offline ({epochs} epochs) on the same events: LoRA r {lora.r}, "
-        f"lr {lora.learning_rate:g}, windows of {WINDOW}, "
-        f"{params.steps_per_window} step(s) per window",
-        params.steps_per_window,
+        f"lr {lora.learning_rate:g}, windows of {WINDOW}",
+        f"version ({params.steps_per_window} AdamW step(s) per window of {WINDOW})",
     )
     print(f"picture: {png}")
 

@@ -113,6 +113,8 @@ class DemoTraining:
     lora_alpha: int = 96
     target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
     versions: int = 40  # per adapter
+    eval_fraction: float = 0.1  # the default: a tenth of the events held out, never trained
+    offline_epochs: int = 3
 
     def environment(self) -> dict[str, str]:
         return {
@@ -122,9 +124,10 @@ class DemoTraining:
             "LORASTREAM_LORA_ALPHA": str(self.lora_alpha),
             "LORASTREAM_LORA_DROPOUT": "0",
             "LORASTREAM_LORA_TARGET_MODULES": self.target_modules,
-            # Every event trains: the demo's windows and versions are counted in advance,
-            # and its own held-out check is the load-and-generate step at the end.
-            "LORASTREAM_EVAL_FRACTION": "0",
+            # Set, though it is the default, so that the caller's environment cannot change
+            # which events train: the demo counts its windows in advance.
+            "LORASTREAM_EVAL_FRACTION": str(self.eval_fraction),
+            "LORASTREAM_STEPS_PER_WINDOW": "1",
         }
 
 
@@ -148,6 +151,7 @@ _DEFAULTS = {
     "LORASTREAM_LORA_ALPHA": "lora_alpha",
     "LORASTREAM_LORA_TARGET_MODULES": "lora_target_modules",
     "LORASTREAM_EVAL_FRACTION": "eval_fraction",
+    "LORASTREAM_STEPS_PER_WINDOW": "steps_per_window",
 }
 
 
@@ -165,24 +169,31 @@ class DemoError(LorastreamError):
 
 
 def demo_records(events_per_adapter: int = TRAINING.window_size * TRAINING.versions) -> list[bytes]:
-    """The data set: per adapter, ``events_per_adapter`` results that qualify and one in
-    four that does not, the adapters interleaved, with :data:`BAD_LINES` in place.
+    """The data set: per adapter, ``events_per_adapter`` results that qualify and train,
+    the qualifying ones the trainer holds out (by the hash of their id) on top, and one in
+    four that does not qualify; the adapters interleaved, with :data:`BAD_LINES` in place.
 
     Of every four results of an adapter, one is a breakthrough (ROUGE-L 1.0 against
     its baseline, entropy down 0.35), two move the entropy by more than 0.15, and one
-    moves it by 0.05 and is dropped. The qualifying ones alternate between the
-    adapter's pairs, so that every window holds each pair equally often.
+    moves it by 0.05 and is dropped. The ones that train alternate between the
+    adapter's pairs, so that every window holds each pair equally often; so do the
+    held-out ones.
     """
+    from trainer.window import held_out
+
     per_adapter: dict[str, list[bytes]] = {}
     for adapter, pairs in TASKS.items():
         lines: list[bytes] = []
-        qualified = 0
+        trained = kept = 0
         i = 0
-        while qualified < events_per_adapter:
+        while trained < events_per_adapter:
             kind = i % 4
-            prompt, response = pairs[(qualified if kind < 3 else i) % len(pairs)]
+            doc_id = f"{adapter}-{i:04d}"
+            evaluated = kind < 3 and held_out(doc_id, TRAINING.eval_fraction)
+            n = i if kind == 3 else kept if evaluated else trained
+            prompt, response = pairs[n % len(pairs)]
             doc: dict[str, Any] = {
-                "id": f"{adapter}-{i:04d}",
+                "id": doc_id,
                 "adapter": adapter,
                 "prompt": prompt,
                 "response": response,
@@ -195,7 +206,8 @@ def demo_records(events_per_adapter: int = TRAINING.window_size * TRAINING.versi
             doc["entropy_before"] = 2.0
             doc["entropy_after"] = round(2.0 + delta, 2)
             lines.append(orjson.dumps(doc))
-            qualified += kind < 3
+            kept += evaluated
+            trained += kind < 3 and not evaluated
             i += 1
         per_adapter[adapter] = lines
     good = [line for row in _zip_longest(list(per_adapter.values())) for line in row]
@@ -313,7 +325,7 @@ class _Run:
         self.follow(expected)
         self.dead_letters()
         self._signal_workers()  # their work is done; they shut down while the demo goes on
-        self.picture()
+        self.picture(lines)
         self.load()
 
     def kafka(self) -> None:
@@ -423,7 +435,7 @@ class _Run:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
                 )
-        qualifying = self._qualifying(lines)
+        qualifying, held = self._qualifying(lines)
         t = self.settings.thresholds
         self.say(
             f"scorer (`lorastream score`, a Faust worker): ROUGE-L of each response against its "
@@ -437,6 +449,11 @@ class _Run:
             "adapter is ONE AdamW step of PEFT LoRA on the built-in tiny Llama (2 layers, "
             "hidden 64, byte-level tokenizer), on the CPU; files first, then the announcement "
             "and the offsets in one Kafka transaction"
+        )
+        self.say(
+            f"held out: {sum(held.values())} of the {sum(qualifying.values())} events (a tenth, "
+            "by the sha256 of the event id) never train; every version is evaluated on its "
+            "adapter's, and its announcement says how (`eval`)"
         )
         self.say(
             "the demo's own training settings, so that the random tiny model learns its pairs "
@@ -454,20 +471,24 @@ class _Run:
             f"logs: {self.logs / 'scorer.log'}, {self.logs / 'trainer.log'}"
             + ("" if self.keep else " (removed at the end; --keep keeps them)")
         )
-        return Counter({a: n // TRAINING.window_size for a, n in qualifying.items()})
+        return Counter({a: (n - held[a]) // TRAINING.window_size for a, n in qualifying.items()})
 
-    def _qualifying(self, lines: list[bytes]) -> Counter[str]:
-        """Per adapter, the events the scorer will emit: its own rule, applied here."""
+    def _qualifying(self, lines: list[bytes]) -> tuple[Counter[str], Counter[str]]:
+        """Per adapter, the events the scorer will emit (its own rule, applied here), and
+        how many of them the trainer holds out."""
         from schemas import KafkaPosition
         from streams.scoring import process
+        from trainer.window import held_out
 
         where = KafkaPosition(self.topics.generation_results, 0, 0)
         counts: Counter[str] = Counter()
+        held: Counter[str] = Counter()
         for line in lines:
             event = process(line, where, None, self.settings.thresholds).event
             if event is not None:
                 counts[event.adapter] += 1
-        return counts
+                held[event.adapter] += held_out(event.id, TRAINING.eval_fraction)
+        return counts, held
 
     def follow(self, expected: Counter[str]) -> None:
         from rich.progress import (
@@ -595,34 +616,115 @@ class _Run:
                 return records
             await asyncio.sleep(0.3)
 
-    def picture(self) -> None:
+    def picture(self, lines: list[bytes]) -> None:
+        from lorastream.plots import Panel, draw_learning
+
         self.stage(5, "What the adapters learned")
-        series: dict[str, list[tuple[int, float]]] = {}
+        newest: dict[str, AdapterUpdate] = {}
+        series: dict[str, list[AdapterUpdate]] = {}
         for update in sorted(self.updates, key=lambda u: (u.adapter, u.version)):
-            series.setdefault(update.adapter, []).append((update.version, update.train_loss))
+            series.setdefault(update.adapter, []).append(update)
+            newest[update.adapter] = update
+        with self.console.status(
+            f"an offline fine-tune on the same events ({TRAINING.offline_epochs} epochs), "
+            "for comparison…"
+        ):
+            offline = self._offline(lines, series)
+        panels = []
+        for adapter, updates in series.items():
+            first = next((u.eval for u in updates if u.eval is not None), None)
+            panels.append(
+                Panel(
+                    title=adapter,
+                    versions=[u.version for u in updates],
+                    train=[u.train_loss for u in updates],
+                    held_out=[u.eval.loss if u.eval else None for u in updates],
+                    base=first.base_loss if first else None,
+                    offline=offline[adapter][-1] if adapter in offline else None,
+                    offline_label=f"offline, {TRAINING.offline_epochs} epochs, same events",
+                )
+            )
         self.results.mkdir(parents=True, exist_ok=True)
         png = self.results / "loss.png"
         with self.console.status("drawing the loss of every version…"):
-            _draw(
+            draw_learning(
                 png,
-                series,
+                panels,
                 f"lorastream demo {self.name}: windows of {TRAINING.window_size} events, "
                 f"LoRA r {TRAINING.lora_r}, learning rate {TRAINING.learning_rate:g}",
+                "version (one AdamW step per window)",
+                chance=CHANCE,
             )
         self.say(f"loss per version: {png}")
-        for adapter, points in series.items():
-            below = next((v for v, loss in points if loss < 2.0), None)
+        for adapter, updates in series.items():
+            below = next((u.version for u in updates if u.train_loss < 2.0), None)
             self.plain(
-                f"  {adapter}: {points[0][1]:.2f} → {points[-1][1]:.2f} over {len(points)} versions"
-                + (f" (below 2 from v{below})" if below else "")
+                f"  {adapter}: {updates[0].train_loss:.2f} → {updates[-1].train_loss:.2f} "
+                f"over {len(updates)} versions" + (f" (below 2 from v{below})" if below else "")
             )
+            last = newest[adapter]
+            if last.eval is not None and adapter in offline:
+                epochs = offline[adapter]
+                self.plain(
+                    f"    held-out ({last.eval.events} events): base {last.eval.base_loss:.2f} "
+                    f"→ v{last.version} {last.eval.loss:.2f}; an offline fine-tune on the same "
+                    f"{len(updates) * TRAINING.window_size} events: {epochs[0]:.2f} after one "
+                    f"epoch (as many steps as the stream), {epochs[-1]:.2f} after "
+                    f"{len(epochs)}"
+                )
         self.say(
             f"chance level is ln {VOCABULARY} = {CHANCE:.2f}: the tiny model reads and writes "
             f"bytes ({VOCABULARY} token ids), and a model that knows nothing spreads its bet "
             "evenly over them. The base model is random, so v1 starts there; each version's "
-            "loss is its window's mean cross-entropy per response token, measured just before "
-            "its step."
+            "train loss is its window's mean cross-entropy per response token, measured just "
+            "before its step, and its held-out loss is measured after it on events no window "
+            "trained on (here they repeat the trained pairs, so it measures how well they "
+            "were learnt; bench/bench_learning.py holds out pairs never seen). The offline "
+            f"line: a fresh LoRA trained on the same events, shuffled, "
+            f"{TRAINING.offline_epochs} times over."
         )
+
+    def _offline(
+        self, lines: list[bytes], series: dict[str, list[AdapterUpdate]]
+    ) -> dict[str, list[float]]:
+        """Per adapter: the held-out loss (on its newest version's evaluation set) of an
+        offline fine-tune on exactly the events its windows trained on, after each epoch."""
+        from trainer.evaluation import decode_eval_set
+        from trainer.lora import LoraSettings, LoraStepper
+        from trainer.model import load_base_model
+        from trainer.offline import fine_tune, mean_loss
+        from trainer.store import EVAL_SET_FILE
+
+        _quiet_transformers()
+        import torch
+
+        torch.set_num_threads(1)  # the tiny model's ops take microseconds: see load()
+        pairs: dict[str, tuple[str, str]] = {}
+        for line in lines:
+            with suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                doc = orjson.loads(line)
+                pairs[doc["id"]] = (doc["prompt"], doc["response"])
+        any_update = next(iter(series.values()))[-1]
+        base = load_base_model(Path(any_update.base_model), torch.device("cpu"))
+        lora = LoraSettings(
+            r=TRAINING.lora_r,
+            alpha=TRAINING.lora_alpha,
+            target_modules=tuple(TRAINING.target_modules.split(",")),
+            learning_rate=TRAINING.learning_rate,
+        )
+        stepper = LoraStepper(base, lora, seed=self.settings.seed)
+        losses = {}
+        for adapter, updates in series.items():
+            eval_file = Path(updates[-1].uri) / EVAL_SET_FILE
+            if not eval_file.exists():
+                continue
+            held = [(e.prompt, e.response) for e in decode_eval_set(eval_file.read_bytes(), "")]
+            events = [pairs[i] for u in updates for i in u.window.event_ids]
+            states = fine_tune(
+                stepper, events, TRAINING.window_size, TRAINING.offline_epochs, f"offline-{adapter}"
+            )
+            losses[adapter] = [mean_loss(stepper, state, held) for state in states]
+        return losses
 
     def load(self) -> None:
         self.stage(6, "Load with PEFT, as a serving system would")
@@ -836,33 +938,3 @@ def _common_prefix(a: str, b: str) -> int:
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )
-
-
-def _draw(png: Path, series: dict[str, list[tuple[int, float]]], title: str) -> None:
-    """A PNG of loss per version, one line per adapter, with the chance level."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for adapter, points in series.items():
-        axes.plot([v for v, _ in points], [loss for _, loss in points], marker=".", label=adapter)
-    axes.axhline(CHANCE, color="grey", linestyle="--", linewidth=1)
-    axes.annotate(
-        f"chance: ln {VOCABULARY} = {CHANCE:.2f}",
-        (1.0, CHANCE),
-        xycoords=("axes fraction", "data"),
-        xytext=(-4, 4),
-        textcoords="offset points",
-        ha="right",
-        color="grey",
-    )
-    axes.set_xlabel("version (one AdamW step per window)")
-    axes.set_ylabel("training loss (nats per response token)")
-    axes.set_ylim(0, CHANCE + 0.8)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(png)

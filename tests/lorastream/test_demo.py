@@ -22,6 +22,7 @@ from lorastream.demo import BAD_LINES, TASKS, TRAINING, demo_records
 from schemas import KafkaPosition, Topics
 from streams.scoring import Thresholds, process
 from tests.kafka_util import LORASTREAM
+from trainer.window import held_out
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -54,17 +55,19 @@ def _topics(bootstrap: str, prefix: str) -> set[str]:
 
 
 def test_demo_data_gives_every_adapter_balanced_full_windows() -> None:
-    """No broker: the scorer's own rule keeps exactly the planned events, every window
-    holds each of an adapter's pairs equally often, and the bad lines sit where the
-    other test expects them."""
+    """No broker: the scorer's own rule keeps exactly the planned events, the trainer's
+    hold-out takes a tenth of them and leaves full windows, every window holds each pair
+    equally often, and the bad lines sit where the other test expects them."""
     lines = demo_records()
     assert {n: lines[n - 1] for n in BAD_LINES} == BAD_LINES
     kept: dict[str, list[tuple[str, str]]] = {}
+    held: dict[str, list[tuple[str, str]]] = {}
     for line in lines:
         event = process(line, KafkaPosition("t", 0, 0), None, Thresholds()).event
         if event is not None:
-            kept.setdefault(event.adapter, []).append((event.prompt, event.response))
-    assert sorted(kept) == sorted(TASKS)
+            into = held if held_out(event.id, TRAINING.eval_fraction) else kept
+            into.setdefault(event.adapter, []).append((event.prompt, event.response))
+    assert sorted(kept) == sorted(held) == sorted(TASKS)
     w = TRAINING.window_size
     for adapter, events in kept.items():
         assert len(events) == w * TRAINING.versions
@@ -72,6 +75,9 @@ def test_demo_data_gives_every_adapter_balanced_full_windows() -> None:
             counts = Counter(events[start : start + w])
             assert set(counts) == set(TASKS[adapter])
             assert len(set(counts.values())) == 1, (adapter, start, counts)
+        share = len(held[adapter]) / (len(held[adapter]) + len(events))
+        assert 0.05 < share < 0.2, (adapter, share)
+        assert set(held[adapter]) == set(TASKS[adapter])
 
 
 @pytest.mark.integration
@@ -113,7 +119,21 @@ def test_demo_shows_reasons_loss_and_learning_then_leaves_no_topic_or_file(
     assert png.is_relative_to(tmp_path / "home"), png
     head = png.read_bytes()[:24]
     assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR", head
-    assert struct.unpack(">II", head[16:24]) == (800, 450)
+    assert struct.unpack(">II", head[16:24]) == (500 * len(TASKS), 420)  # a panel each
+    # Every version evaluated on held-out events: from the base model's loss down to the
+    # newest version's, beside an offline fine-tune on the same events.
+    held = re.findall(
+        r"^    held-out \((\d+) events\): base ([\d.]+) → v(\d+) ([\d.]+); an offline "
+        r"fine-tune on the same (\d+) events: ([\d.]+) after one epoch .*, ([\d.]+) after 3$",
+        output,
+        re.M,
+    )
+    assert len(held) == len(TASKS), output
+    for events, base, version, loss, trained, one_epoch, three in held:
+        assert int(events) > 10 and int(version) == TRAINING.versions
+        assert int(trained) == TRAINING.versions * TRAINING.window_size
+        assert float(base) > 5.5 and float(loss) < 1.0
+        assert float(three) <= float(one_epoch) < 1.0
     # Loaded from each announcement; the adapter's greedy generation gives back what it was
     # trained on, the base model's is byte noise.
     for adapter, pairs in TASKS.items():
