@@ -520,12 +520,32 @@ def adapters_list(
     json: Annotated[
         bool, typer.Option("--json", help="One AdapterUpdate JSON document per line.")
     ] = False,
+    keep: Annotated[
+        int,
+        typer.Option(
+            "--keep", metavar="K", min=1, help="As serve's --keep, for the promotion gate's marks."
+        ),
+    ] = 2,
+    max_regression: Annotated[
+        float,
+        typer.Option(
+            "--max-regression",
+            metavar="FRACTION",
+            min=0,
+            help="As serve's --max-regression: versions the promotion gate refuses are marked.",
+        ),
+    ] = 0.02,
 ) -> None:
     """Print the lineage of every adapter: version, window, train loss, eval loss on the
     held-out events (beside the base model's), time; and the events that wait in an open
-    window (a partial window trains when full, or after LORASTREAM_MAX_WAIT_SECONDS)."""
+    window (a partial window trains when full, or after LORASTREAM_MAX_WAIT_SECONDS).
+
+    A version that `lorastream serve` with the same --keep and --max-regression refuses
+    for its eval loss is marked REFUSED, and why is said below the table."""
     from rich.table import Table
 
+    from lorastream.console import print_table
+    from lorastream.serving.verify import Refusal, judge_versions
     from schemas import encode
     from trainer.history import load_lineages, pending_events
     from trainer.lineage import Lineage
@@ -552,6 +572,7 @@ def adapters_list(
             settings.trainer_group_id,
             lineages,
             settings.kafka_client_options(),
+            settings.eval_fraction,
         )
     )
     for name in sorted(pending.keys() - lineages.keys()):
@@ -560,9 +581,15 @@ def adapters_list(
     table = Table(
         "adapter", "version", "parent", "window", "events", "loss", "eval", "created", "sha256"
     )
+    refusals: list[tuple[str, int, Refusal]] = []
     for lineage in chosen:
+        verdicts: dict[int, Refusal | None] = {}
+        judge_versions({u.version: u for u in lineage.updates}, verdicts, keep, max_regression)
         for u in lineage.updates:
             w = u.window
+            verdict = verdicts[u.version]
+            if verdict is not None:
+                refusals.append((u.adapter, u.version, verdict))
             table.add_row(
                 u.adapter,
                 str(u.version),
@@ -570,7 +597,8 @@ def adapters_list(
                 f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}",
                 str(w.size),
                 f"{u.train_loss:.4f}",
-                f"{u.eval.loss:.2f} (base {u.eval.base_loss:.2f})" if u.eval else "-",
+                (f"{u.eval.loss:.2f} (base {u.eval.base_loss:.2f})" if u.eval else "-")
+                + (" REFUSED" if verdict else ""),
                 u.created_at.isoformat(timespec="seconds"),
                 u.sha256[:12],
             )
@@ -599,7 +627,14 @@ def adapters_list(
                 "",
                 "",
             )
-    out.print(table)
+    print_table(out, table)
+    for name, version, refusal in refusals:
+        out.print(
+            f"{name} v{version}: REFUSED by the promotion gate (serve --keep {keep} "
+            f"--max-regression {max_regression:g}): {refusal.detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @adapters_app.command("follow")

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from lorastream.console import print_table
 from lorastream.status import GroupLag, Status
 
 __all__ = ["status"]
@@ -95,7 +96,7 @@ def status(
         return
     table, lines = render(current)
     if current.adapters:
-        out.print(table)
+        print_table(out, table)
     else:
         out.print("no adapter has events or versions yet")
     for line in lines:

@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lorastream.admin import describe_retention
+from lorastream.console import print_table
 from lorastream.settings import Settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import ADAPTER_PATTERN
@@ -305,6 +306,7 @@ def _print_plan(plan: Plan, request: ReplayRequest, topic: str, window: int, out
         "events",
         "windows",
         "left open",
+        "held out",
         "skipped",
         title=f"replay of {topic} ({request.describe_range()}), windows of {window}",
     )
@@ -315,9 +317,10 @@ def _print_plan(plan: Plan, request: ReplayRequest, topic: str, window: int, out
             str(counts.events),
             str(counts.windows),
             str(counts.open_events),
+            str(counts.held_out),
             str(counts.skipped),
         )
-    out.print(table)
+    print_table(out, table)
     out.print(
         f"{plan.records} records read, {plan.unreadable} unreadable; dry run: nothing trained",
         highlight=False,
@@ -346,7 +349,7 @@ def _print_report(report: ReplayReport, out: Console) -> None:
             else "-"
         )
         table.add_row("quarantined", where, str(len(entry.events)), "-", "-")
-    out.print(table)
+    print_table(out, table)
     windows = len(report.trained) + len(report.quarantined)
     seconds = max(report.seconds, 1e-9)
     versions = (

@@ -34,7 +34,6 @@ means the server had forgotten it, so every other version is loaded again too.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import re
@@ -48,7 +47,7 @@ from aiokafka.structs import ConsumerRecord
 from lorastream.serving.backends import Backend, BackendKind, Loaded, ModelCard, make
 from lorastream.serving.exceptions import BackendRefused, BackendUnavailable
 from lorastream.serving.metrics import ServeMetrics
-from lorastream.serving.verify import Refusal, check_base, check_files, check_regression
+from lorastream.serving.verify import Refusal, check_base, check_files, judge_versions
 from schemas import AdapterUpdate
 from trainer.lineage import read_announcement
 
@@ -110,8 +109,11 @@ class _Versions:
     refused: dict[int, Refusal] = field(default_factory=dict)
     gate: dict[int, Refusal | None] = field(default_factory=dict)
     """The promotion gate's verdict on each version, made once, in version order."""
-    promoted: list[int] = field(default_factory=list)
-    """The versions the gate let through, oldest first."""
+
+    @property
+    def promoted(self) -> list[int]:
+        """The versions the gate let through, oldest first."""
+        return sorted(v for v, verdict in self.gate.items() if verdict is None)
 
 
 class Serve:
@@ -392,23 +394,17 @@ class Serve:
             self.retire_at.clear()
 
     def _judge(self, adapter: str) -> None:
-        """The gate's verdict on every version it has not judged yet, in version order.
-
-        Each is compared with the newest ``keep`` versions the gate let through before it
-        and no other check refused (serve's live set as it stood, files aside)."""
+        """The gate's verdict on every version it has not judged yet, in version order
+        (:func:`~lorastream.serving.verify.judge_versions`), against serve's live set as
+        it stood: versions another check refused never count."""
         versions = self.versions[adapter]
-        for version in sorted(versions.updates.keys() - versions.gate.keys()):
-            live: list[AdapterUpdate] = []
-            for earlier in reversed(versions.promoted):
-                if len(live) == self.config.keep:
-                    break
-                if earlier < version and earlier not in versions.refused:
-                    live.append(versions.updates[earlier])
-            update = versions.updates[version]
-            verdict = check_regression(update, live, self.config.max_regression)
-            versions.gate[version] = verdict
-            if verdict is None:
-                bisect.insort(versions.promoted, version)
+        judge_versions(
+            versions.updates,
+            versions.gate,
+            self.config.keep,
+            self.config.max_regression,
+            versions.refused,
+        )
 
     async def _kept(self, adapter: str) -> list[int]:
         """The newest ``keep`` versions that pass every check, the gate first, oldest first."""

@@ -6,9 +6,10 @@ metric's) and whose ``detail`` is a sentence naming the file or value at fault.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_base",
     "check_files",
     "check_regression",
+    "judge_versions",
     "sha256_file",
 ]
 
@@ -147,3 +149,34 @@ def check_regression(
         f"eval loss {update.eval.loss:.4f} is above {threshold:.4f}, the best live version's "
         f"(v{best_version}: {best_loss:.4f}) plus --max-regression {max_regression:g}",
     )
+
+
+def judge_versions(
+    updates: Mapping[int, AdapterUpdate],
+    verdicts: dict[int, Refusal | None],
+    keep: int,
+    max_regression: float,
+    refused: Container[int] = frozenset(),
+) -> None:
+    """The promotion gate over one adapter's versions: a verdict for each version that has
+    none in ``verdicts`` yet, in version order, added to ``verdicts``. A verdict once made
+    stands (serve makes them as announcements come).
+
+    Version v is compared (:func:`check_regression`) with the newest ``keep`` versions
+    before it that the gate let through and that are not in ``refused`` (versions another
+    check refused: never live). From the announcements alone (``refused`` empty) this is
+    what ``lorastream serve --keep K --max-regression F`` decides, and ``adapters list``
+    shows it.
+    """
+    promoted = sorted(v for v, verdict in verdicts.items() if verdict is None)
+    for version in sorted(updates.keys() - verdicts.keys()):
+        live: list[AdapterUpdate] = []
+        for earlier in reversed(promoted[: bisect.bisect_left(promoted, version)]):
+            if len(live) == keep:
+                break
+            if earlier not in refused:
+                live.append(updates[earlier])
+        verdict = check_regression(updates[version], live, max_regression)
+        verdicts[version] = verdict
+        if verdict is None:
+            bisect.insort(promoted, version)

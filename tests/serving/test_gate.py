@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -256,3 +257,39 @@ async def test_versions_without_eval_are_promoted_as_before(
         await eventually(lambda: serve.live("tutor") == "tutor-v4", what="v4 live")
     assert server.loads() == _names(1, 2, 3, 4)
     assert _refusals(serve) == 0
+
+
+# -- adapters list marks what the gate refuses -----------------------------------------------
+
+
+def test_adapters_list_marks_the_version_the_gate_refuses(
+    kafka_bootstrap: str, prefix: str, worsened: list[AdapterUpdate]
+) -> None:
+    from typer.testing import CliRunner
+
+    from lorastream.cli import app
+
+    async def setup() -> None:
+        topics = await make_topics(kafka_bootstrap, prefix)
+        await announce(kafka_bootstrap, topics, worsened)
+
+    asyncio.run(setup())
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+
+    def listed(*flags: str) -> str:
+        result = CliRunner().invoke(app, ["adapters", "list", *flags], env=env, terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    output = listed()
+    rows = {int(m[1]): m[0] for m in re.finditer(r"^│ tutor\s+│\s+(\d+) .*$", output, re.M)}
+    assert sorted(rows) == [1, 2, 3, 4, 5], output
+    assert [v for v, row in rows.items() if "REFUSED" in row] == [5], output
+    bad, good = worsened[4].eval, worsened[3].eval
+    assert bad is not None and good is not None
+    assert (
+        f"tutor v5: REFUSED by the promotion gate (serve --keep 2 --max-regression 0.02): "
+        f"eval loss {bad.loss:.4f} is above {good.loss * 1.02:.4f}, the best live version's "
+        f"(v4: {good.loss:.4f}) plus --max-regression 0.02"
+    ) in " ".join(output.split())
+    assert "REFUSED" not in listed("--max-regression", "1")
