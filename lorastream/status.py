@@ -125,7 +125,12 @@ async def read_status(settings: Settings) -> Status:
     options = settings.kafka_client_options()
     lineages = await load_lineages(servers, topics.adapter_updates, topics.quarantine, options)
     pending = await pending_events(
-        servers, topics.learning_events, settings.trainer_group_id, lineages, options
+        servers,
+        topics.learning_events,
+        settings.trainer_group_id,
+        lineages,
+        options,
+        settings.eval_fraction,
     )
     adapters = []
     for name in sorted(lineages.keys() | pending.keys()):

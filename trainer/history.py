@@ -26,6 +26,7 @@ from schemas import LearningEvent, SchemaError, decode
 from trainer.exceptions import TrainerError
 from trainer.kafka import kafka_errors, reader
 from trainer.lineage import Lineage, apply_records
+from trainer.window import held_out
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +209,27 @@ async def group_offsets(
     topic: str,
     client_options: dict[str, Any] | None = None,
 ) -> dict[TopicPartition, int]:
-    """The offsets ``group_id`` has committed on ``topic`` (none for a group never run)."""
+    """The offsets ``group_id`` has committed on ``topic`` (none for a group never run).
+
+    On a cluster where no group has ever committed, the first look-up of a coordinator
+    makes Kafka create ``__consumer_offsets`` and answers "coordinator not available"
+    until it has: that is waited out (up to 15 s), not reported as a failure."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_options or {}))
+    deadline = time.monotonic() + 15.0
     try:
         with kafka_errors(bootstrap_servers, f"reading the offsets of group {group_id}"):
             await admin.start()
-            offsets = await admin.list_consumer_group_offsets(group_id)
+            while True:
+                try:
+                    offsets = await admin.list_consumer_group_offsets(group_id)
+                    break
+                except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.25)
     finally:
         await admin.close()
     return {
@@ -229,10 +243,12 @@ async def pending_events(
     group_id: str,
     lineages: dict[str, Lineage],
     client_options: dict[str, Any] | None = None,
+    eval_fraction: float = 0.0,
 ) -> dict[str, int]:
-    """Per adapter, the learning events that no version holds yet: those in open
-    windows and those the trainer has not read. Read from the trainer group's committed
-    offsets, which never pass an open window's first event."""
+    """Per adapter, the learning events that wait for a window: those in open windows and
+    those the trainer has not read, less the ones it holds out for evaluation
+    (``eval_fraction``, as the trainer's; they never train). Read from the trainer
+    group's committed offsets, which never pass an open window's first event."""
     since = await group_offsets(bootstrap_servers, group_id, topic, client_options)
     records, _ = await read_committed_topic(bootstrap_servers, topic, client_options, since)
     counted: dict[str, set[str]] = {}
@@ -244,6 +260,8 @@ async def pending_events(
         lineage = lineages.get(event.adapter)
         tp = TopicPartition(record.topic, record.partition)
         if lineage is not None and not lineage.admits(tp, record.offset, event.id):
+            continue
+        if held_out(event.id, eval_fraction):
             continue
         counted.setdefault(event.adapter, set()).add(event.id)
     return {adapter: len(ids) for adapter, ids in counted.items()}

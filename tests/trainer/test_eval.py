@@ -23,6 +23,7 @@ from tests.kafka_util import make_topics, produce, wait_for
 from tests.trainer.events import learning_event
 from trainer.core import Trained, TrainingConfig, WindowTrainer
 from trainer.evaluation import EvalExample, extend_eval_set
+from trainer.history import group_offsets, pending_events
 from trainer.lineage import Lineage
 from trainer.lora import LoraSettings, LoraStepper
 from trainer.model import load_base_model
@@ -374,8 +375,28 @@ async def test_the_live_trainer_and_a_replay_hold_out_and_evaluate_the_same_even
         await running
     live = trainer.lineages["solo"].updates
 
+    # What `adapters list` and `status` say waits for a window: the trained events past the
+    # last version, not the held-out ones read since (which never train).
+    since = await group_offsets(kafka_bootstrap, settings.trainer_group_id, topics.learning_events)
+    unread = events[since[TopicPartition(topics.learning_events, 0)] :]  # one partition
+    assert any(held_out(e.id, FRACTION) for e in unread), "the test needs one held out there"
+    pending = await pending_events(
+        kafka_bootstrap,
+        topics.learning_events,
+        settings.trainer_group_id,
+        dict(trainer.lineages),
+        eval_fraction=FRACTION,
+    )
+    assert pending == {"solo": (len(events) - len(chosen)) % WINDOW}
+
     config = replay_config(settings, source="solo", target="solo-replayed")
     replay = Replay(config, replay_decoder(settings, "solo", rescore=False))
+    plan = (await replay.plan()).adapters["solo"]  # what `replay --dry-run` prints
+    assert (plan.events, plan.held_out, plan.windows) == (
+        len(events) - len(chosen),
+        len(chosen),
+        expected,
+    )
     core = await asyncio.to_thread(WindowTrainer.load, config.training)
     async with replay.session() as session:
         report = await replay.run(core, session)
