@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -12,13 +15,23 @@ from trainer.exceptions import TrainerError
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-async def _committed(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        return await consumer.committed(tp)
-    finally:
-        await consumer.stop()
+async def _committed(bootstrap: str, group: str, tp: TopicPartition, expect: int) -> int | None:
+    """The group's committed offset, read until it is ``expect`` (for at most 10 s).
+
+    A transaction's offsets become visible once the coordinator has written the commit
+    markers, which Kafka does after EndTxn has returned: on a fresh broker a read right
+    after the commit can still see the offsets before it."""
+    deadline = time.monotonic() + 10
+    while True:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+        await consumer.start()
+        try:
+            value = await consumer.committed(tp)
+        finally:
+            await consumer.stop()
+        if value == expect or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.2)
 
 
 async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops(
@@ -33,7 +46,7 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     assert first.state is CommitState.READY
     await first.commit([Outgoing(topics.adapter_updates, "a", b"one")], {tp: 7})
     assert first.state is CommitState.READY
-    assert await _committed(kafka_bootstrap, group, tp) == 7
+    assert await _committed(kafka_bootstrap, group, tp, 7) == 7
 
     # An abort inside the transaction leaves neither the record nor the offsets behind.
     def boom() -> None:
@@ -44,7 +57,7 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     assert first.state is CommitState.FAILED
     with pytest.raises(TrainerError, match="the committer is failed"):
         await first.commit((), {tp: 9})
-    assert await _committed(kafka_bootstrap, group, tp) == 7
+    assert await _committed(kafka_bootstrap, group, tp, 7) == 7
 
     # A second instance with the same transactional id fences the first.
     second = Committer(kafka_bootstrap, f"{prefix}txn", group)
@@ -62,7 +75,7 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     assert zombie.state is CommitState.STOPPED
     values = [r.value for r in await read_all(kafka_bootstrap, topics.adapter_updates, 1)]
     assert values == [b"one"]
-    assert await _committed(kafka_bootstrap, group, tp) == 12
+    assert await _committed(kafka_bootstrap, group, tp, 12) == 12
 
 
 async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
@@ -76,9 +89,9 @@ async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
     try:
         await committer.commit((), {tp: 1})
         await committer.commit_offsets({tp: 5})  # too soon after the last commit
-        assert await _committed(kafka_bootstrap, group, tp) == 1
+        assert await _committed(kafka_bootstrap, group, tp, 1) == 1
         await committer.commit_offsets({tp: 5}, force=True)
-        assert await _committed(kafka_bootstrap, group, tp) == 5
+        assert await _committed(kafka_bootstrap, group, tp, 5) == 5
     finally:
         await committer.stop()
     groupless = Committer(kafka_bootstrap, f"{prefix}replay")
@@ -118,11 +131,11 @@ async def test_a_refused_record_is_written_in_its_smaller_form_and_staged_ones_g
         assert committer.state is CommitState.READY and committer.staged == 0
         values = [r.value for r in await read_all(kafka_bootstrap, small_topic, 2)]
         assert values == [b"staged", b"bounded"]
-        assert await _committed(kafka_bootstrap, group, tp) == 3
+        assert await _committed(kafka_bootstrap, group, tp, 3) == 3
 
         with pytest.raises(TrainerError, match="refuses a record of 50000 bytes"):
             await committer.commit([Outgoing(small_topic, "a", b"x" * 50_000)], {tp: 4})
         assert committer.state is CommitState.FAILED
     finally:
         await committer.stop()
-    assert await _committed(kafka_bootstrap, group, tp) == 3
+    assert await _committed(kafka_bootstrap, group, tp, 3) == 3
