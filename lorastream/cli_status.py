@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from lorastream.console import print_table
 from lorastream.status import GroupLag, Status
@@ -39,7 +40,7 @@ def _when(moment: datetime | None) -> str:
     return moment.isoformat(timespec="seconds") if moment else "-"
 
 
-def render(status: Status) -> tuple[object, list[str]]:
+def render(status: Status) -> tuple[Table, list[str]]:
     """The adapters' table and the lines under it."""
     from rich.table import Table
 

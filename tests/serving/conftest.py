@@ -87,12 +87,12 @@ def worsened(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> list
 
     from aiokafka import TopicPartition
 
+    from schemas import LearningEvent
     from tests.trainer.events import learning_event
     from trainer.core import Trained as Outcome
     from trainer.core import TrainingConfig, WindowTrainer
     from trainer.lineage import Lineage
     from trainer.lora import LoraSettings
-    from schemas import LearningEvent
     from trainer.window import Windows, held_out
 
     fraction, size = 0.25, 4
