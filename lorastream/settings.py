@@ -154,6 +154,25 @@ class Settings(BaseSettings):
     learning_rate: float | None = _setting(
         None, "LORASTREAM_LEARNING_RATE", "AdamW learning rate", shown="2e-3", gt=0
     )
+    max_length: int = _setting(
+        2048,
+        "LORASTREAM_MAX_LENGTH",
+        "tokens of an example trained on; a longer one loses the start of its prompt first",
+        ge=2,
+    )
+    token_budget: int = _setting(
+        8192,
+        "LORASTREAM_TOKEN_BUDGET",
+        "padded tokens per micro-batch: a window is split so that none holds more (the "
+        "memory a step needs grows with this, not with the window)",
+        ge=1,
+    )
+    gradient_checkpointing: bool = _setting(
+        False,
+        "LORASTREAM_GRADIENT_CHECKPOINTING",
+        "recompute the layers' activations in the backward pass: less memory, a slower step",
+        shown="false",
+    )
     steps_per_window: int = _setting(
         1,
         "LORASTREAM_STEPS_PER_WINDOW",

@@ -7,6 +7,7 @@ configurations here and nowhere else. A new stage adds its builder here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,15 +46,19 @@ def scoring_config(settings: Settings) -> ScoringConfig:
 def lora_settings(settings: Settings) -> LoraSettings:
     from trainer.lora import LoraSettings
 
-    rate = {} if settings.learning_rate is None else {"learning_rate": settings.learning_rate}
-    return LoraSettings(
+    lora = LoraSettings(
         r=settings.lora_r,
         alpha=settings.lora_alpha,
         dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
         steps_per_window=settings.steps_per_window,
-        **rate,
+        max_length=settings.max_length,
+        token_budget=settings.token_budget,
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
+    if settings.learning_rate is None:
+        return lora  # LoraSettings' own default
+    return replace(lora, learning_rate=settings.learning_rate)
 
 
 def base_model_of(settings: Settings) -> tuple[Path, str]:

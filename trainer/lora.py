@@ -12,6 +12,20 @@ The loss is the mean cross-entropy over the *response* tokens of the window
 only on the seed and the base model, never on an adapter's name; on the CPU
 the same state and window give bit-identical results, so crash-resume and
 replay reproduce a lineage exactly.
+
+Memory: a window is split into micro-batches of at most ``token_budget``
+padded tokens (:mod:`trainer.batching`), whose gradients add up to the whole
+window's, and the loss never holds the window's full logits
+(:mod:`trainer.loss`). Gradient checkpointing is an option.
+
+Speed: the stepper remembers the state its last step produced, with the
+optimizer that produced it. Given that state again (the next window of the
+same adapter, the common case), it steps on at once: no copy of the weights
+into the model, no new optimizer. On a GPU it also keeps other recently
+trained adapters' weights and moments on the device (``resident_bytes``), so
+that switching adapters is a copy on the device, not from the CPU. The
+arithmetic is the same either way: on the CPU the results are bit for bit
+those of loading every state afresh.
 """
 
 from __future__ import annotations
@@ -19,18 +33,20 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from trainer.batching import IGNORE, Row, pad, plan, tokenize
 from trainer.exceptions import NonFiniteLossError, StepError
+from trainer.loss import response_token_losses, supports_chunked
 from trainer.model import BaseModel
 
-__all__ = ["AdapterState", "LoraSettings", "LoraStepper", "StepResult", "build_batch"]
-
-IGNORE = -100
+__all__ = ["IGNORE", "AdapterState", "LoraSettings", "LoraStepper", "StepResult", "build_batch"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +70,17 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    max_length: int = 512
-    micro_batch: int = 16
+    # An example is cut to this many tokens (the prompt's start first, see build_batch).
+    max_length: int = 2048
+    # Padded tokens per micro-batch: 16 x 2,048-token examples go in four micro-batches.
+    token_budget: int = 8192
+    # Response positions whose logits are computed at once (see trainer.loss).
+    loss_chunk_tokens: int = 4096
+    gradient_checkpointing: bool = False
     steps_per_window: int = 1
+    # Other adapters' weights and moments kept on the device, in bytes; None: 1 GiB on a
+    # GPU, none on the CPU (where a copy from the CPU is no copy at all).
+    resident_bytes: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,8 +91,10 @@ class LoraSettings:
             "learning_rate": math.isfinite(self.learning_rate) and self.learning_rate > 0,
             "weight_decay": self.weight_decay >= 0,
             "max_length": self.max_length >= 2,
-            "micro_batch": self.micro_batch >= 1,
+            "token_budget": self.token_budget >= 1,
+            "loss_chunk_tokens": self.loss_chunk_tokens >= 1,
             "steps_per_window": self.steps_per_window >= 1,
+            "resident_bytes": self.resident_bytes is None or self.resident_bytes >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -108,27 +134,17 @@ def build_batch(
     start of its prompt first, then the end of its response, so at least one
     response token (the eos, for an empty response) always remains.
     """
-    tok = tokenizer  # a Hugging Face tokenizer
-    eos = tok.eos_token_id  # type: ignore[attr-defined]
-    pad = tok.pad_token_id  # type: ignore[attr-defined]
-    bos = tok.bos_token_id  # type: ignore[attr-defined]
-    rows: list[tuple[list[int], list[int]]] = []
-    for prompt, response in examples:
-        p = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids  # type: ignore[operator]
-        r = [*tok(response, add_special_tokens=False).input_ids, eos]  # type: ignore[operator]
-        r = r[: max_length - 1] if len(r) >= max_length else r
-        p = p[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else p
-        rows.append((p, r))
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, len(p) : n] = torch.tensor(r, dtype=torch.long)
-    return ids, mask, labels
+    return pad(tokenize(tokenizer, examples, max_length), tokenizer.pad_token_id)  # type: ignore[attr-defined]
+
+
+@dataclass
+class _Resident:
+    """An adapter state's tensors on the device: its weights and AdamW's moments."""
+
+    state: weakref.ref[AdapterState]
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]]
+    size: int
 
 
 def _key(parameter_name: str, adapter: str) -> str:
@@ -175,37 +191,143 @@ class LoraStepper:
                 f"no module of the base model matches target_modules {lora.target_modules}"
             )
         self._initial = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        self.causal_lm = self.model.get_base_model()
+        self.chunked = supports_chunked(self.causal_lm)
+        if lora.gradient_checkpointing:
+            self.causal_lm.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        on_gpu = base.device.type == "cuda"
+        self.resident_bytes = (
+            lora.resident_bytes if lora.resident_bytes is not None else 2**30 if on_gpu else 0
+        )
+        # The state the LoRA parameters hold now, and the optimizer whose moments go with
+        # it (None after a load for evaluation or writing: the moments are the state's).
+        self._holds: weakref.ref[AdapterState] | None = None
+        self._optimizer_of_held: torch.optim.AdamW | None = None
+        self._resident: OrderedDict[int, _Resident] = OrderedDict()
 
     def initial_state(self) -> AdapterState:
         return AdapterState(weights={k: t.clone() for k, t in self._initial.items()})
 
+    # ── which state the model holds ──────────────────────────────────────────
+
+    def _held(self) -> AdapterState | None:
+        return self._holds() if self._holds is not None else None
+
     def _load(self, state: AdapterState) -> None:
+        """Make the LoRA parameters hold ``state``'s weights (no copy if they do)."""
+        if self._held() is state:
+            return
         missing = set(self.params) - set(state.weights)
         if missing:
             raise StepError(
                 f"the adapter state lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}"
             )
+        self._stash()
+        resident = self._resident.pop(id(state), None)
+        if resident is not None and resident.state() is not state:
+            resident = None  # another state at a reused address
         with torch.no_grad():
             for key, parameter in self.params.items():
-                parameter.copy_(state.weights[key])
+                parameter.copy_(resident.weights[key] if resident else state.weights[key])
+        self._holds = weakref.ref(state)
+        self._optimizer_of_held = None
+        if resident is not None:
+            self._optimizer_of_held = self._new_optimizer(resident.moments)
 
-    def _optimizer(self, state: AdapterState) -> torch.optim.AdamW:
+    def _stash(self) -> None:
+        """Keep the held state's weights and moments on the device before they are
+        overwritten, if it is still in use and there is room (``resident_bytes``)."""
+        held, optimizer = self._held(), self._optimizer_of_held
+        self._holds, self._optimizer_of_held = None, None
+        if held is None or optimizer is None or self.resident_bytes <= 0:
+            return
+        with torch.no_grad():
+            weights = {k: p.detach().clone() for k, p in self.params.items()}
+        moments = {key: dict(optimizer.state[p]) for key, p in self.params.items()}
+        size = sum(t.numel() * t.element_size() for t in weights.values()) + sum(
+            t.numel() * t.element_size()
+            for slot in moments.values()
+            for t in slot.values()
+            if isinstance(t, torch.Tensor)
+        )
+        self._resident[id(held)] = _Resident(weakref.ref(held), weights, moments, size)
+        while sum(r.size for r in self._resident.values()) > self.resident_bytes:
+            self._resident.popitem(last=False)  # the least recently trained goes
+
+    def _forget(self) -> None:
+        """After a failed step: the parameters and moments are half-stepped, hold nothing."""
+        self._holds, self._optimizer_of_held = None, None
+
+    def _new_optimizer(self, moments: dict[str, dict[str, torch.Tensor]]) -> torch.optim.AdamW:
+        # Fused on a GPU (one kernel for every tensor); on the CPU the per-tensor loop,
+        # whose results the determinism tests pin.
+        on_gpu = self.base.device.type == "cuda"
         optimizer = torch.optim.AdamW(
             list(self.params.values()),
             lr=self.lora.learning_rate,
             weight_decay=self.lora.weight_decay,
             foreach=False,
+            fused=True if on_gpu else None,
         )
         for key, parameter in self.params.items():
+            if key in moments:
+                optimizer.state[parameter] = moments[key]
+        return optimizer
+
+    def _optimizer(self, state: AdapterState) -> torch.optim.AdamW:
+        """The optimizer for the held ``state``: the one that made it, or one carrying its
+        moments (copied to the device)."""
+        if self._optimizer_of_held is not None:
+            return self._optimizer_of_held
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        for key, parameter in self.params.items():
             if f"{key}.exp_avg" in state.optimizer:
-                optimizer.state[parameter] = {
+                moments[key] = {
                     "step": state.optimizer[f"{key}.step"].clone(),
                     "exp_avg": state.optimizer[f"{key}.exp_avg"].to(parameter.device, copy=True),
                     "exp_avg_sq": state.optimizer[f"{key}.exp_avg_sq"].to(
                         parameter.device, copy=True
                     ),
                 }
-        return optimizer
+        self._optimizer_of_held = self._new_optimizer(moments)
+        return self._optimizer_of_held
+
+    # ── a window ─────────────────────────────────────────────────────────────
+
+    def _micro_batches(
+        self, examples: Sequence[tuple[str, str]]
+    ) -> tuple[list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+        """The window as micro-batches of at most ``token_budget`` padded tokens: each is
+        (the examples' indices, input_ids, attention_mask, labels); and the response tokens."""
+        rows: list[Row] = tokenize(self.base.tokenizer, examples, self.lora.max_length)
+        pad_id = self.base.tokenizer.pad_token_id
+        batches = []
+        for indices in plan([len(p) + len(r) for p, r in rows], self.lora.token_budget):
+            batches.append((indices, *pad([rows[i] for i in indices], pad_id)))
+        # The tokens a loss is taken on: those that a position before them predicts.
+        tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, _, labels in batches)
+        return batches, tokens
+
+    def _token_losses(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per response token of a micro-batch: its loss (fp32) and its row."""
+        device = self.base.device
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if self.chunked:
+                return response_token_losses(
+                    self.causal_lm, ids, mask, labels, self.lora.loss_chunk_tokens
+                )
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        targets = labels[:, 1:]
+        where = targets != IGNORE
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1][where].float(), targets[where], reduction="none"
+        )
+        return losses, where.nonzero()[:, 0]
 
     def step(self, state: AdapterState, examples: Sequence[tuple[str, str]]) -> StepResult:
         """``steps_per_window`` AdamW steps on the window (one by default).
@@ -217,48 +339,41 @@ class LoraStepper:
         if not examples:
             raise StepError("a window needs at least one example")
         started = time.perf_counter()
+        batches, tokens = self._micro_batches(examples)
         self._load(state)
-        for parameter in self.params.values():
-            parameter.grad = None  # a failed try must not leak its gradients into the next
         optimizer = self._optimizer(state)
-        ids, mask, labels = build_batch(self.base.tokenizer, examples, self.lora.max_length)
-        tokens = int((labels != IGNORE).sum())
-        self.model.train()
-        first = 0.0
-        for n in range(self.lora.steps_per_window):
-            total = self._accumulate(ids, mask, labels, tokens)
-            first = total if n == 0 else first
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
-        new = self._snapshot(optimizer, state.steps + self.lora.steps_per_window)
-        if not all(torch.isfinite(t).all() for t in new.weights.values()):
-            raise NonFiniteLossError(first / tokens, "the step made the LoRA weights non-finite")
-        return StepResult(new, first / tokens, tokens, time.perf_counter() - started)
-
-    def _accumulate(
-        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, tokens: int
-    ) -> float:
-        """The window's gradients, accumulated micro-batch by micro-batch and weighted by
-        response tokens (so that they are the whole window's mean); its summed loss."""
-        device = self.base.device
-        total = 0.0
-        for start in range(0, ids.shape[0], self.lora.micro_batch):
-            part = slice(start, start + self.lora.micro_batch)
-            part_labels = labels[part].to(device)
-            part_tokens = int((part_labels != IGNORE).sum())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = self.model(
-                    input_ids=ids[part].to(device),
-                    attention_mask=mask[part].to(device),
-                    labels=part_labels,
+        try:
+            for parameter in self.params.values():
+                parameter.grad = None  # a failed try must not leak its gradients into the next
+            self.model.train()
+            first = 0.0
+            for n in range(self.lora.steps_per_window):
+                total = 0.0
+                for _, ids, mask, labels in batches:
+                    losses, _ = self._token_losses(ids, mask, labels)
+                    summed = losses.sum()
+                    if not torch.isfinite(summed):
+                        raise NonFiniteLossError(float(summed.detach()) / max(1, len(losses)))
+                    (summed / tokens).backward()
+                    total += float(summed.detach())
+                first = total if n == 0 else first
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            new = self._snapshot(optimizer, state.steps + self.lora.steps_per_window)
+            if not all(torch.isfinite(t).all() for t in new.weights.values()):
+                raise NonFiniteLossError(
+                    first / tokens, "the step made the LoRA weights non-finite"
                 )
-            loss = out.loss.float()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(float(loss.detach()))
-            (loss * (part_tokens / tokens)).backward()
-            total += float(loss.detach()) * part_tokens
-        return total
+        except BaseException:
+            self.model.eval()
+            self._forget()
+            raise
+        # The parameters and this optimizer now hold the new state: the next window of this
+        # adapter steps on from them.
+        self._holds = weakref.ref(new)
+        self._optimizer_of_held = optimizer
+        return StepResult(new, first / tokens, tokens, time.perf_counter() - started)
 
     def losses(
         self, state: AdapterState | None, examples: Sequence[tuple[str, str]]
@@ -269,45 +384,33 @@ class LoraStepper:
 
         Changes nothing that training reads: no gradients, no optimizer, no random
         numbers drawn (the model is in eval mode, so dropout is off), the model's mode
-        put back after; every step loads its own state into the LoRA weights first.
+        put back after; a step loads its own state (or steps on from this one).
         """
         if not examples:
             return []
         if state is not None:
             self._load(state)
-        ids, mask, labels = build_batch(self.base.tokenizer, examples, self.lora.max_length)
+        batches, _ = self._micro_batches(examples)
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                if state is not None:
-                    return self._loss_sums(ids, mask, labels)
-                with self.model.disable_adapter():
-                    return self._loss_sums(ids, mask, labels)
+                for indices, ids, mask, labels in batches:
+                    if state is not None:
+                        losses, rows = self._token_losses(ids, mask, labels)
+                    else:
+                        with self.model.disable_adapter():
+                            losses, rows = self._token_losses(ids, mask, labels)
+                    sums = torch.zeros(len(indices), dtype=torch.float32, device=losses.device)
+                    sums.index_add_(0, rows, losses)
+                    counts = torch.bincount(rows, minlength=len(indices))
+                    for i, total, count in zip(
+                        indices, sums.tolist(), counts.tolist(), strict=True
+                    ):
+                        out[i] = (float(total), int(count))
         finally:
             self.model.train(was_training)
-
-    def _loss_sums(
-        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-    ) -> list[tuple[float, int]]:
-        device = self.base.device
-        out: list[tuple[float, int]] = []
-        for start in range(0, ids.shape[0], self.lora.micro_batch):
-            part = slice(start, start + self.lora.micro_batch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = self.model(
-                    input_ids=ids[part].to(device), attention_mask=mask[part].to(device)
-                ).logits
-            shifted = labels[part, 1:].to(device)
-            each = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                shifted.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="none",
-            ).view(shifted.shape)
-            sums = each.sum(dim=1).tolist()
-            counts = (shifted != IGNORE).sum(dim=1).tolist()
-            out.extend((float(s), int(c)) for s, c in zip(sums, counts, strict=True))
         return out
 
     def _snapshot(self, optimizer: torch.optim.Optimizer, steps: int) -> AdapterState:

@@ -1,0 +1,79 @@
+"""Examples as token rows, grouped into micro-batches by a token budget.
+
+A window's examples are tokenised once (:func:`tokenize`); :func:`plan` groups
+them so that no micro-batch holds more than ``token_budget`` tokens *padded*
+(its rows times its longest row), which is what a forward pass allocates for.
+A window that fits is one micro-batch in its own order (so a short window is
+computed exactly as one batch). One that does not is sorted longest first and
+packed greedily, so that rows of like length share a micro-batch and little
+is spent on padding. An example longer than the budget is a micro-batch of
+its own: ``max_length`` bounds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["IGNORE", "Row", "pad", "plan", "tokenize"]
+
+IGNORE = -100
+
+Row = tuple[list[int], list[int]]
+"""An example's prompt token ids and response token ids (eos included)."""
+
+
+def tokenize(tokenizer: object, examples: Sequence[tuple[str, str]], max_length: int) -> list[Row]:
+    """Each example as (prompt ids, response ids + eos), at most ``max_length`` in all.
+
+    Too long an example loses the start of its prompt first, then the end of its
+    response, so at least one response token (the eos, for an empty response)
+    always remains.
+    """
+    tok = tokenizer  # a Hugging Face tokenizer
+    eos = tok.eos_token_id  # type: ignore[attr-defined]
+    bos = tok.bos_token_id  # type: ignore[attr-defined]
+    rows: list[Row] = []
+    for prompt, response in examples:
+        p = ([bos] if bos is not None else []) + tok(prompt, add_special_tokens=False).input_ids  # type: ignore[operator]
+        r = [*tok(response, add_special_tokens=False).input_ids, eos]  # type: ignore[operator]
+        r = r[: max_length - 1] if len(r) >= max_length else r
+        p = p[len(p) - (max_length - len(r)) :] if len(p) + len(r) > max_length else p
+        rows.append((p, r))
+    return rows
+
+
+def pad(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)``, right-padded to the longest row; labels are
+    -100 on prompt and padding."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(p) : n] = torch.tensor(r, dtype=torch.long)
+    return ids, mask, labels
+
+
+def plan(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """The examples' indices per micro-batch, each at most ``token_budget`` tokens padded
+    (rows x longest row), but for a lone example longer than the budget."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1, not {token_budget}")
+    if not lengths:
+        return []
+    if len(lengths) * max(lengths) <= token_budget:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        # Longest first: a batch's longest row is its first.
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
