@@ -88,7 +88,7 @@ def settings_of(ctx: typer.Context, **flags: Any) -> Settings:
 # Options that set a setting take their help from it: its description, variable and default.
 WindowSizeOption = Annotated[int | None, typer.Option(help=help_for("window_size"))]
 BaseModelOption = Annotated[Path | None, typer.Option(help=help_for("base_model"))]
-AdapterDirOption = Annotated[Path | None, typer.Option(help=help_for("adapter_dir"))]
+AdapterDirOption = Annotated[str | None, typer.Option(help=help_for("adapter_dir"))]
 MaxTriesOption = Annotated[int | None, typer.Option(help=help_for("max_tries"))]
 DeviceOption = Annotated[str | None, typer.Option(help=help_for("device"))]
 SeedOption = Annotated[int | None, typer.Option(help=help_for("seed"))]
@@ -635,6 +635,55 @@ def adapters_list(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@adapters_app.command("fetch")
+def adapters_fetch(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="The adapter.")],
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="This version; default the newest.")
+    ] = None,
+) -> None:
+    """Print the local directory of an adapter version, ready for
+    ``PeftModel.from_pretrained(base, DIR)`` or a server's load call.
+
+    A version on an object store (s3://…) is fetched into LORASTREAM_ADAPTER_CACHE first
+    and every file checked against its manifest; a local one is checked against the
+    announced sha256. A version whose upload never finished (no manifest) is an error."""
+    from lorastream.serving.verify import check_files
+    from trainer.history import load_lineages
+    from trainer.objects import fetch_version, is_remote
+
+    settings = settings_of(ctx)
+    lineages = asyncio.run(
+        load_lineages(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            settings.topics.quarantine,
+            settings.kafka_client_options(),
+        )
+    )
+    lineage = lineages.get(adapter)
+    if lineage is None or not lineage.updates:
+        err.print(
+            f"no version of adapter {adapter!r} is announced on {settings.topics.adapter_updates}"
+        )
+        raise typer.Exit(1)
+    chosen = [u for u in lineage.updates if version in (None, u.version)]
+    if not chosen:
+        newest = lineage.updates[-1].version
+        err.print(f"adapter {adapter} has no version {version} (the newest is v{newest})")
+        raise typer.Exit(1)
+    update = chosen[-1]
+    local = update.uri
+    if is_remote(update.uri):
+        local = str(fetch_version(update.uri, settings.adapter_cache_dir))
+    refusal = check_files(update.model_copy(update={"uri": local}), max_rank=1 << 30)
+    if refusal is not None:
+        err.print(f"{adapter} v{update.version}: {refusal.detail}")
+        raise typer.Exit(1)
+    out.print(local, highlight=False)
 
 
 @adapters_app.command("follow")

@@ -55,6 +55,7 @@ def serve_config(
         served_base=served_base,
         trainer_base=trainer_base,
         poll_seconds=poll,
+        cache_dir=settings.adapter_cache_dir,
         client_options=settings.kafka_client_options(),
     )
 

@@ -291,7 +291,7 @@ class _Run:
         self.results = self.settings.home / "demo" / self.name  # the picture; with --keep all
         if self.keep:
             self.logs = self.results
-            self.adapters = (self.settings.adapter_dir / self.name).resolve()
+            self.adapters = (Path(self.settings.adapter_dir) / self.name).resolve()
         else:
             self.work = Path(tempfile.mkdtemp(prefix=f"lorastream-{self.name}-"))
             self.logs = self.work

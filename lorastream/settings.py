@@ -100,11 +100,21 @@ class Settings(BaseSettings):
         max_length=MAX_PREFIX_LENGTH,
         pattern=r"^[A-Za-z0-9._-]*$",
     )
-    adapter_dir: Path = _setting(
-        Path("adapters"),
+    adapter_dir: str = _setting(
+        "adapters",
         "LORASTREAM_ADAPTER_DIR",
-        "where versions are written, as DIR/ADAPTER/vVERSION/",
+        "where versions are written, as DIR/ADAPTER/vVERSION/: a directory, or an object "
+        "store's s3://BUCKET/PREFIX (with the AWS_* variables; AWS_ENDPOINT_URL for an "
+        "S3-compatible server)",
         shown="./adapters",
+        min_length=1,
+    )
+    adapter_cache: Path | None = _setting(
+        None,
+        "LORASTREAM_ADAPTER_CACHE",
+        "where versions on an object store are kept on this machine (written, fetched to "
+        "resume or serve)",
+        shown="$LORASTREAM_HOME/cache/adapters",
     )
     window_size: int = _setting(16, "LORASTREAM_WINDOW_SIZE", "events per training window", ge=1)
     base_model: Path | None = _setting(
@@ -268,6 +278,17 @@ class Settings(BaseSettings):
         None, "KAFKA_SSL_KEYFILE", "client key for TLS", shown="none"
     )
 
+    @field_validator("adapter_dir")
+    @classmethod
+    def _adapter_dir(cls, value: str) -> str:
+        if "://" in value:
+            scheme, _, rest = value.partition("://")
+            if scheme != "s3":
+                raise ValueError(f"{scheme}:// is not supported: a directory or s3://BUCKET/PREFIX")
+            if not rest.split("/")[0]:
+                raise ValueError("s3:// needs a bucket: s3://BUCKET/PREFIX")
+        return value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers(cls, value: str) -> str:
@@ -289,6 +310,11 @@ class Settings(BaseSettings):
             )
         Thresholds(self.rouge_threshold, self.breakthrough_entropy, self.qualify_entropy)
         return self
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        """Where versions on an object store are kept on this machine."""
+        return self.adapter_cache or self.home / "cache" / "adapters"
 
     @property
     def topics(self) -> Topics:

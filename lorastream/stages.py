@@ -87,6 +87,7 @@ def training_config(settings: Settings) -> TrainingConfig:
         faults=settings.faults,
         eval_fraction=settings.eval_fraction,
         eval_size=settings.eval_size,
+        cache_dir=settings.adapter_cache_dir,
     )
 
 

@@ -18,6 +18,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +96,30 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield from _container_broker()
     else:
         yield from _local_broker(tmp_path_factory.mktemp("kafka"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-compatible server (S3Proxy from Maven Central) for the session, started
+    the way the broker is; ``s3.bucket(name)`` makes a bucket, ``s3.environment()`` gives
+    the AWS_* variables. Its jar is cached beside the broker's."""
+    from lorastream.broker import default_home
+    from lorastream.s3proxy import LocalS3
+
+    server = LocalS3(tmp_path_factory.mktemp("s3"), jars=default_home() / "s3proxy")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The AWS_* variables of the session's S3Proxy, in this process's environment."""
+    for name, value in s3.environment().items():
+        monkeypatch.setenv(name, value)
+    return s3
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class TrainingConfig:
     """What training a window needs, whichever driver runs it."""
 
-    adapter_dir: Path
+    adapter_dir: Path | str  # a directory, or an object store's URL (s3://bucket/prefix)
     base_model: Path
     base_model_name: str
     window_size: int = 16
@@ -60,6 +60,8 @@ class TrainingConfig:
     # announcements are exactly those of a trainer without evaluation.
     eval_fraction: float = 0.0
     eval_size: int = 256
+    # Where versions on an object store are kept locally (written, and fetched to resume).
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.window_size < 1:
@@ -112,7 +114,9 @@ class WindowTrainer:
         self.metrics = metrics or TrainerMetrics()
         self.faults = Faults.parse(config.faults)
         self.stepper = LoraStepper(base, config.lora, seed=config.seed)
-        self.store = AdapterStore(config.adapter_dir, before_write=self.faults.disk)
+        self.store = AdapterStore(
+            config.adapter_dir, before_write=self.faults.disk, cache=config.cache_dir
+        )
         self._states: dict[str, tuple[int, AdapterState]] = {}
         self._eval_sets: dict[str, tuple[int, list[EvalExample]]] = {}
 
@@ -331,7 +335,7 @@ class WindowTrainer:
             parent_version=version - 1 if version > 1 else None,
             base_model=self.config.base_model_name,
             base_model_fingerprint=self.base.fingerprint,
-            uri=str(stored.path.resolve()),
+            uri=stored.uri,
             sha256=stored.sha256,
             lora=self.lora_spec,
             window=window.spec(),

@@ -8,6 +8,11 @@ written into a hidden temporary directory beside the target, fsynced, and
 renamed into place; the parent is fsynced after. Safetensors and JSON only:
 nothing is ever pickled. Reading checks the announced sha256 and names the
 file that is missing or wrong.
+
+The root may also be an object store's URL (``s3://bucket/prefix``): a version
+is then written as above into a local cache, uploaded with its manifest last
+(:mod:`trainer.objects`), and announced by its URL; reading fetches it into the
+cache first. Trainers on other machines, with other caches, resume from it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from schemas.limits import sha256_file
 from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.lora import AdapterState
+from trainer.objects import fetch_version, is_remote, local_path_of, upload_version
 
 if TYPE_CHECKING:
     from trainer.lora import LoraStepper
@@ -73,8 +79,9 @@ def resource_errno(exc: BaseException) -> int | None:
 class StoredVersion:
     adapter: str
     version: int
-    path: Path
+    path: Path  # the local directory (the cache's, for an object store)
     sha256: str
+    uri: str  # what the announcement says: the absolute directory, or the object store's URL
 
 
 def current_umask() -> int:
@@ -123,14 +130,38 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class AdapterStore:
-    """The adapter versions under one root directory."""
+    """The adapter versions under one root: a directory, or an object store's URL with a
+    local ``cache`` directory."""
 
-    def __init__(self, root: Path, before_write: Callable[[Path], None] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(
+        self,
+        root: Path | str,
+        before_write: Callable[[Path], None] | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        self.url: str | None = None
+        if is_remote(root):
+            if cache is None:
+                raise AdapterStoreError(f"adapters at {root} need a local cache directory")
+            self.url = str(root).rstrip("/")
+            self.cache = cache
+            self.root = local_path_of(self.url, cache)
+        else:
+            self.root = Path(root)
         self._before_write = before_write  # the fault hooks' way in (trainer.faults)
 
     def version_dir(self, adapter: str, version: int) -> Path:
         return self.root / adapter / f"v{version}"
+
+    def uri_of(self, adapter: str, version: int) -> str:
+        if self.url is not None:
+            return f"{self.url}/{adapter}/v{version}"
+        return str(self.version_dir(adapter, version).resolve())
+
+    def _fetch(self, adapter: str, version: int) -> None:
+        """For an object store: the version into the cache (it must have its manifest)."""
+        if self.url is not None:
+            fetch_version(self.uri_of(adapter, version), self.cache)
 
     def write(
         self,
@@ -190,7 +221,10 @@ class AdapterStore:
                     code,
                 ) from exc
             raise
-        return StoredVersion(adapter, version, final, digest)
+        uri = self.uri_of(adapter, version)
+        if self.url is not None:
+            upload_version(final, uri)  # the manifest last: only then does the version exist
+        return StoredVersion(adapter, version, final, digest, uri)
 
     def _file(self, adapter: str, version: int, name: str) -> Path:
         directory = self.version_dir(adapter, version)
@@ -205,6 +239,7 @@ class AdapterStore:
 
     def read(self, adapter: str, version: int, expected_sha256: str | None = None) -> AdapterState:
         """Load a version's weights and optimizer state, checking the announced sha256."""
+        self._fetch(adapter, version)
         weights_path = self._file(adapter, version, ADAPTER_FILE)
         optimizer_path = self._file(adapter, version, OPTIMIZER_FILE)
         if expected_sha256 is not None:
@@ -227,6 +262,7 @@ class AdapterStore:
 
     def read_optional(self, adapter: str, version: int, name: str) -> bytes | None:
         """A version's file ``name``, or None if the version was written without it."""
+        self._fetch(adapter, version)
         directory = self.version_dir(adapter, version)
         if not directory.is_dir():
             raise AdapterStoreError(
@@ -243,6 +279,7 @@ class AdapterStore:
             ) from exc
 
     def read_metadata(self, adapter: str, version: int) -> dict[str, Any]:
+        self._fetch(adapter, version)
         path = self._file(adapter, version, METADATA_FILE)
         try:
             document: dict[str, Any] = orjson.loads(path.read_bytes())

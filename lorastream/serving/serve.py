@@ -39,6 +39,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -49,7 +50,9 @@ from lorastream.serving.exceptions import BackendRefused, BackendUnavailable
 from lorastream.serving.metrics import ServeMetrics
 from lorastream.serving.verify import Refusal, check_base, check_files, judge_versions
 from schemas import AdapterUpdate
+from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.lineage import read_announcement
+from trainer.objects import fetch_version, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class ServeConfig:
     served_base: str | None = None
     trainer_base: str | None = None
     poll_seconds: float = 5.0
+    cache_dir: Path | None = None
+    """Where versions announced on an object store (s3://…) are fetched to, checked, and
+    loaded from (the server is given that local directory)."""
     backoff_start: float = 1.0
     backoff_max: float = 30.0
     client_options: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +115,8 @@ class _Versions:
     refused: dict[int, Refusal] = field(default_factory=dict)
     gate: dict[int, Refusal | None] = field(default_factory=dict)
     """The promotion gate's verdict on each version, made once, in version order."""
+    local: dict[int, str] = field(default_factory=dict)
+    """Where a version announced on an object store was fetched to."""
 
     @property
     def promoted(self) -> list[int]:
@@ -380,7 +388,7 @@ class Serve:
             return
         adapter, version = min(kept, key=lambda av: (av[0], av[1]))
         name = version_name(adapter, version)
-        answer = await self.backend.load(name, self.versions[adapter].updates[version].uri)
+        answer = await self.backend.load(name, self._path(adapter, version))
         self._probe_now = False
         self._last_probe = now
         if answer is Loaded.NEW:
@@ -416,7 +424,11 @@ class Serve:
                 break
             if version in versions.refused:
                 continue
-            refusal = versions.gate[version] or await self._check(adapter, version)
+            try:
+                refusal = versions.gate[version] or await self._check(adapter, version)
+            except ResourceError as exc:  # the object store is away: try again later
+                log.warning("%s: %s; trying again", version_name(adapter, version), exc)
+                continue
             if refusal is None:
                 kept.append(version)
             else:
@@ -431,10 +443,28 @@ class Serve:
         if refusal is not None:
             return refusal
         if version not in versions.file_checks:
+            if is_remote(update.uri):
+                try:
+                    local = await asyncio.to_thread(self._fetch, update.uri)
+                except AdapterStoreError as exc:
+                    versions.file_checks[version] = Refusal("missing", str(exc))
+                    return versions.file_checks[version]
+                versions.local[version] = str(local)
+                update = update.model_copy(update={"uri": str(local)})
             versions.file_checks[version] = await asyncio.to_thread(
                 check_files, update, self.config.max_lora_rank
             )
         return versions.file_checks[version]
+
+    def _fetch(self, uri: str) -> Path:
+        if self.config.cache_dir is None:
+            raise AdapterStoreError(f"{uri} is on an object store, and serve has no cache dir")
+        return fetch_version(uri, self.config.cache_dir)
+
+    def _path(self, adapter: str, version: int) -> str:
+        """What the server loads: the announced directory, or the fetched copy."""
+        versions = self.versions[adapter]
+        return versions.local.get(version, versions.updates[version].uri)
 
     def _refuse(self, adapter: str, version: int, refusal: Refusal) -> None:
         self.versions[adapter].refused[version] = refusal
@@ -452,7 +482,7 @@ class Serve:
 
     async def _load(self, adapter: str, version: int) -> None:
         name = version_name(adapter, version)
-        path = self.versions[adapter].updates[version].uri
+        path = self._path(adapter, version)
         try:
             answer = await self.backend.load(name, path)
         except BackendRefused as exc:

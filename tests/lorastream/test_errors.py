@@ -32,6 +32,7 @@ KAFKA_COMMANDS = [
     ["produce", "{results}"],
     ["adapters", "list"],
     ["adapters", "follow"],
+    ["adapters", "fetch", "tutor"],
     ["replay", "--adapter", "tutor", "--into", "tutor-b"],
     ["replay", "--dry-run"],
     ["dead-letters", "list"],

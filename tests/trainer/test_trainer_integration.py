@@ -352,16 +352,23 @@ async def test_restart_resumes_from_the_newest_announced_version(
     assert len(await read_all(kafka_bootstrap, topics.adapter_updates, 6, settle=2)) == 6
 
 
+@pytest.mark.parametrize("storage", ["local", "s3"])
 async def test_two_trainers_share_the_partitions_and_each_window_trains_once(
     kafka_bootstrap: str,
     prefix: str,
     home: Path,
     tmp_path: Path,
     reference: dict[tuple[str, int], str],
+    storage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A second instance joins while windows are half full: the group rebalances, the
     partial windows move to their partition's new owner, and still every window trains
-    exactly once, bit-identical to the uninterrupted lineage."""
+    exactly once, bit-identical to the uninterrupted lineage.
+
+    With ``s3`` the adapters live in one bucket of a real S3Proxy and each trainer has
+    its own local cache, as on two machines: the second resumes the adapters the first
+    trained from the bucket alone."""
     from aiokafka.partitioner import DefaultPartitioner
 
     names = [f"team-{n}" for n in range(6)]
@@ -379,14 +386,22 @@ async def test_two_trainers_share_the_partitions_and_each_window_trains_once(
             [(e.adapter.encode(), encode(e)) for e in batch],
         )
 
-    adapters = tmp_path / "adapters"
-    env = _env(kafka_bootstrap, prefix, home, adapters)
+    if storage == "s3":
+        s3 = request.getfixturevalue("s3")
+        where: str = f"{s3.bucket('trainers')}/{prefix.rstrip('.')}"
+        env = {**_env(kafka_bootstrap, prefix, home, tmp_path), **s3.environment()}
+        env["LORASTREAM_ADAPTER_DIR"] = where
+        caches = {name: {"LORASTREAM_ADAPTER_CACHE": str(tmp_path / name)} for name in "ab"}
+    else:
+        where = str(tmp_path / "adapters")
+        env = _env(kafka_bootstrap, prefix, home, Path(where))
+        caches = {"a": {}, "b": {}}
     await send(slice(0, 20))  # every adapter: window 1 full, window 2 a quarter full
-    with Worker(["train"], {**env, "LORASTREAM_INSTANCE_ID": "a"}, tmp_path / "a.log") as first:
+    first_env = {**env, "LORASTREAM_INSTANCE_ID": "a", **caches["a"]}
+    with Worker(["train"], first_env, tmp_path / "a.log") as first:
         await _updates(kafka_bootstrap, topics, len(names), timeout=120)
-        with Worker(
-            ["train"], {**env, "LORASTREAM_INSTANCE_ID": "b"}, tmp_path / "b.log"
-        ) as second:
+        second_env = {**env, "LORASTREAM_INSTANCE_ID": "b", **caches["b"]}
+        with Worker(["train"], second_env, tmp_path / "b.log") as second:
 
             async def joined() -> bool:
                 return "resumed" in second.output()
@@ -407,6 +422,7 @@ async def test_two_trainers_share_the_partitions_and_each_window_trains_once(
         assert [u.sha256 for u in lineage] == [reference["alpha", 1], reference["alpha", 2]]
     trained_by_second = [line for line in second.output().splitlines() if " v2: " in line]
     assert trained_by_second, "the second trainer trained nothing; no rebalance was tested"
+    assert all(u.uri == f"{where}/{u.adapter}/v{u.version}" or storage == "local" for u in updates)
 
 
 async def test_events_waiting_in_an_open_window_are_shown_in_the_log_list_and_metrics(
