@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_resume.py
 	$(BIN)/python bench/bench_learning.py
 
 # Not part of `make test`: about 15 minutes of SIGKILLs and broker restarts, then a report.

@@ -1,0 +1,139 @@
+"""How long a trainer takes to resume when the adapter-updates topic holds a long history.
+
+A trainer process that starts (or a `status`, `adapters list`, `replay`) reads
+every committed announcement on ``adapter-updates`` to rebuild each adapter's
+lineage (``trainer.history.load_lineages``): the newest version, the source
+offsets handled, the event ids trained. This benchmark writes ``--versions``
+announcements (default 100,000) spread over ``--adapters`` adapters, each with
+a window of 16 event ids as the trainer writes them, in read_committed
+transactions, then times that read in this process: seconds, announcements/s
+and the peak resident memory it added. It is the "before" figure of issue #13's
+resume that should not grow with history.
+
+Uses KAFKA_BOOTSTRAP_SERVERS if set, else the broker at 127.0.0.1:9092 if one
+answers, else starts a local one on free ports. The topic is deleted after.
+
+    .venv/bin/python bench/bench_resume.py [--versions 100000] [--adapters 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiokafka import AIOKafkaProducer
+
+from bench.broker import bench_bootstrap
+from lorastream.admin import create_topics, delete_topics, topic_specs
+from lorastream.broker import kafka_answers
+from schemas import AdapterUpdate, LoraSpec, Topics, WindowSpec, encode
+from trainer.history import load_lineages
+
+WINDOW = 16
+BATCH = 2_000  # announcements per transaction while writing the history
+
+
+def _announcement(adapter: str, version: int, events_topic: str) -> bytes:
+    first = (version - 1) * WINDOW
+    return encode(
+        AdapterUpdate(
+            adapter=adapter,
+            version=version,
+            parent_version=version - 1 or None,
+            base_model="/models/base",
+            base_model_fingerprint="0" * 16,
+            uri=f"s3://adapters/run/{adapter}/v{version}",
+            sha256="0" * 64,
+            lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+            window=WindowSpec(
+                topic=events_topic,
+                partition=0,
+                first_offset=first,
+                last_offset=first + WINDOW - 1,
+                size=WINDOW,
+                event_ids=[f"{adapter}-{first + n:08d}" for n in range(WINDOW)],
+            ),
+            train_loss=1.0,
+            created_at=datetime(2026, 11, 28, tzinfo=UTC),
+        )
+    )
+
+
+async def _write_history(bootstrap: str, topics: Topics, versions: int, adapters: int) -> int:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=f"bench-resume-{uuid.uuid4().hex[:6]}",
+        linger_ms=20,
+        max_batch_size=1 << 20,
+    )
+    await producer.start()
+    written = 0
+    size = 0
+    try:
+        names = [f"team-{n:04d}" for n in range(adapters)]
+        order = [(names[i % adapters], i // adapters + 1) for i in range(versions)]
+        for start in range(0, versions, BATCH):
+            async with producer.transaction():
+                for adapter, version in order[start : start + BATCH]:
+                    value = _announcement(adapter, version, topics.learning_events)
+                    size += len(value)
+                    await producer.send(topics.adapter_updates, key=adapter.encode(), value=value)
+                    written += 1
+    finally:
+        await producer.stop()
+    return size
+
+
+def run(versions: int, adapters: int) -> None:
+    prefix = f"benchresume{uuid.uuid4().hex[:6]}."
+    topics = Topics.named(prefix)
+    with tempfile.TemporaryDirectory() as tmp:
+        use_dev = not os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and kafka_answers("127.0.0.1:9092")
+        context = None if use_dev else bench_bootstrap(Path(tmp))
+        bootstrap = "127.0.0.1:9092" if context is None else context.__enter__()
+        try:
+            asyncio.run(create_topics(bootstrap, topic_specs(topics, 3, 1)))
+            started = time.perf_counter()
+            size = asyncio.run(_write_history(bootstrap, topics, versions, adapters))
+            wrote = time.perf_counter() - started
+            print(
+                f"wrote {versions:,} announcements of {adapters} adapters "
+                f"({size / 2**20:.1f} MiB of JSON) to {topics.adapter_updates} in {wrote:.1f}s"
+            )
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            started = time.perf_counter()
+            lineages = asyncio.run(
+                load_lineages(bootstrap, topics.adapter_updates, topics.quarantine)
+            )
+            seconds = time.perf_counter() - started
+            grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+            assert len(lineages) == adapters
+            assert sum(lin.version for lin in lineages.values()) == versions
+            print(
+                f"resume (load_lineages, a full read of the topic): {seconds:.2f}s for "
+                f"{versions:,} announcements ({versions / seconds:,.0f}/s), "
+                f"peak memory +{grown:.0f} MB; {adapters} lineages, newest "
+                f"v{max(lin.version for lin in lineages.values())}"
+            )
+        finally:
+            asyncio.run(delete_topics(bootstrap, list(topics.all())))
+            if context is not None:
+                context.__exit__(None, None, None)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--versions", type=int, default=100_000)
+    parser.add_argument("--adapters", type=int, default=100)
+    args = parser.parse_args()
+    run(args.versions, args.adapters)
