@@ -16,6 +16,7 @@ from aiokafka.protocol.offset import OffsetRequest
 
 from schemas import Topics
 from schemas.errors import LorastreamError
+from trainer.kafka import refusal
 
 __all__ = [
     "KafkaSetupError",
@@ -154,6 +155,10 @@ async def _admin(
         await admin.start()
         yield admin
     except KafkaError as exc:
+        # A secured cluster that refused us: say why, not "Unable to bootstrap".
+        refused = await refusal(bootstrap_servers, doing, client_options)
+        if refused is not None:
+            raise refused from exc
         raise KafkaSetupError(
             f"could not {doing} on {bootstrap_servers}: {exc!r}. Is the broker running "
             "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorastream.secure import SecureFiles, client_exports, client_ssl_context, tls_socket
 from schemas.errors import LorastreamError
 
 __all__ = [
@@ -99,6 +101,7 @@ class LocalBroker:
         controller_port: int = 9093,
         heap: str = "512m",
         jars_dir: Path | None = None,
+        secure: bool = False,
     ) -> None:
         if port == controller_port:
             raise ValueError(f"port and controller_port must differ (both {port})")
@@ -119,11 +122,19 @@ class LocalBroker:
         self.pid_path = self.home / "broker.pid"
         self.log_path = self.home / "broker.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # SASL/SCRAM over TLS (lorastream.secure): certificates and passwords in home/secure.
+        self.secure = SecureFiles(self.home / "secure") if secure else None
 
     @property
     def bootstrap(self) -> str:
         """``"127.0.0.1:<port>"``, the address clients connect to."""
         return f"{_HOST}:{self.port}"
+
+    def client_exports(self) -> str:
+        """For a secure broker, the ``export KAFKA_...`` line that points clients at it."""
+        if self.secure is None:
+            raise ValueError("client_exports() is for a broker started with secure=True")
+        return client_exports(self.secure, self.bootstrap)
 
     # ── jars ────────────────────────────────────────────────────────────────
 
@@ -205,6 +216,11 @@ class LocalBroker:
             if pid is None:
                 self._check_ports_free()
                 jars = self.ensure_jars()
+                if self.secure is not None:
+                    self.secure.sasl_password(
+                        create=not (self.data_dir / "meta.properties").exists()
+                    )
+                    self.secure.make_certificates(_HOST)
                 self._write_config()
                 self._format(jars)
                 pid = self._spawn(jars)
@@ -283,10 +299,15 @@ class LocalBroker:
 
     def _check_running_port(self) -> None:
         text = _read(self.config_path) or ""
-        match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)$", text, re.M)
-        if match and int(match.group(1)) != self.port:
+        match = re.search(r"^advertised\.listeners=([A-Z_]+)://[^:]+:(\d+)$", text, re.M)
+        if match and (match.group(1) == "SASL_SSL") != (self.secure is not None):
             raise BrokerError(
-                f"the broker in {self.home} already runs on port {match.group(1)}, "
+                f"the broker in {self.home} already runs with a {match.group(1)} listener; "
+                f"stop it first (log: {self.log_path})"
+            )
+        if match and int(match.group(2)) != self.port:
+            raise BrokerError(
+                f"the broker in {self.home} already runs on port {match.group(2)}, "
                 f"not {self.port}; stop it first (log: {self.log_path})"
             )
 
@@ -316,8 +337,12 @@ class LocalBroker:
             # lorastream creates its topics explicitly; a typo must not create one.
             "auto.create.topics.enable": "false",
         }
+        if self.secure is not None:
+            settings.update(self.secure.server_settings(_HOST, self.port, self.controller_port))
         body = "".join(f"{k}={v}\n" for k, v in settings.items())
         _write_atomic(self.config_path, f"# written by lorastream.broker\n{body}")
+        if self.secure is not None:  # it holds the keystore and SCRAM passwords
+            os.chmod(self.config_path, 0o600)
 
     def _java_cmd(self, jars: Path, *args: str) -> list[str]:
         java_home = os.environ.get("JAVA_HOME")
@@ -344,9 +369,11 @@ class LocalBroker:
                 )
             cluster_id = found[-1]
             _write_atomic(cluster_file, cluster_id + "\n")
+        scram = ["--add-scram", self.secure.scram_argument()] if self.secure is not None else []
         self._run_tool(
-            jars, "format", "-t", cluster_id, "-c", str(self.config_path), "--ignore-formatted"
-        )
+            jars, "format", "-t", cluster_id, "-c", str(self.config_path), "--ignore-formatted",
+            *scram,
+        )  # fmt: skip
 
     def _run_tool(self, jars: Path, *args: str) -> str:
         cmd = self._java_cmd(jars, "kafka.tools.StorageTool", *args)
@@ -397,7 +424,8 @@ class LocalBroker:
                     f"{f' with code {code}' if code is not None else ''}; "
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
-            if _answers_api_versions(_HOST, self.port, timeout=2.0):
+            context = client_ssl_context(self.secure) if self.secure is not None else None
+            if _answers_api_versions(_HOST, self.port, timeout=2.0, ssl_context=context):
                 return
             if time.monotonic() >= deadline:
                 tail = self._log_tail()
@@ -427,23 +455,36 @@ class LocalBroker:
             return "(no log)"
 
 
-def kafka_answers(bootstrap_servers: str, timeout: float = 2.0) -> bool:
-    """True when the first of ``bootstrap_servers`` (``host:port,...``) answers as a Kafka broker."""
+def kafka_answers(
+    bootstrap_servers: str, timeout: float = 2.0, ssl_context: ssl.SSLContext | None = None
+) -> bool:
+    """True when the first of ``bootstrap_servers`` (``host:port,...``) answers as a Kafka
+    broker; over TLS when an ``ssl_context`` is given (an SSL or SASL_SSL listener)."""
     host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
-    return port.isdigit() and _answers_api_versions(host or _HOST, int(port), timeout)
+    return port.isdigit() and _answers_api_versions(
+        host or _HOST, int(port), timeout, ssl_context=ssl_context
+    )
 
 
-def _answers_api_versions(host: str, port: int, timeout: float) -> bool:
+def _answers_api_versions(
+    host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> bool:
     """True when ``host:port`` answers an ApiVersions v0 request without error.
 
     v0 is the one version every broker keeps (clients open with it); Kafka
     enables its listener only after the node has joined the quorum and been
-    unfenced, so an answer means clients can work.
+    unfenced, so an answer means clients can work. A SASL listener answers
+    ApiVersions before authentication, so the probe needs no credentials.
     """
     client_id = b"lorastream-probe"
     request = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock = (
+            tls_socket(ssl_context, host, port, timeout)
+            if ssl_context is not None
+            else socket.create_connection((host, port), timeout=timeout)
+        )
+        with sock:
             sock.sendall(struct.pack(">i", len(request)) + request)
             (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
             if not 6 <= size <= 1 << 20:

@@ -104,43 +104,65 @@ MetricsHostOption = Annotated[str | None, typer.Option(help=help_for("metrics_ho
 # ── broker ───────────────────────────────────────────────────────────────────
 
 
-def _local_broker(settings: Settings, port: int | None) -> Any:
+def _local_broker(settings: Settings, port: int | None, secure: bool = False) -> Any:
     from lorastream.broker import LocalBroker
 
+    if secure:
+        # Its own home and ports, beside the plaintext broker: never the same data.
+        return LocalBroker(
+            settings.home / "broker-secure",
+            port=port or _SECURE_PORT,
+            controller_port=(port or _SECURE_PORT) + 1,
+            secure=True,
+        )
     if port is None:
         port = int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[-1])
     return LocalBroker(settings.home / "broker", port=port, controller_port=port + 1)
 
 
+_SECURE_PORT = 9094
 PortOption = Annotated[
     int | None,
     typer.Option(
         "--port",
-        help="Listener port (default: the port of KAFKA_BOOTSTRAP_SERVERS, 9092); the controller uses the next one.",
+        help="Listener port (default: the port of KAFKA_BOOTSTRAP_SERVERS, 9092; 9094 with "
+        "--secure); the controller uses the next one.",
+    ),
+]
+SecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--secure",
+        help="The secured broker (SASL/SCRAM-SHA-512 over TLS, in <home>/broker-secure): "
+        "start prints the KAFKA_* exports that every command needs to reach it.",
     ),
 ]
 
 
 @broker_app.command("start")
-def broker_start(ctx: typer.Context, port: PortOption = None) -> None:
+def broker_start(ctx: typer.Context, port: PortOption = None, secure: SecureOption = False) -> None:
     """Assemble Kafka from Maven Central (once), start it, wait until it answers."""
-    broker = _local_broker(settings_of(ctx), port)
+    broker = _local_broker(settings_of(ctx), port, secure)
     with err.status("starting Kafka (the first start downloads the jars with Maven)…"):
         bootstrap = broker.start()
     out.print(bootstrap)
+    if secure:
+        out.print(broker.client_exports(), markup=False, highlight=False)
 
 
 @broker_app.command("stop")
-def broker_stop(ctx: typer.Context, port: PortOption = None) -> None:
+def broker_stop(ctx: typer.Context, port: PortOption = None, secure: SecureOption = False) -> None:
     """Stop the local broker cleanly (nothing happens if it is not running)."""
-    stopped = _local_broker(settings_of(ctx), port).stop()
+    stopped = _local_broker(settings_of(ctx), port, secure).stop()
     err.print("stopped" if stopped else "not running")
 
 
 @broker_app.command("status")
-def broker_status(ctx: typer.Context, port: PortOption = None) -> None:
+def broker_status(
+    ctx: typer.Context, port: PortOption = None, secure: SecureOption = False
+) -> None:
     """Say whether the local broker runs; exit 1 when it does not."""
-    status = _local_broker(settings_of(ctx), port).status()
+    status = _local_broker(settings_of(ctx), port, secure).status()
     if status.running:
         out.print(
             f"running  pid {status.pid}  {status.bootstrap}  Kafka {status.kafka_version}  log {status.log_path}"

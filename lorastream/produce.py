@@ -105,6 +105,11 @@ async def produce_file(
         if on_sent:
             on_sent(len(pending))
     except KafkaError as exc:
+        from trainer.kafka import refusal
+
+        refused = await refusal(bootstrap_servers, f"producing {path} to {topic}", client_options)
+        if refused is not None:  # a secured cluster said no: say why, not "Unable to bootstrap"
+            raise refused from exc
         raise ProduceError(
             f"producing {path} to {topic} on {bootstrap_servers} failed after {sent} records "
             f"were acknowledged: {exc!r}"

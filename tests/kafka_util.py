@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,24 @@ async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Ran:
+    """A ``lorastream`` command run as a user runs it: what it said, and how long it took."""
+
+    command: Sequence[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def __str__(self) -> str:
+        return (
+            f"lorastream {' '.join(self.command)} → {self.returncode} in {self.seconds:.1f}s\n"
+            f"stdout: {self.stdout}\nstderr: {self.stderr}"
+        )

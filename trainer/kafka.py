@@ -7,20 +7,94 @@ or a request that times out reaches the user as one
 was being done, never as a traceback. :func:`reader` starts a group-less
 ``read_committed`` consumer and stops it on every path, including a failed
 start (aiokafka warns about an unclosed client otherwise).
+
+A refused connection (wrong SASL credentials or mechanism, a TLS handshake that
+fails) reaches aiokafka's caller only as "Unable to bootstrap", the cause being in
+aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` (and the
+admin client in :mod:`lorastream.admin`) raise it as one
+:class:`KafkaAuthenticationError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka import errors as _errors
 from aiokafka.errors import KafkaError
 
-from schemas.errors import KafkaUnavailableError
+from schemas.errors import KafkaUnavailableError, LorastreamError
 
-__all__ = ["kafka_errors", "reader", "stop_consumer"]
+__all__ = ["KafkaAuthenticationError", "kafka_errors", "reader", "refusal", "stop_consumer"]
+
+_SASL_REFUSALS = (
+    _errors.SaslAuthenticationFailed,
+    _errors.AuthenticationFailedError,
+    _errors.AuthenticationMethodNotSupported,
+    _errors.UnsupportedSaslMechanismError,
+    _errors.IllegalSaslStateError,
+)
+
+
+class KafkaAuthenticationError(KafkaUnavailableError):
+    """The cluster answered but refused the connection: SASL authentication or TLS failed."""
+
+    def __init__(self, servers: str, doing: str, reason: str, *, tls: bool = False) -> None:
+        self.servers = servers
+        self.doing = doing
+        self.reason = reason
+        check = (
+            "KAFKA_SSL_CAFILE and KAFKA_SECURITY_PROTOCOL"
+            if tls
+            else "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM"
+        )
+        what = "TLS handshake failed" if tls else "authentication failed"
+        LorastreamError.__init__(
+            self,
+            f"{doing}: Kafka at {servers} refused the connection, {what}: {reason}. Check {check}",
+        )
+
+
+async def refusal(
+    servers: str, doing: str, client_options: dict[str, Any] | None
+) -> KafkaAuthenticationError | None:
+    """Why a secured cluster refused us, after a client failed with "Unable to bootstrap".
+
+    aiokafka logs the cause (a SASL or TLS failure) and raises only that. So, for a
+    client with SASL or TLS options, connect once more to the first server the same
+    way and return the refusal as our error; None when the cause is something else.
+    """
+    from aiokafka.conn import create_conn
+
+    options = dict(client_options or {})
+    if options.get("security_protocol", "PLAINTEXT") == "PLAINTEXT":
+        return None
+    host, _, port = servers.split(",")[0].strip().rpartition(":")
+    keys = (
+        "security_protocol",
+        "ssl_context",
+        "sasl_mechanism",
+        "sasl_plain_username",
+        "sasl_plain_password",
+    )
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), **{k: options[k] for k in keys if k in options}),
+            timeout=10,
+        )
+    except (*_SASL_REFUSALS, ssl.SSLError) as exc:
+        tls = isinstance(exc, ssl.SSLError)
+        # aiokafka's broker errors already name themselves: "[Error 58] SaslAuthenticationFailed: …"
+        reason = _reason(exc) if tls else str(exc).strip() or type(exc).__name__
+        return KafkaAuthenticationError(servers, doing, reason, tls=tls)
+    except (OSError, KafkaError, TimeoutError, ValueError):
+        return None
+    conn.close()
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -48,8 +122,6 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     away (a fetch sleeping before a retry) raises CancelledError although nobody
     cancelled us. A cancellation of the caller's own task still propagates.
     """
-    import asyncio
-
     try:
         await consumer.stop()
     except asyncio.CancelledError:
@@ -74,8 +146,16 @@ async def reader(
         },
     )
     try:
-        with kafka_errors(servers, doing):
+        try:
             await consumer.start()
+        except KafkaError as exc:
+            refused = await refusal(servers, doing, client_options)
+            if refused is not None:
+                raise refused from exc
+            raise
+        with kafka_errors(servers, doing):
             yield consumer
+    except KafkaError as exc:
+        raise KafkaUnavailableError(servers, doing, _reason(exc)) from exc
     finally:
         await stop_consumer(consumer)

@@ -15,12 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.kafka_util import LORASTREAM
+from tests.kafka_util import LORASTREAM, Ran
 
 # Every command that talks to Kafka, with the arguments it needs to get that far.
 KAFKA_COMMANDS = [
@@ -50,25 +49,6 @@ BAD_SETTINGS = [
     ("LORASTREAM_DEVICE", "gpu"),
     ("LORASTREAM_WINDOW_SIZE", "0"),
 ]
-
-
-@dataclass
-class Ran:
-    command: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-    def __str__(self) -> str:
-        return (
-            f"lorastream {' '.join(self.command)} → {self.returncode} in {self.seconds:.1f}s\n"
-            f"stdout: {self.stdout}\nstderr: {self.stderr}"
-        )
 
 
 def _run(command: list[str], env: dict[str, str], timeout: float) -> Ran:
