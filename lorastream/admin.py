@@ -136,9 +136,19 @@ def topic_specs(
     the history either, whatever the cluster's default."""
     history = {topics.learning_events, topics.adapter_updates, topics.quarantine}
     kept = {"retention.ms": str(history_retention_ms), "retention.bytes": "-1"}
+    # The newest snapshot per adapter: compacted, in small segments cleaned eagerly, so that
+    # a resume reads about one record per adapter, not one per version.
+    compacted = {
+        "cleanup.policy": "compact",
+        "min.cleanable.dirty.ratio": "0.01",
+        "segment.bytes": str(1 << 20),
+        "segment.ms": "60000",
+    }
     specs = []
     for name in topics.all():
         configs = dict(kept) if name in history else {}
+        if name == topics.adapter_latest:
+            configs = dict(compacted)
         specs.append(NewTopic(name, partitions, replication_factor, topic_configs=configs))
     return specs
 

@@ -381,7 +381,12 @@ def train(
     asyncio.run(
         require_topics(
             settings.bootstrap_servers,
-            [topics.learning_events, topics.adapter_updates, topics.quarantine],
+            [
+                topics.learning_events,
+                topics.adapter_updates,
+                topics.adapter_latest,
+                topics.quarantine,
+            ],
             settings.kafka_client_options(),
         )
     )

@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lorastream.admin import describe_retention
+from lorastream.admin import describe_retention, require_topics
 from lorastream.console import print_table
 from lorastream.settings import Settings
 from lorastream.stages import replay_config, replay_decoder
@@ -164,6 +164,14 @@ def run_replay(
         _check_found(request, plan, config.topic)
         _print_plan(plan, request, config.topic, settings.window_size, out)
         return
+    topics = settings.topics
+    asyncio.run(  # where the versions go: a missing one is one line, not a commit that hangs
+        require_topics(
+            settings.bootstrap_servers,
+            [topics.adapter_updates, topics.adapter_latest, topics.quarantine],
+            settings.kafka_client_options(),
+        )
+    )
     report = asyncio.run(_train(settings, request, replay, err, metrics or ReplayMetrics()))
     if report is not None:
         _print_report(report, out)

@@ -18,6 +18,9 @@ class Topics:
     generation_results: str = "generation-results"
     learning_events: str = "learning-events"
     adapter_updates: str = "adapter-updates"
+    # Compacted: each adapter's newest lineage snapshot (trainer.snapshot), for a resume
+    # that reads one record per adapter instead of the whole history.
+    adapter_latest: str = "adapter-updates.latest"
     dead_letters: str = "generation-results.dlq"
     quarantine: str = "learning-events.quarantine"
 
@@ -31,6 +34,7 @@ class Topics:
             "generation_results": self.generation_results,
             "learning_events": self.learning_events,
             "adapter_updates": self.adapter_updates,
+            "adapter_latest": self.adapter_latest,
             "dead_letters": self.dead_letters,
             "quarantine": self.quarantine,
         }

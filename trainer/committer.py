@@ -38,6 +38,7 @@ from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ResourceError, TrainerError
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
+from trainer.snapshot import snapshot_of
 from trainer.window import Window
 
 __all__ = [
@@ -315,8 +316,12 @@ async def train_and_commit(
                     await asyncio.wait_for(stopping.wait(), delay)
             delay = min(delay * 2, 60.0)
     version = lineage.version + 1
+    records = [announce(outcome, topics)]
+    if isinstance(outcome, Trained):  # the adapter's newest state, in the same transaction
+        snapshot = snapshot_of(lineage, outcome.update)
+        records.append(Outgoing(topics.adapter_latest, lineage.adapter, encode(snapshot)))
     await committer.commit(
-        [announce(outcome, topics)],
+        records,
         offsets,
         inside=lambda: core.faults.at("commit-inside", lineage.adapter, version),
     )

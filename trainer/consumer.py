@@ -30,7 +30,7 @@ from schemas import (
     decode,
 )
 from schemas.limits import clip
-from trainer.committer import Committer, quarantine, train_and_commit
+from trainer.committer import Committer, Outgoing, quarantine, train_and_commit
 from trainer.config import TrainerConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import TrainerError
@@ -38,6 +38,7 @@ from trainer.history import LineageLog
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
 from trainer.metrics import TrainerMetrics
+from trainer.snapshot import completion
 from trainer.window import Window, Windows
 
 __all__ = ["Trainer"]
@@ -91,6 +92,7 @@ class Trainer:
             config.topics.adapter_updates,
             config.topics.quarantine,
             config.client_options,
+            latest_topic=config.topics.adapter_latest,
         )
         self.core: WindowTrainer | None = None
         self.committer = Committer(
@@ -277,6 +279,8 @@ class Trainer:
         assignment): what other instances or a replay committed meanwhile counts."""
         self._ready.clear()
         await self.history.refresh()
+        if self.history.needs_snapshots and not self.committer.staged:
+            await self._complete_snapshots()
         assert self.core is not None
         self.core.forget(self.lineages)
         for adapter, lineage in self.lineages.items():
@@ -287,6 +291,21 @@ class Trainer:
                 ", ".join(f"{a} v{lin.version}" for a, lin in sorted(self.lineages.items())),
             )
         self._ready.set()
+
+    async def _complete_snapshots(self) -> None:
+        """The history was read in full (no complete snapshot topic yet): write every
+        adapter's snapshot and the completion record in one transaction, so that the next
+        start reads one record per adapter (trainer.snapshot)."""
+        records = completion(self.lineages, by=self.config.transactional_id)
+        topic = self.config.topics.adapter_latest
+        await self.committer.commit([Outgoing(topic, key, value) for key, value in records])
+        self.history.needs_snapshots = False
+        log.info(
+            "wrote the snapshots of %d adapter(s) to %s: later starts read those, not the "
+            "whole history",
+            len(records) - 1,
+            topic,
+        )
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         position = KafkaPosition(tp.topic, tp.partition, record.offset)

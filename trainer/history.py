@@ -26,6 +26,7 @@ from schemas import LearningEvent, SchemaError, decode
 from trainer.exceptions import TrainerError
 from trainer.kafka import kafka_errors, reader
 from trainer.lineage import Lineage, apply_records
+from trainer.snapshot import COMPLETE, LineageSnapshot, lineage_of
 from trainer.window import held_out
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,12 @@ class LineageLog:
     lineages after :meth:`refresh` are those a full read would give, at the
     cost of the records committed since the previous refresh. Records this
     process committed itself (and already applied) are recognised and skipped.
+
+    With ``latest_topic`` (the compacted snapshots, :mod:`trainer.snapshot`), the
+    first refresh reads one snapshot per adapter instead of the whole history: the
+    lineages then hold each adapter's newest version only, which is all a trainer
+    needs. If that topic is empty while the history is not (a pipeline from before
+    it), the history is read in full and :attr:`needs_snapshots` says so.
     """
 
     def __init__(
@@ -164,24 +171,60 @@ class LineageLog:
         updates_topic: str,
         quarantine_topic: str | None = None,
         client_options: dict[str, Any] | None = None,
+        latest_topic: str | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.updates_topic = updates_topic
         self.quarantine_topic = quarantine_topic
+        self.latest_topic = latest_topic
         self.client_options = client_options
         self.lineages: dict[str, Lineage] = {}
         # Per learning-events partition, the last offset quarantined as unreadable: unreadable
         # records are quarantined in offset order, so one at or below it is quarantined
         # already (a rebalance re-reads from a committed offset held back by open windows).
         self.unreadable: dict[TopicPartition, int] = {}
+        self.needs_snapshots = False
         self._reached: dict[str, dict[TopicPartition, int]] = {}
 
     async def refresh(self) -> dict[str, Lineage]:
         """Apply what was committed since the last refresh; return the lineages."""
+        if self.latest_topic is not None and self.updates_topic not in self._reached:
+            await self._from_snapshots(self.latest_topic)
         updates = await self._read(self.updates_topic)
         quarantined = await self._read(self.quarantine_topic) if self.quarantine_topic else []
         apply_records(self.lineages, updates, quarantined, self.unreadable)
         return self.lineages
+
+    async def _from_snapshots(self, topic: str) -> None:
+        """Start from the snapshots, and read the history only from where it ended before
+        they were read: a version committed meanwhile is in both, and applied once.
+
+        Only a topic that a trainer has completed (its :data:`COMPLETE` record, written with
+        every adapter's snapshot in one transaction) is trusted: until then, the history
+        is read in full and :attr:`needs_snapshots` is set."""
+        ends = await committed_ends(self.bootstrap_servers, self.updates_topic, self.client_options)
+        records, _ = await read_committed_topic(self.bootstrap_servers, topic, self.client_options)
+        newest: dict[str, LineageSnapshot] = {}
+        complete = False
+        for record in records:
+            if record.key == COMPLETE.encode():
+                complete = True
+                continue
+            try:
+                snapshot = decode(record.value, LineageSnapshot)
+            except SchemaError as exc:
+                log.warning(
+                    "skipping an unreadable snapshot at %s@%s: %s", topic, record.offset, exc
+                )
+                continue
+            known = newest.get(snapshot.adapter)
+            if known is None or snapshot.update.version > known.update.version:
+                newest[snapshot.adapter] = snapshot
+        if not complete:
+            self.needs_snapshots = True
+            return  # a full read of the history, as before
+        self.lineages.update({a: lineage_of(s) for a, s in newest.items()})
+        self._reached[self.updates_topic] = ends
 
     async def _read(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
         records, reached = await read_committed_topic(
@@ -189,6 +232,16 @@ class LineageLog:
         )
         self._reached[topic] = reached
         return records
+
+
+async def committed_ends(
+    bootstrap_servers: str, topic: str, client_options: dict[str, Any] | None = None
+) -> dict[TopicPartition, int]:
+    """Where a read_committed reader of ``topic`` ends now, once the transactions open now
+    have ended (see :func:`_settled_ends`)."""
+    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
+        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+        return await _settled_ends(consumer, tps, bootstrap_servers, client_options)
 
 
 async def load_lineages(

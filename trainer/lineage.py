@@ -11,6 +11,7 @@ pure: :mod:`trainer.history` reads the records from Kafka and hands them to
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,9 +21,13 @@ from aiokafka.structs import ConsumerRecord
 from schemas import AdapterUpdate, QuarantineRecord, SchemaError, WindowSpec, decode
 from trainer.exceptions import TrainerError
 
-__all__ = ["Lineage", "apply_records", "lineages_from", "read_announcement"]
+__all__ = ["RECENT_WINDOWS", "Lineage", "apply_records", "lineages_from", "read_announcement"]
 
 log = logging.getLogger(__name__)
+
+# Windows whose event ids a snapshot keeps: an event delivered again (the scoring stage
+# is at least once) at a new offset is recognised by its id within this many windows.
+RECENT_WINDOWS = 8
 
 
 @dataclass
@@ -30,10 +35,14 @@ class Lineage:
     """What is known of one adapter: its announced versions and the events they consumed."""
 
     adapter: str
+    # The announced versions in order; resumed from a snapshot (trainer.snapshot), only
+    # the newest: versions before it are in adapter-updates, and nothing here needs them.
     updates: list[AdapterUpdate] = field(default_factory=list)
     trained_ids: set[str] = field(default_factory=set)
     handled: dict[TopicPartition, int] = field(default_factory=dict)
     quarantined_windows: set[tuple[str, int, int]] = field(default_factory=set)
+    # The event ids of the newest windows, newest last: what a snapshot keeps of trained_ids.
+    recent_windows: deque[list[str]] = field(default_factory=lambda: deque(maxlen=RECENT_WINDOWS))
 
     @property
     def version(self) -> int:
@@ -69,6 +78,7 @@ class Lineage:
     def record_window(self, window: WindowSpec) -> None:
         """The window's events are consumed: its ids are trained, its offsets handled."""
         self.trained_ids.update(window.event_ids)
+        self.recent_windows.append(list(window.event_ids))
         self._handled(window.topic, window.partition, window.last_offset)
 
     def _handled(self, topic: str, partition: int, last_offset: int) -> None:
@@ -125,7 +135,10 @@ def apply_records(
         lineage = lineages.setdefault(update.adapter, Lineage(update.adapter))
         if update.version > lineage.version:
             lineage.record_update(update)
-        elif lineage.updates[update.version - 1].sha256 != update.sha256:
+        elif (
+            update.version >= lineage.updates[0].version
+            and lineage.updates[update.version - lineage.updates[0].version].sha256 != update.sha256
+        ):
             log.error(
                 "adapter-updates holds two different announcements of %s v%d (the second at "
                 "%s[%s]@%s); the first one stands",

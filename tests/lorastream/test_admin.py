@@ -154,6 +154,12 @@ def test_topic_specs_set_retention_on_the_history_topics_only() -> None:
         topics.generation_results: {},
         topics.learning_events: kept,
         topics.adapter_updates: kept,
+        topics.adapter_latest: {  # one snapshot per adapter kept, cleaned eagerly
+            "cleanup.policy": "compact",
+            "min.cleanable.dirty.ratio": "0.01",
+            "segment.bytes": "1048576",
+            "segment.ms": "60000",
+        },
         topics.dead_letters: {},
         topics.quarantine: kept,
     }

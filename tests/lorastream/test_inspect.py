@@ -337,21 +337,22 @@ async def test_topics_list_shows_the_pipeline_and_delete_needs_yes(
     assert "--prefix is empty" in empty
     unconfirmed = _run(kafka_bootstrap, prefix, "topics", "delete", "--prefix", prefix)
     assert unconfirmed.returncode == 1
-    assert "5 topic(s) would be deleted; add --yes to delete them" in unconfirmed.stderr
+    n = len(topics.all())
+    assert f"{n} topic(s) would be deleted; add --yes to delete them" in unconfirmed.stderr
     assert {line.split()[0] for line in unconfirmed.stdout.splitlines()[1:]} == set(topics.all())
-    assert len(await list_topics(kafka_bootstrap, prefix)) == 5
+    assert len(await list_topics(kafka_bootstrap, prefix)) == n
 
     deleted = _run(kafka_bootstrap, prefix, "topics", "delete", "--prefix", prefix, "--yes")
     assert deleted.returncode == 0, deleted.stderr
-    assert f"deleted 5 topic(s) starting with '{prefix}'" in deleted.stdout
+    assert f"deleted {n} topic(s) starting with '{prefix}'" in deleted.stdout
 
     async def gone() -> bool:
         return await list_topics(kafka_bootstrap, prefix) == []
 
     await wait_for(gone, 30, "the deleted topics to disappear")
     after = _run(kafka_bootstrap, prefix, "topics", "list").stdout.splitlines()
-    assert [line.split()[1:] for line in after[1:6]] == [["missing", "-"]] * 5
-    assert after[6] == "(run `lorastream topics create` for the missing ones)"
+    assert [line.split()[1:] for line in after[1 : n + 1]] == [["missing", "-"]] * n
+    assert after[n + 1] == "(run `lorastream topics create` for the missing ones)"
 
 
 def test_retry_rules_without_a_broker() -> None:
