@@ -278,10 +278,12 @@ class Settings(BaseSettings):
         None, "KAFKA_SSL_KEYFILE", "client key for TLS", shown="none"
     )
 
-    @field_validator("adapter_dir")
+    @field_validator("adapter_dir", mode="before")
     @classmethod
-    def _adapter_dir(cls, value: str) -> str:
-        if "://" in value:
+    def _adapter_dir(cls, value: object) -> object:
+        if isinstance(value, Path):  # a directory given as a Path (from code)
+            return str(value)
+        if isinstance(value, str) and "://" in value:
             scheme, _, rest = value.partition("://")
             if scheme != "s3":
                 raise ValueError(f"{scheme}:// is not supported: a directory or s3://BUCKET/PREFIX")
