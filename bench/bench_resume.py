@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import resource
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,39 +39,41 @@ from bench.broker import bench_bootstrap
 from lorastream.admin import create_topics, delete_topics, topic_specs
 from lorastream.broker import kafka_answers
 from schemas import AdapterUpdate, LoraSpec, Topics, WindowSpec, encode
-from trainer.history import load_lineages
+from trainer.history import LineageLog, load_lineages
+from trainer.lineage import Lineage
+from trainer.snapshot import COMPLETE, snapshot_of
 
 WINDOW = 16
 BATCH = 2_000  # announcements per transaction while writing the history
 
 
-def _announcement(adapter: str, version: int, events_topic: str) -> bytes:
+def _announcement(adapter: str, version: int, events_topic: str) -> AdapterUpdate:
     first = (version - 1) * WINDOW
-    return encode(
-        AdapterUpdate(
-            adapter=adapter,
-            version=version,
-            parent_version=version - 1 or None,
-            base_model="/models/base",
-            base_model_fingerprint="0" * 16,
-            uri=f"s3://adapters/run/{adapter}/v{version}",
-            sha256="0" * 64,
-            lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
-            window=WindowSpec(
-                topic=events_topic,
-                partition=0,
-                first_offset=first,
-                last_offset=first + WINDOW - 1,
-                size=WINDOW,
-                event_ids=[f"{adapter}-{first + n:08d}" for n in range(WINDOW)],
-            ),
-            train_loss=1.0,
-            created_at=datetime(2026, 11, 28, tzinfo=UTC),
-        )
+    return AdapterUpdate(
+        adapter=adapter,
+        version=version,
+        parent_version=version - 1 or None,
+        base_model="/models/base",
+        base_model_fingerprint="0" * 16,
+        uri=f"s3://adapters/run/{adapter}/v{version}",
+        sha256="0" * 64,
+        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+        window=WindowSpec(
+            topic=events_topic,
+            partition=0,
+            first_offset=first,
+            last_offset=first + WINDOW - 1,
+            size=WINDOW,
+            event_ids=[f"{adapter}-{first + n:08d}" for n in range(WINDOW)],
+        ),
+        train_loss=1.0,
+        created_at=datetime(2026, 11, 28, tzinfo=UTC),
     )
 
 
 async def _write_history(bootstrap: str, topics: Topics, versions: int, adapters: int) -> int:
+    """The announcements, each with its snapshot in the same transaction, as the trainer
+    writes them; the completion record first. The bytes of announcements written."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         transactional_id=f"bench-resume-{uuid.uuid4().hex[:6]}",
@@ -77,24 +81,59 @@ async def _write_history(bootstrap: str, topics: Topics, versions: int, adapters
         max_batch_size=1 << 20,
     )
     await producer.start()
-    written = 0
     size = 0
     try:
+        async with producer.transaction():
+            await producer.send(topics.adapter_latest, key=COMPLETE.encode(), value=b"{}")
         names = [f"team-{n:04d}" for n in range(adapters)]
+        lineages = {name: Lineage(name) for name in names}
         order = [(names[i % adapters], i // adapters + 1) for i in range(versions)]
         for start in range(0, versions, BATCH):
             async with producer.transaction():
                 for adapter, version in order[start : start + BATCH]:
-                    value = _announcement(adapter, version, topics.learning_events)
+                    update = _announcement(adapter, version, topics.learning_events)
+                    value = encode(update)
                     size += len(value)
-                    await producer.send(topics.adapter_updates, key=adapter.encode(), value=value)
-                    written += 1
+                    snapshot = encode(snapshot_of(lineages[adapter], update))
+                    lineages[adapter].record_update(update)
+                    key = adapter.encode()
+                    await producer.send(topics.adapter_updates, key=key, value=value)
+                    await producer.send(topics.adapter_latest, key=key, value=snapshot)
     finally:
         await producer.stop()
     return size
 
 
-def run(versions: int, adapters: int) -> None:
+def _timed(what: str, read: Callable[[], dict[str, Lineage]], versions: int) -> None:
+    """``read`` in a child process of its own, so that its peak memory is its own."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        lineages = read()
+        seconds = time.perf_counter() - started
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        total = sum(lin.version for lin in lineages.values())
+        results.put((seconds, grown, len(lineages), total))
+
+    process = context.Process(target=child)
+    process.start()
+    seconds, grown, count, total = results.get(timeout=600)
+    process.join()
+    assert total == versions, f"{what}: the lineages hold {total} versions, not {versions}"
+    print(f"{what}: {seconds:.2f}s, peak memory +{grown:.0f} MB ({count} lineages)")
+
+
+async def _snapshot_records(bootstrap: str, topic: str) -> int:
+    from trainer.history import read_committed_topic
+
+    records, _ = await read_committed_topic(bootstrap, topic)
+    return len(records)
+
+
+def run(versions: int, adapters: int, compaction_wait: float) -> None:
     prefix = f"benchresume{uuid.uuid4().hex[:6]}."
     topics = Topics.named(prefix)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,20 +149,39 @@ def run(versions: int, adapters: int) -> None:
                 f"wrote {versions:,} announcements of {adapters} adapters "
                 f"({size / 2**20:.1f} MiB of JSON) to {topics.adapter_updates} in {wrote:.1f}s"
             )
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            started = time.perf_counter()
-            lineages = asyncio.run(
-                load_lineages(bootstrap, topics.adapter_updates, topics.quarantine)
+            _timed(
+                f"full read of the history ({versions:,} announcements)",
+                lambda: asyncio.run(
+                    load_lineages(bootstrap, topics.adapter_updates, topics.quarantine)
+                ),
+                versions,
             )
-            seconds = time.perf_counter() - started
-            grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-            assert len(lineages) == adapters
-            assert sum(lin.version for lin in lineages.values()) == versions
-            print(
-                f"resume (load_lineages, a full read of the topic): {seconds:.2f}s for "
-                f"{versions:,} announcements ({versions / seconds:,.0f}/s), "
-                f"peak memory +{grown:.0f} MB; {adapters} lineages, newest "
-                f"v{max(lin.version for lin in lineages.values())}"
+
+            def from_snapshots() -> dict[str, Lineage]:
+                log = LineageLog(
+                    bootstrap,
+                    topics.adapter_updates,
+                    topics.quarantine,
+                    latest_topic=topics.adapter_latest,
+                )
+                lineages = asyncio.run(log.refresh())
+                assert not log.needs_snapshots
+                return lineages
+
+            held = asyncio.run(_snapshot_records(bootstrap, topics.adapter_latest))
+            _timed(
+                f"start from the snapshots right after the writes ({held:,} records on the topic)",
+                from_snapshots,
+                versions,
+            )
+            deadline = time.monotonic() + compaction_wait
+            while held > 4 * adapters and time.monotonic() < deadline:
+                time.sleep(10)
+                held = asyncio.run(_snapshot_records(bootstrap, topics.adapter_latest))
+            _timed(
+                f"start from the snapshots after the log cleaner ({held:,} records on the topic)",
+                from_snapshots,
+                versions,
             )
         finally:
             asyncio.run(delete_topics(bootstrap, list(topics.all())))
@@ -135,5 +193,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", type=int, default=100_000)
     parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--compaction-wait", type=float, default=180)
     args = parser.parse_args()
-    run(args.versions, args.adapters)
+    run(args.versions, args.adapters, args.compaction_wait)
