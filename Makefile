@@ -45,8 +45,10 @@ bench: setup
 	$(BIN)/python bench/bench_learning.py
 
 # Not part of `make test`: about 15 minutes of SIGKILLs and broker restarts, then a report.
+# `make soak SOAK_ARGS=--s3` keeps the adapters in a bucket of a real S3Proxy.
+SOAK_ARGS ?=
 soak: setup
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -22,7 +22,12 @@ and each lineage bit for bit that of an uninterrupted run, retrained in this pro
 CPU. It prints a report and exits 1 on any failure (the logs are kept then).
 
     .venv/bin/python bench/soak.py [--seconds 600] [--rate 20] [--kills 100] [--seed 0]
-                                   [--txn-share 0.3] [--stay-down 0.5] [--keep] [-v]
+                                   [--txn-share 0.3] [--stay-down 0.5] [--s3] [--keep] [-v]
+
+With ``--s3`` the adapters live in a bucket of a real S3Proxy (``lorastream.s3proxy``,
+from Maven Central) and each member has its own local cache, as on separate machines: a
+trainer killed mid-upload leaves a version without its manifest, which must never be
+announced, and every announced version is fetched and checked against its sha256.
 
 The run takes ``--seconds`` plus the drain (at most max(240, seconds/2), less when nothing
 moves for a minute) plus about a minute of retraining: about 15 minutes by default.
@@ -221,7 +226,12 @@ class Soak:
         self.prefix = f"soak{uuid.uuid4().hex[:6]}."
         self.topics = Topics.named(self.prefix)
         self.home = tmp / "home"
-        self.adapter_dir = tmp / "adapters"
+        self.adapter_dir: str = str(tmp / "adapters")
+        self.s3: Any = None
+        if args.s3:
+            from lorastream.s3proxy import LocalS3
+
+            self.s3 = LocalS3(tmp / "s3", jars=default_home() / "s3proxy")
         self.stats = Stats()
         self.versions: dict[str, int] = {}
         self.started = time.monotonic()
@@ -236,11 +246,17 @@ class Soak:
             print(line, flush=True)
 
     def member(self, name: str, args: list[str], **more: str) -> Member:
+        if self.s3 is not None:  # a cache of its own, as on a machine of its own
+            more = {
+                **self.s3.environment(),
+                "LORASTREAM_ADAPTER_CACHE": str(self.tmp / "caches" / name),
+                **more,
+            }
         env = worker_env(
             self.bootstrap,
             self.prefix,
             self.home,
-            LORASTREAM_ADAPTER_DIR=str(self.adapter_dir),
+            LORASTREAM_ADAPTER_DIR=self.adapter_dir,
             LORASTREAM_DEVICE="cpu",
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
@@ -544,6 +560,10 @@ class Soak:
 
     async def run(self) -> int:
         (self.tmp / "logs").mkdir(parents=True)
+        if self.s3 is not None:
+            await asyncio.to_thread(self.s3.start)
+            self.adapter_dir = f"{self.s3.bucket('soak')}/{self.prefix.rstrip('.')}"
+            os.environ.update(self.s3.environment())  # the checks fetch what was announced
         await asyncio.to_thread(self.broker.start, 120)
         await make_topics(self.bootstrap, self.prefix, partitions=PARTITIONS)
         from transformers.utils import logging as hf_logging
@@ -589,6 +609,8 @@ class Soak:
         state = await self.account()
         await asyncio.to_thread(self.broker.stop)
         checks = await asyncio.to_thread(check_lineages, state, self.home, self.tmp / "retrained")
+        if self.s3 is not None:
+            self.s3.stop()
         return self.report(state, checks, chaos_seconds, drain_seconds, settled)
 
     def report(
@@ -753,7 +775,10 @@ def check_lineages(state: dict[str, Any], home: Path, out: Path) -> list[tuple[s
     return [
         ("2. versions 1..n per adapter, no repeat, no gap, parents right", check_versions(updates)),
         ("3. no event id trained twice in one lineage", check_trained_once(updates)),
-        ("4. every adapter_model.safetensors matches its sha256", check_files(updates)),
+        (
+            "4. every adapter_model.safetensors matches its sha256",
+            check_files(updates, out.parent / "checked"),
+        ),
         (
             "5a. each adapter's windows are those the live rule gives",
             check_windows(state["events"], updates, state["quarantined"], topic),
@@ -787,6 +812,7 @@ def main() -> int:
     )
     parser.add_argument("--arm-timeout", type=float, default=60)
     parser.add_argument("--drain-timeout", type=float, default=None)
+    parser.add_argument("--s3", action="store_true", help="adapters in a bucket of S3Proxy")
     parser.add_argument("--keep", action="store_true", help="keep the logs even on success")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each chaos action")
     args = parser.parse_args()
@@ -802,6 +828,8 @@ def main() -> int:
     finally:
         with contextlib.suppress(Exception):
             soak.broker.stop()
+        if soak.s3 is not None:
+            soak.s3.stop()
     if code == 0 and not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     return code

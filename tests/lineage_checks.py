@@ -96,10 +96,22 @@ def check_trained_once(updates: list[AdapterUpdate]) -> list[str]:
     return problems
 
 
-def check_files(updates: list[AdapterUpdate]) -> list[str]:
+def check_files(updates: list[AdapterUpdate], cache: Path | None = None) -> list[str]:
+    """Every version's weights as announced; one on an object store is fetched into
+    ``cache`` first (its manifest must be there, every file as it says)."""
+    from trainer.exceptions import TrainerError
+    from trainer.objects import fetch_version, is_remote
+
     problems = []
     for u in updates:
-        path = Path(urlparse(u.uri).path) / "adapter_model.safetensors"
+        where = u.uri
+        if is_remote(u.uri):
+            try:
+                where = str(fetch_version(u.uri, cache or Path("/tmp/lorastream-checks")))
+            except TrainerError as exc:
+                problems.append(f"{u.adapter} v{u.version}: {exc}")
+                continue
+        path = Path(urlparse(where).path) / "adapter_model.safetensors"
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as exc:
