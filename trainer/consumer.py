@@ -265,6 +265,8 @@ class Trainer:
         for tp in assigned:
             with kafka_errors(self.config.bootstrap_servers, "reading the committed offsets"):
                 committed = await consumer.committed(tp)
+            if tp not in consumer.assignment():
+                continue  # revoked by a rebalance while we read: its new owner positions it
             if committed is None:
                 await consumer.seek_to_beginning(tp)
             else:
