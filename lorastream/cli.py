@@ -12,13 +12,16 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from lorastream.settings import Settings, help_for, load_settings
 from schemas.errors import LorastreamError
+
+if TYPE_CHECKING:
+    from trainer.lineage import Lineage
 
 __all__ = ["app", "main"]
 
@@ -540,6 +543,20 @@ def replay(
 # ── adapters ─────────────────────────────────────────────────────────────────
 
 
+def _lineages(settings: Settings) -> dict[str, Lineage]:
+    """Every adapter's lineage, read in full from the announcements and the quarantine."""
+    from trainer.history import load_lineages
+
+    return asyncio.run(
+        load_lineages(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            settings.topics.quarantine,
+            settings.kafka_client_options(),
+        )
+    )
+
+
 @adapters_app.command("list")
 def adapters_list(
     ctx: typer.Context,
@@ -574,18 +591,11 @@ def adapters_list(
     from lorastream.console import print_table
     from lorastream.serving.verify import Refusal, judge_versions
     from schemas import encode
-    from trainer.history import load_lineages, pending_events
+    from trainer.history import pending_events
     from trainer.lineage import Lineage
 
     settings = settings_of(ctx)
-    lineages = asyncio.run(
-        load_lineages(
-            settings.bootstrap_servers,
-            settings.topics.adapter_updates,
-            settings.topics.quarantine,
-            settings.kafka_client_options(),
-        )
-    )
+    lineages = _lineages(settings)
     chosen = [lineages[a] for a in sorted(lineages) if adapter in (None, a)]
     if json:
         for lineage in chosen:
@@ -679,18 +689,10 @@ def adapters_fetch(
     and every file checked against its manifest; a local one is checked against the
     announced sha256. A version whose upload never finished (no manifest) is an error."""
     from lorastream.serving.verify import check_files
-    from trainer.history import load_lineages
     from trainer.objects import fetch_version, is_remote
 
     settings = settings_of(ctx)
-    lineages = asyncio.run(
-        load_lineages(
-            settings.bootstrap_servers,
-            settings.topics.adapter_updates,
-            settings.topics.quarantine,
-            settings.kafka_client_options(),
-        )
-    )
+    lineages = _lineages(settings)
     lineage = lineages.get(adapter)
     if lineage is None or not lineage.updates:
         err.print(
