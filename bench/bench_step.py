@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="windows per kind left out of timing")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens kept per example")
     parser.add_argument("--eval-size", type=int, default=256, help="held-out events evaluated")
+    parser.add_argument(
+        "--compile", action="store_true", help="lorastream's step with torch.compile (GPU only)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
 
@@ -245,7 +248,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     settings = LoraSettings(
         r=8, alpha=16, target_modules=("q_proj", "v_proj"), learning_rate=2e-3,
-        max_length=args.max_length,
+        max_length=args.max_length, compile=args.compile,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.base_model is not None:
@@ -268,6 +271,7 @@ def main() -> None:
             f"{base.dtype} on {name}, torch {torch.__version__}, {torch.get_num_threads()} threads"
             f"{resident}; windows of {args.window_size}, {args.warmup} warm-up + {args.windows} "
             f"timed per kind, max_length {settings.max_length}"
+            f"{', lorastream compiled' if stepper.compiled else ''}"
         )
         peak_flops = _peak_flops(device)
         state = stepper.initial_state()

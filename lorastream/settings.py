@@ -183,6 +183,13 @@ class Settings(BaseSettings):
         "recompute the layers' activations in the backward pass: less memory, a slower step",
         shown="false",
     )
+    compile: bool = _setting(
+        False,
+        "LORASTREAM_COMPILE",
+        "torch.compile the model's decoder layers on a GPU (ignored on the CPU): a faster "
+        "step once each new window length has compiled",
+        shown="false",
+    )
     steps_per_window: int = _setting(
         1,
         "LORASTREAM_STEPS_PER_WINDOW",

@@ -55,6 +55,7 @@ def lora_settings(settings: Settings) -> LoraSettings:
         max_length=settings.max_length,
         token_budget=settings.token_budget,
         gradient_checkpointing=settings.gradient_checkpointing,
+        compile=settings.compile,
     )
     if settings.learning_rate is None:
         return lora  # LoraSettings' own default

@@ -77,6 +77,9 @@ class LoraSettings:
     # Response positions whose logits are computed at once (see trainer.loss).
     loss_chunk_tokens: int = 4096
     gradient_checkpointing: bool = False
+    # torch.compile the decoder layers, on a GPU only (the CPU path stays the eager one
+    # whose results the determinism tests pin). The first windows of each new length compile.
+    compile: bool = False
     steps_per_window: int = 1
     # Other adapters' weights and moments kept on the device, in bytes; None: 1 GiB on a
     # GPU, none on the CPU (where a copy from the CPU is no copy at all).
@@ -147,6 +150,15 @@ class _Resident:
     size: int
 
 
+def _compile_layers(causal_lm: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (one graph serves them all, since they
+    share their code), or the whole decoder where it has no ``layers``."""
+    decoder = getattr(causal_lm, str(getattr(causal_lm, "base_model_prefix", "")), causal_lm)
+    layers = getattr(decoder, "layers", None)
+    for module in layers if isinstance(layers, torch.nn.ModuleList) else [decoder]:
+        module.compile(dynamic=None)
+
+
 def _key(parameter_name: str, adapter: str) -> str:
     # PEFT names a parameter "...lora_A.<adapter>.weight" and saves it as "...lora_A.weight".
     return parameter_name.replace(f".{adapter}.", ".")
@@ -198,6 +210,9 @@ class LoraStepper:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         on_gpu = base.device.type == "cuda"
+        self.compiled = bool(lora.compile and on_gpu)
+        if self.compiled:
+            _compile_layers(self.causal_lm)
         self.resident_bytes = (
             lora.resident_bytes if lora.resident_bytes is not None else 2**30 if on_gpu else 0
         )
@@ -395,7 +410,9 @@ class LoraStepper:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            # Evaluation runs eager: forward-only and without gradients, it would compile
+            # graphs of its own, for little gain.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 for indices, ids, mask, labels in batches:
                     if state is not None:
                         losses, rows = self._token_losses(ids, mask, labels)

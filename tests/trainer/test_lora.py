@@ -174,3 +174,12 @@ def test_an_adapter_file_holds_lora_tensors_only_even_with_lm_head_targeted(
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert any("lm_head.lora_" in name for name in tensors)
     assert all(".lora_A." in name or ".lora_B." in name for name in tensors), sorted(tensors)
+
+
+def test_lorastream_compile_reaches_the_stepper_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorastream.settings import Settings
+    from lorastream.stages import lora_settings
+
+    assert lora_settings(Settings()).compile is False
+    monkeypatch.setenv("LORASTREAM_COMPILE", "true")
+    assert lora_settings(Settings()).compile is True

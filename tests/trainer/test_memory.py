@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trainer.batching import plan
-from trainer.lora import AdapterState, LoraSettings, LoraStepper, build_batch
+from trainer.lora import AdapterState, LoraSettings, LoraStepper, _compile_layers, build_batch
 from trainer.loss import response_token_losses
 from trainer.model import BaseModel, load_base_model
 
@@ -124,6 +124,37 @@ def test_gradient_checkpointing_changes_no_result(tiny_model_dir: Path) -> None:
     a = plain.step(plain.initial_state(), WINDOW)
     b = checkpointed.step(checkpointed.initial_state(), WINDOW)
     assert b.loss == pytest.approx(a.loss, rel=1e-6) and _close(a.state, b.state)
+
+
+def test_compile_is_ignored_on_the_cpu_so_its_results_stay_bit_for_bit(
+    tiny_model_dir: Path,
+) -> None:
+    plain, asked = _stepper(tiny_model_dir), _stepper(tiny_model_dir, compile=True)
+    assert not asked.compiled
+    a = plain.step(plain.initial_state(), WINDOW)
+    b = asked.step(asked.initial_state(), WINDOW)
+    assert a.loss == b.loss
+    assert all(torch.equal(a.state.weights[k], b.state.weights[k]) for k in a.state.weights)
+
+
+def test_compiled_decoder_layers_train_and_evaluate_as_the_eager_ones(
+    tiny_model_dir: Path,
+) -> None:
+    """The GPU's compile option, forced onto the CPU: two windows and an evaluation give
+    what eager PyTorch gives, within fp32 rounding (the fused kernels reorder sums)."""
+    eager, compiled = _stepper(tiny_model_dir), _stepper(tiny_model_dir)
+    _compile_layers(compiled.causal_lm)
+    results = []
+    for stepper in (eager, compiled):
+        first = stepper.step(stepper.initial_state(), WINDOW)
+        second = stepper.step(first.state, WINDOW)
+        results.append((first, second, stepper.losses(second.state, WINDOW[:4])))
+    (a1, a2, a_eval), (b1, b2, b_eval) = results
+    assert b1.loss == pytest.approx(a1.loss, rel=1e-5)
+    assert b2.loss == pytest.approx(a2.loss, rel=1e-5) and b2.loss < b1.loss
+    assert _close(a2.state, b2.state, tolerance=1e-5)
+    assert [n for _, n in b_eval] == [n for _, n in a_eval]
+    assert [s for s, _ in b_eval] == pytest.approx([s for s, _ in a_eval], rel=1e-5)
 
 
 # ── resident adapters ────────────────────────────────────────────────────────
