@@ -7,7 +7,7 @@ killed at any point repeats records rather than losing them. Faust's
 the same ``id`` and source position, and the trainer skips ids it has
 already trained.
 
-Records are read as raw bytes and routed by :func:`streams.routing.route`,
+Records are read in batches, as raw bytes, and routed by :func:`streams.routing.route`,
 so no input, however broken, can stop the agent: it becomes a dead letter.
 Nothing is skipped without a trace: the agent acknowledges a record only once
 what it wrote for it (a LearningEvent or a dead letter) is acknowledged by the
@@ -18,6 +18,7 @@ refuses, and never gives up on a dead letter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +51,10 @@ class ScoringConfig:
     session_timeout: float = 10.0
     credentials: Any = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Records scored as one batch, and how long a batch waits to fill before it goes
+    # (the latency a lone record pays).
+    batch_size: int = 1000
+    batch_wait: float = 0.01
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,53 +96,70 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
     )
     thresholds = config.thresholds
 
-    async def send(output: Output) -> None:
+    async def start(output: Output) -> Awaitable[object]:
         if isinstance(output, EventRecord):
-            sent = await events_out.send(key=output.key, value=output.value)
-        else:
-            sent = await dead_letters.send(
-                key=output.key, value=output.value, headers=output.headers
-            )
-        await sent  # the broker's acknowledgement, or its refusal raised
+            return await events_out.send(key=output.key, value=output.value)
+        return await dead_letters.send(key=output.key, value=output.value, headers=output.headers)
+
+    async def send(output: Output) -> None:
+        await (await start(output))  # the broker's acknowledgement, or its refusal raised
 
     writer = Writer(
-        send, events_topic=config.topics.learning_events, policy=config.retry, metrics=metrics
+        send,
+        start=start,
+        events_topic=config.topics.learning_events,
+        policy=config.retry,
+        metrics=metrics,
     )
 
     @app.agent(source, name="score")
     async def score(stream: faust.StreamT[Any]) -> None:
-        # Acks are manual. Faust would ack an event in the `finally` of its stream
-        # iterator, also when this body raised or was cancelled (a rebalance, SIGTERM),
-        # and commit past it; here an event is acked only once its output is written.
-        manual = cast(faust.Stream[Any], stream).noack()
-        async for event in manual.events():
-            message = event.message
-            record = SourceRecord(
-                key=message.key,
-                value=message.value,
-                position=KafkaPosition(message.topic, message.partition, message.offset),
-                timestamp_ms=None if message.timestamp is None else round(message.timestamp * 1000),
+        # Records come in batches: scored one after the other, their outputs all in flight
+        # at once. Acks are manual: Faust would ack an event in the `finally` of its stream
+        # iterator, also when this body raised or was cancelled (a rebalance, SIGTERM), and
+        # commit past it; here a batch's events are acked only once all its outputs are
+        # written, in the order they were read.
+        batches = cast(faust.Stream[Any], stream).noack_take(
+            config.batch_size, within=config.batch_wait
+        )
+        async for events in batches:
+            records = [_source_record(event.message) for event in events]
+            routings = [route(record, thresholds) for record in records]
+            for record, routing in zip(records, routings, strict=True):
+                if routing.failure is not None:
+                    metrics.scoring_errors.inc()
+                    log.error(
+                        "scoring %s raised %s; sent to the dead letters",
+                        record.position,
+                        routing.failure,
+                    )
+                elif routing.outcome is not None and routing.outcome.error is None:
+                    metrics.scored.inc()
+            outputs = await writer.write_many(
+                [
+                    (record, routing.output)
+                    for record, routing in zip(records, routings, strict=True)
+                ]
             )
-            routing = route(record, thresholds)
-            outcome = routing.outcome
-            if routing.failure is not None:
-                metrics.scoring_errors.inc()
-                log.error(
-                    "scoring %s raised %s; sent to the dead letters",
-                    record.position,
-                    routing.failure,
-                )
-            elif outcome is not None and outcome.error is None:
-                metrics.scored.inc()
-            written = None if routing.output is None else await writer.write(record, routing.output)
-            if isinstance(written, EventRecord):
-                metrics.qualified.inc()
-                if written.event.is_breakthrough:
-                    metrics.breakthroughs.inc()
-            elif written is not None:
-                metrics.dead_letters.inc()
-                if routing.failure is None:  # else logged above, once
-                    log.warning("dead letter: %s", written.reason)
-            await manual.ack(event)
+            for routing, written in zip(routings, outputs, strict=True):
+                if isinstance(written, EventRecord):
+                    metrics.qualified.inc()
+                    if written.event.is_breakthrough:
+                        metrics.breakthroughs.inc()
+                elif written is not None:
+                    metrics.dead_letters.inc()
+                    if routing.failure is None:  # else logged above, once
+                        log.warning("dead letter: %s", written.reason)
+            for event in events:
+                await stream.ack(event)
 
     return app
+
+
+def _source_record(message: Any) -> SourceRecord:
+    return SourceRecord(
+        key=message.key,
+        value=message.value,
+        position=KafkaPosition(message.topic, message.partition, message.offset),
+        timestamp_ms=None if message.timestamp is None else round(message.timestamp * 1000),
+    )

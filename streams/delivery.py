@@ -1,7 +1,9 @@
 """Writing the agent's outputs so that no record goes nowhere.
 
 Every send's delivery is awaited: a record counts as handled only once the
-broker has acknowledged what was written for it. A failure the broker may
+broker has acknowledged what was written for it. A batch of records has all
+its outputs in flight at once (:meth:`Writer.write_many`), and is handled
+when every one of them is acknowledged. A failure the broker may
 get over (a leader moving, a timeout) is retried with a growing pause; a
 LearningEvent the broker will not take (too large, or any other refusal)
 becomes the input record's dead letter, naming the refusal; a dead letter
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aiokafka.errors import (
@@ -29,12 +31,16 @@ from schemas.limits import clip
 from streams.metrics import ScoringMetrics
 from streams.routing import EventRecord, Output, SourceRecord
 
-__all__ = ["Refusal", "RetryPolicy", "Send", "Writer", "classify"]
+__all__ = ["Refusal", "RetryPolicy", "Send", "Start", "Writer", "classify"]
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[Output], Awaitable[object]]
 """Writes one output and returns once the broker acknowledged it; raises if it did not."""
+
+Start = Callable[[Output], Awaitable[Awaitable[object]]]
+"""Hands one output to the producer and returns its delivery, at once: awaiting the
+delivery returns once the broker acknowledged the output, and raises if it did not."""
 
 
 class Refusal(enum.Enum):
@@ -96,8 +102,10 @@ class Writer:
         policy: RetryPolicy | None = None,
         metrics: ScoringMetrics | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        start: Start | None = None,
     ) -> None:
         self._send = send
+        self._start = start
         self._events_topic = events_topic
         self._policy = policy or RetryPolicy()
         self._metrics = metrics
@@ -114,11 +122,65 @@ class Writer:
             failed = await self._try(output)
             if failed is None:
                 return output
-            output = record.dead_letter(
-                f"the LearningEvent of the GenerationResult at {record.position} could not "
-                f"be written to {self._events_topic}: {_describe(failed)}"
-            )
+            return await self._refused(record, failed)
         return await self._write_dead_letter(record, output)
+
+    async def _refused(self, record: SourceRecord, failed: BaseException) -> DeadLetter:
+        """The dead letter of a record whose LearningEvent the broker refused, written."""
+        letter = record.dead_letter(
+            f"the LearningEvent of the GenerationResult at {record.position} could not "
+            f"be written to {self._events_topic}: {_describe(failed)}"
+        )
+        return await self._write_dead_letter(record, letter)
+
+    async def write_many(
+        self, items: Sequence[tuple[SourceRecord, Output | None]]
+    ) -> list[Output | None]:
+        """Write each record's output (None: nothing to write); return, per record, what
+        was written for it, once the broker has all of it.
+
+        The outputs go to the producer in order, none waiting for the one before (with
+        ``start``; without it, one after the other as :meth:`write`). Then every delivery
+        is awaited, and an output whose delivery failed is written again, in order, as
+        :meth:`write` writes one: retried, or (refused for good) its record's dead letter. So a batch returns
+        only after something for each of its records is on a topic, as one record does.
+        The producer keeps each partition's order; an output that failed and was written
+        again can land after a later one of the same key, which the first try had not.
+        """
+        if self._start is None:
+            return [None if out is None else await self.write(rec, out) for rec, out in items]
+        deliveries: list[Awaitable[object] | BaseException | None] = []
+        for _, output in items:
+            if output is None:
+                deliveries.append(None)
+                continue
+            try:
+                deliveries.append(await self._start(output))
+            except Exception as exc:  # refused before it left (too large, a closed producer)
+                deliveries.append(exc)
+        in_flight = [d for d in deliveries if d is not None and not isinstance(d, BaseException)]
+        settled = iter(await asyncio.gather(*in_flight, return_exceptions=True))
+        written: list[Output | None] = []
+        for (record, output), delivery in zip(items, deliveries, strict=True):
+            if output is None or delivery is None:
+                written.append(None)
+                continue
+            outcome = delivery if isinstance(delivery, BaseException) else next(settled)
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if not isinstance(outcome, BaseException):
+                written.append(output)
+                continue
+            if isinstance(output, EventRecord) and classify(outcome) is not Refusal.RETRIABLE:
+                written.append(await self._refused(record, outcome))  # the same would fail
+                continue
+            log.warning(
+                "the output for %s was not delivered (%s); writing it again",
+                record.position,
+                _describe(outcome),
+            )
+            written.append(await self.write(record, output))
+        return written
 
     async def _write_dead_letter(self, record: SourceRecord, letter: DeadLetter) -> DeadLetter:
         # Never gives up, and never raises for a refusal. The agent acks a record only once

@@ -172,3 +172,64 @@ def test_retry_policy_is_checked() -> None:
     with pytest.raises(ValueError, match="tries"):
         RetryPolicy(tries=0)
     assert [RetryPolicy(first_pause=1, max_pause=3).pause(n) for n in (1, 2, 3)] == [1, 2, 3]
+
+
+class PipelinedBroker(FakeBroker):
+    """Takes outputs at once and settles each delivery a moment later, as a producer does;
+    remembers how many outputs it had taken when it settled the first delivery."""
+
+    def __init__(self, script: Iterator[Exception | None]) -> None:
+        super().__init__(script)
+        self.taken_when_first_settled: int | None = None
+
+    async def start(self, output: Output) -> asyncio.Future[None]:
+        self.tries.append(output)
+        error = next(self.script)
+        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle() -> None:
+            if self.taken_when_first_settled is None:
+                self.taken_when_first_settled = len(self.tries)
+            if error is None:
+                self.written.append(output)
+                delivery.set_result(None)
+            else:
+                delivery.set_exception(error)
+
+        asyncio.get_running_loop().call_soon(settle)
+        return delivery
+
+
+def _record(offset: int, delta: float = 0.5) -> SourceRecord:
+    value = orjson.dumps(
+        {"id": f"r{offset}", "prompt": "p", "response": "r", "entropy_delta": delta}
+    )
+    return SourceRecord(b"default", value, KafkaPosition("generation-results", 0, offset), None)
+
+
+async def test_a_batch_has_every_output_in_flight_before_any_is_acknowledged() -> None:
+    broker = PipelinedBroker(_errors())
+    writer = Writer(broker.send, start=broker.start, sleep=broker.sleep)
+    records = [_record(i, delta=0.5 if i % 3 else 0.0) for i in range(9)]  # every third: none
+    items = [(r, route(r, Thresholds()).output) for r in records]
+    written = await writer.write_many(items)
+    assert written == [out for _, out in items]
+    assert [w is None for w in written] == [i % 3 == 0 for i in range(9)]
+    assert broker.written == [out for _, out in items if out is not None]
+    assert broker.taken_when_first_settled == 6  # all six were taken before the first ack
+
+
+async def test_a_failed_delivery_in_a_batch_is_written_again_in_order_or_dead_lettered() -> None:
+    # Deliveries: the 2nd times out (then is taken when written again), the 3rd is too large.
+    broker = PipelinedBroker(
+        _errors(None, KafkaTimeoutError(), _wrapped(MessageSizeTooLargeError("big")))
+    )
+    writer = Writer(broker.send, start=broker.start, sleep=broker.sleep)
+    records = [_record(i) for i in range(4)]
+    events = [route(r, Thresholds()).output for r in records]
+    written = await writer.write_many(list(zip(records, events, strict=True)))
+    assert written[0] is events[0] and written[1] is events[1] and written[3] is events[3]
+    assert isinstance(written[2], DeadLetter) and written[2].value == records[2].value
+    # The first tries of all four, then the 2nd again (taken), then the 3rd's dead letter.
+    assert broker.tries[:4] == events and broker.tries[4] is events[1]
+    assert broker.written == [events[0], events[3], events[1], written[2]]
