@@ -17,6 +17,7 @@ refuses, and never gives up on a dead letter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from typing import Any, cast
 import faust
 
 from schemas import KafkaPosition, Topics
-from streams.delivery import RetryPolicy, Writer
+from streams.delivery import Delivery, RetryPolicy, Writer
 from streams.metrics import ScoringMetrics
-from streams.routing import EventRecord, Output, SourceRecord, route
+from streams.routing import EventRecord, Output, Routing, SourceRecord, route
 from streams.scoring import Thresholds
 
 __all__ = ["ScoringConfig", "create_app"]
@@ -55,6 +56,7 @@ class ScoringConfig:
     # (the latency a lone record pays).
     batch_size: int = 1000
     batch_wait: float = 0.01
+    fetch_bytes: int = 8 * 2**20
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +82,11 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
         broker_session_timeout=config.session_timeout,
         broker_heartbeat_interval=min(3.0, config.session_timeout / 3),
         topic_disable_leader=True,
+        # Bytes a fetch brings per partition. At Faust's 1 MiB (about 280 results of 200
+        # tokens), reading a backlog stalled for a second every few fetches, the consumer's
+        # getmany returning nothing until its timeout although the partitions were neither
+        # paused nor drained (bench/bench_scoring.py: 1,250 results/s); at 8 MiB, 2,750.
+        consumer_max_fetch_size=config.fetch_bytes,
         web_enabled=config.web_port is not None,
         web_port=config.web_port or 6066,
         web_bind="127.0.0.1",
@@ -88,18 +95,18 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
     source = app.topic(
         config.topics.generation_results, key_serializer="raw", value_serializer="raw"
     )
-    events_out = app.topic(
-        config.topics.learning_events, key_serializer="raw", value_serializer="raw"
-    )
-    dead_letters = app.topic(
-        config.topics.dead_letters, key_serializer="raw", value_serializer="raw"
-    )
     thresholds = config.thresholds
+    events_topic, dead_letters_topic = config.topics.learning_events, config.topics.dead_letters
 
     async def start(output: Output) -> Awaitable[object]:
+        # Straight to the producer (Faust's ProducerT.send): the bytes are final, and a
+        # topic's send, with its channel, serializers and callbacks, cost as much per
+        # record as scoring it.
         if isinstance(output, EventRecord):
-            return await events_out.send(key=output.key, value=output.value)
-        return await dead_letters.send(key=output.key, value=output.value, headers=output.headers)
+            return await app.producer.send(events_topic, output.key, output.value, None, None, None)
+        return await app.producer.send(
+            dead_letters_topic, output.key, output.value, None, None, output.headers
+        )
 
     async def send(output: Output) -> None:
         await (await start(output))  # the broker's acknowledgement, or its refusal raised
@@ -112,46 +119,66 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
         metrics=metrics,
     )
 
+    async def finish(
+        stream: faust.StreamT[Any],
+        events: list[Any],
+        items: list[tuple[SourceRecord, Output | None]],
+        routings: list[Routing],
+        deliveries: list[Delivery],
+    ) -> None:
+        """Once a batch's outputs are all written: count them, then ack its events."""
+        outputs = await writer.settle(items, deliveries)
+        for routing, written in zip(routings, outputs, strict=True):
+            if isinstance(written, EventRecord):
+                metrics.qualified.inc()
+                if written.event.is_breakthrough:
+                    metrics.breakthroughs.inc()
+            elif written is not None:
+                metrics.dead_letters.inc()
+                if routing.failure is None:  # else logged above, once
+                    log.warning("dead letter: %s", written.reason)
+        for event in events:
+            await stream.ack(event)
+
     @app.agent(source, name="score")
     async def score(stream: faust.StreamT[Any]) -> None:
-        # Records come in batches: scored one after the other, their outputs all in flight
-        # at once. Acks are manual: Faust would ack an event in the `finally` of its stream
-        # iterator, also when this body raised or was cancelled (a rebalance, SIGTERM), and
-        # commit past it; here a batch's events are acked only once all its outputs are
-        # written, in the order they were read.
+        # Records come in batches, scored one after the other, their outputs handed to the
+        # producer at once. While one batch's deliveries are awaited, the next is read and
+        # scored; its outputs go to the producer only after the previous batch's, so each
+        # partition keeps its order. Acks are manual: Faust would ack an event in the
+        # `finally` of its stream iterator, also when this body raised or was cancelled (a
+        # rebalance, SIGTERM), and commit past it; here a batch's events are acked only
+        # once all its outputs are written, batch after batch in the order read.
         batches = cast(faust.Stream[Any], stream).noack_take(
             config.batch_size, within=config.batch_wait
         )
-        async for events in batches:
-            records = [_source_record(event.message) for event in events]
-            routings = [route(record, thresholds) for record in records]
-            for record, routing in zip(records, routings, strict=True):
-                if routing.failure is not None:
-                    metrics.scoring_errors.inc()
-                    log.error(
-                        "scoring %s raised %s; sent to the dead letters",
-                        record.position,
-                        routing.failure,
-                    )
-                elif routing.outcome is not None and routing.outcome.error is None:
-                    metrics.scored.inc()
-            outputs = await writer.write_many(
-                [
-                    (record, routing.output)
-                    for record, routing in zip(records, routings, strict=True)
-                ]
-            )
-            for routing, written in zip(routings, outputs, strict=True):
-                if isinstance(written, EventRecord):
-                    metrics.qualified.inc()
-                    if written.event.is_breakthrough:
-                        metrics.breakthroughs.inc()
-                elif written is not None:
-                    metrics.dead_letters.inc()
-                    if routing.failure is None:  # else logged above, once
-                        log.warning("dead letter: %s", written.reason)
-            for event in events:
-                await stream.ack(event)
+        settling: asyncio.Future[None] | None = None
+        try:
+            async for events in batches:
+                records = [_source_record(event.message) for event in events]
+                routings = [route(record, thresholds) for record in records]
+                for record, routing in zip(records, routings, strict=True):
+                    if routing.failure is not None:
+                        metrics.scoring_errors.inc()
+                        log.error(
+                            "scoring %s raised %s; sent to the dead letters",
+                            record.position,
+                            routing.failure,
+                        )
+                    elif routing.outcome is not None and routing.outcome.error is None:
+                        metrics.scored.inc()
+                items = [(r, routing.output) for r, routing in zip(records, routings, strict=True)]
+                deliveries = await writer.start_many(items)
+                if settling is not None:
+                    await settling
+                settling = asyncio.ensure_future(
+                    finish(stream, list(events), items, routings, deliveries)
+                )
+            if settling is not None:
+                await settling
+        finally:
+            if settling is not None and not settling.done():
+                settling.cancel()  # its events stay unacked: read again by the next owner
 
     return app
 

@@ -31,7 +31,7 @@ from schemas.limits import clip
 from streams.metrics import ScoringMetrics
 from streams.routing import EventRecord, Output, SourceRecord
 
-__all__ = ["Refusal", "RetryPolicy", "Send", "Start", "Writer", "classify"]
+__all__ = ["Delivery", "Refusal", "RetryPolicy", "Send", "Start", "Writer", "classify"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ Send = Callable[[Output], Awaitable[object]]
 """Writes one output and returns once the broker acknowledged it; raises if it did not."""
 
 Start = Callable[[Output], Awaitable[Awaitable[object]]]
+Delivery = Awaitable[object] | BaseException | None  # in flight, refused at once, or none
 """Hands one output to the producer and returns its delivery, at once: awaiting the
 delivery returns once the broker acknowledged the output, and raises if it did not."""
 
@@ -141,23 +142,39 @@ class Writer:
 
         The outputs go to the producer in order, none waiting for the one before (with
         ``start``; without it, one after the other as :meth:`write`). Then every delivery
-        is awaited, and an output whose delivery failed is written again, in order, as
-        :meth:`write` writes one: retried, or (refused for good) its record's dead letter. So a batch returns
+        is awaited, and an output whose delivery failed is written again, alone and in
+        order, as :meth:`write` writes one: retried, or its record's dead letter. Alone,
+        because the broker refuses a producer's whole batch for one record in it too large
+        for the topic: its neighbours are fine on their own. So a batch returns
         only after something for each of its records is on a topic, as one record does.
         The producer keeps each partition's order; an output that failed and was written
         again can land after a later one of the same key, which the first try had not.
         """
-        if self._start is None:
-            return [None if out is None else await self.write(rec, out) for rec, out in items]
-        deliveries: list[Awaitable[object] | BaseException | None] = []
+        return await self.settle(items, await self.start_many(items))
+
+    async def start_many(
+        self, items: Sequence[tuple[SourceRecord, Output | None]]
+    ) -> list[Delivery]:
+        """Hand every output to the producer, in order, awaiting none of their deliveries
+        (without ``start``: nothing is handed over, and :meth:`settle` writes each)."""
+        deliveries: list[Delivery] = []
         for _, output in items:
-            if output is None:
+            if output is None or self._start is None:
                 deliveries.append(None)
                 continue
             try:
                 deliveries.append(await self._start(output))
             except Exception as exc:  # refused before it left (too large, a closed producer)
                 deliveries.append(exc)
+        return deliveries
+
+    async def settle(
+        self, items: Sequence[tuple[SourceRecord, Output | None]], deliveries: Sequence[Delivery]
+    ) -> list[Output | None]:
+        """Await the deliveries :meth:`start_many` returned for ``items``; write again what
+        failed (see :meth:`write_many`); return what was written for each record."""
+        if self._start is None:
+            return [None if out is None else await self.write(rec, out) for rec, out in items]
         in_flight = [d for d in deliveries if d is not None and not isinstance(d, BaseException)]
         settled = iter(await asyncio.gather(*in_flight, return_exceptions=True))
         written: list[Output | None] = []
@@ -170,9 +187,6 @@ class Writer:
                 raise outcome
             if not isinstance(outcome, BaseException):
                 written.append(output)
-                continue
-            if isinstance(output, EventRecord) and classify(outcome) is not Refusal.RETRIABLE:
-                written.append(await self._refused(record, outcome))  # the same would fail
                 continue
             log.warning(
                 "the output for %s was not delivered (%s); writing it again",

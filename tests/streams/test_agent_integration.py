@@ -144,7 +144,7 @@ async def test_sigkill_mid_stream_loses_no_qualifying_event(
     kafka_bootstrap: str, prefix: str, tmp_path: Path
 ) -> None:
     topics = await make_topics(kafka_bootstrap, prefix, partitions=2)
-    total = 4000
+    total = 12_000  # batches of up to 1000 in flight: enough that the kill lands mid-stream
     records = []
     for i in range(total):
         delta = -0.5 if i % 2 == 0 else 0.01  # every other one qualifies

@@ -219,17 +219,20 @@ async def test_a_batch_has_every_output_in_flight_before_any_is_acknowledged() -
     assert broker.taken_when_first_settled == 6  # all six were taken before the first ack
 
 
-async def test_a_failed_delivery_in_a_batch_is_written_again_in_order_or_dead_lettered() -> None:
-    # Deliveries: the 2nd times out (then is taken when written again), the 3rd is too large.
-    broker = PipelinedBroker(
-        _errors(None, KafkaTimeoutError(), _wrapped(MessageSizeTooLargeError("big")))
-    )
+async def test_a_failed_delivery_in_a_batch_is_written_again_alone_in_order() -> None:
+    # Deliveries: the 2nd times out; the 3rd and the 4th are refused as too large, as the
+    # broker refuses a whole producer batch for one record in it. Alone, the 2nd and the
+    # 4th are taken and the 3rd is too large again: only it becomes a dead letter.
+    big = _wrapped(MessageSizeTooLargeError("big"))
+    broker = PipelinedBroker(_errors(None, KafkaTimeoutError(), big, big, None, big, None, None))
     writer = Writer(broker.send, start=broker.start, sleep=broker.sleep)
     records = [_record(i) for i in range(4)]
     events = [route(r, Thresholds()).output for r in records]
     written = await writer.write_many(list(zip(records, events, strict=True)))
     assert written[0] is events[0] and written[1] is events[1] and written[3] is events[3]
     assert isinstance(written[2], DeadLetter) and written[2].value == records[2].value
-    # The first tries of all four, then the 2nd again (taken), then the 3rd's dead letter.
-    assert broker.tries[:4] == events and broker.tries[4] is events[1]
-    assert broker.written == [events[0], events[3], events[1], written[2]]
+    assert "MessageSizeTooLargeError" in DeadLetterHeaders.from_kafka(written[2].headers).error
+    # The first tries of all four, then each failed one again, alone, in order.
+    assert broker.tries[:4] == events
+    assert broker.tries[4:] == [events[1], events[2], written[2], events[3]]
+    assert broker.written == [events[0], events[1], written[2], events[3]]
