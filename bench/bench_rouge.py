@@ -6,7 +6,7 @@ the target, at about 50 and about 200 tokens a side. ``ours (warm)`` is the
 steady state of a worker, whose stem cache already holds the vocabulary;
 ``ours (cold)`` clears that cache before the timed pass.
 
-    .venv/bin/python bench/bench_rouge.py [--pairs 400] [--seed 7]
+    .venv/bin/python bench/bench_rouge.py [--pairs 400] [--seed 7] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rouge_score import rouge_scorer
 
+from bench.report import Row, add_json_option, write_json
 from streams import rouge
 from streams.rouge import rouge_l
 
@@ -82,7 +83,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=400, help="distinct pairs per size")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum time per measurement")
+    add_json_option(parser)
     args = parser.parse_args()
+    rows: list[Row] = []
+    checked = differ = 0
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -97,8 +101,9 @@ def main() -> None:
         pairs = make_pairs(rng, args.pairs, n_tokens)
         mismatches = sum(rouge_l(t, p) != reference(t, p) for t, p in pairs)
         assert mismatches == 0, f"{mismatches} pairs differ from the reference"
+        checked, differ = checked + len(pairs), differ + mismatches
         ref_rate = rate(reference, pairs, args.seconds)
-        rouge._normalize.cache_clear()
+        rouge.clear_cache()
         start = time.perf_counter()
         for target, prediction in pairs:
             rouge_l(target, prediction)
@@ -107,6 +112,49 @@ def main() -> None:
         print(
             f"{n_tokens:>11}  {ref_rate:>10,.0f}/s  {cold_rate:>10,.0f}/s  {warm_rate:>10,.0f}/s"
             f"  {warm_rate / ref_rate:>7,.0f}x"
+        )
+        reference_text = f"{ref_rate:,.0f} pairs/s (rouge-score)"
+        rows += [
+            Row(
+                f"ROUGE-L, ~{n_tokens} tokens a side, warm",
+                f"{warm_rate:,.0f} pairs/s",
+                reference=reference_text,
+            ),
+            Row(
+                f"ROUGE-L, ~{n_tokens} tokens a side, cold",
+                f"{cold_rate:,.0f} pairs/s",
+                reference=reference_text,
+            ),
+            Row(
+                f"speed-up over rouge-score, ~{n_tokens} tokens a side, warm",
+                f"{warm_rate / ref_rate:,.0f}x",
+                reference="1x (rouge-score)",
+            ),
+        ]
+
+    if args.json is not None:
+        rows.append(
+            Row(
+                "pairs whose ROUGE-L differs from rouge-score's",
+                f"{differ} of {checked:,}",
+                goal="the same floats as rouge-score (#2)",
+                reference=f"{checked:,} pairs scored by rouge-score",
+                met=differ == 0,
+            )
+        )
+        write_json(
+            args.json,
+            "ROUGE-L: streams.rouge against rouge-score",
+            rows,
+            [
+                f"{args.pairs} seeded English-like pairs per size (seed {args.seed}), the "
+                "prediction a near-duplicate of the target; each rate over whole passes "
+                f"lasting at least {args.seconds:g}s.",
+                "warm: the worker's steady state, its stem cache holding the vocabulary; "
+                "cold: the cache cleared before one timed pass.",
+                "No speed goal for ROUGE-L alone: issue #14's 50x goal is for the scoring "
+                "stage end to end (bench_scoring).",
+            ],
         )
 
 

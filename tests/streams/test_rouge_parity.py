@@ -11,6 +11,7 @@ those are budgeted to keep the module well under a minute.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Iterator
@@ -444,3 +445,25 @@ def test_hand_picked(target: str, prediction: str, expected: float) -> None:
 
 def test_hand_computed_value() -> None:
     assert abs(rouge_l("the cat sat on the mat", "the cat on a mat") - 8 / 11) < 1e-15
+
+
+def test_the_token_ids_stay_bounded_and_exact_across_clears(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker forgets its token ids once it holds MAX_VOCABULARY of them; the scores
+    before, across and after each clear are still the reference's."""
+    from streams import rouge
+
+    monkeypatch.setattr(rouge, "MAX_VOCABULARY", 50)
+    rouge.clear_cache()
+    rng = random.Random(3)
+    words = [f"w{i}ing" for i in range(400)] + ["running", "runs", "ran", "the"]
+    sizes = []
+    for _ in range(60):
+        target = " ".join(rng.choices(words, k=30))
+        prediction = " ".join(rng.choices(words, k=25) + target.split()[:10])
+        assert rouge_l(target, prediction) == reference(target, prediction)
+        sizes.append(len(rouge._RAW_IDS))
+    assert max(sizes) <= 50 + 2 * 40  # at most one pair's new tokens past the bound
+    assert any(later < earlier for earlier, later in itertools.pairwise(sizes))
+    rouge.clear_cache()
