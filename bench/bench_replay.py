@@ -9,6 +9,7 @@ included. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the local broker on
 free ports for the run.
 
     .venv/bin/python bench/bench_replay.py [--events 1000] [--base-model PATH] [--device cpu]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.broker import bench_bootstrap
+from bench.report import Row, add_json_option, write_json
 from lorastream.settings import load_settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import encode
@@ -38,7 +40,7 @@ def _events(n: int) -> list[tuple[bytes, bytes]]:
     return [(b"tutor", encode(learning_event("tutor", i))) for i in range(n)]
 
 
-async def main(n: int, base_model: Path | None, device: str) -> None:
+async def main(n: int, base_model: Path | None, device: str, json_path: Path | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     with bench_bootstrap(tmp) as bootstrap:
         prefix = f"bench{uuid.uuid4().hex[:6]}."
@@ -104,6 +106,40 @@ async def main(n: int, base_model: Path | None, device: str) -> None:
             f"`lorastream replay` end to end: {command:.2f}s -> {n / command:,.1f} events/s "
             "(process start, imports and model load included)"
         )
+        if json_path is not None:
+            read_rate = f"{n / read:,.0f} events/s (read and group only)"
+            median = steps[len(steps) // 2] * 1000
+            rest = (report.seconds - sum(steps)) / windows * 1000
+            write_json(
+                json_path,
+                "Replay speed (lorastream replay, #7)",
+                [
+                    Row("read and group only (dry run)", f"{n / read:,.0f} events/s"),
+                    Row(
+                        "replay in process",
+                        f"{report.events / report.seconds:,.1f} events/s",
+                        reference=read_rate,
+                    ),
+                    Row("replay in process, windows", f"{windows / report.seconds:.2f} windows/s"),
+                    Row("step, median per window", f"{median:.1f} ms"),
+                    Row("reading, files and one transaction, per window", f"{rest:.1f} ms"),
+                    Row(
+                        "`lorastream replay` end to end",
+                        f"{command:.2f} s ({n / command:,.1f} events/s)",
+                        reference=f"{report.seconds:.2f} s (replay in process)",
+                    ),
+                ],
+                [
+                    f"{n} learning events of one adapter, 1 partition, windows of "
+                    f"{settings.window_size}: {windows} versions announced, "
+                    f"{counts.open_events} events left open.",
+                    f"base model {Path(str(core.base.name)).name} on {core.base.device} "
+                    f"(loaded in {loaded:.2f}s, not in the in-process figures).",
+                    "The end-to-end figure includes process start, imports and model load.",
+                    "Issue #7 states no speed goal: it asks for replay speed (events/s, "
+                    "windows/s, tiny model, CPU) for 1,000 events.",
+                ],
+            )
 
 
 if __name__ == "__main__":
@@ -113,5 +149,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--base-model", type=Path, default=None)
     parser.add_argument("--device", default="cpu")
+    add_json_option(parser)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.base_model, args.device))
+    asyncio.run(main(args.events, args.base_model, args.device, args.json))

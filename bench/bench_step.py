@@ -31,6 +31,8 @@ kind, as the trainer measures it after each step.
 
     .venv/bin/python bench/bench_step.py                          # tiny model, CPU
     .venv/bin/python bench/bench_step.py --preset 1b --device cuda --windows 20
+
+``--json PATH`` also writes the results as one JSON object (``bench/report.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import Row, add_json_option, write_json
 from trainer.lora import LoraSettings, LoraStepper, build_batch
 from trainer.model import build_tiny_model_dir, load_base_model, resolve_device
 
@@ -233,6 +236,7 @@ def main() -> None:
         "--compile", action="store_true", help="lorastream's step with torch.compile (GPU only)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_json_option(parser)
     args = parser.parse_args()
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -340,6 +344,7 @@ def main() -> None:
             print(_row(row, widths))
         print("(ls: lorastream's step; plain/ls above 1: lorastream is faster)")
 
+        json_rows = _json_rows(results, n_params, peak_flops, cuda)
         step_median = medians.get(kinds[0]) if kinds else None
         if args.eval_size > 0 and step_median:
             first = kinds[0]
@@ -359,6 +364,115 @@ def main() -> None:
                 f"model on {len(new)} new): median {cost * 1000:.1f} ms over 5, "
                 f"{cost / step_median:.2f} times the {first} step"
             )
+            json_rows.append(
+                Row(
+                    f"evaluation per version ({args.eval_size} held-out {first} events)",
+                    f"{cost * 1000:.1f} ms",
+                    reference=f"{step_median * 1000:.1f} ms (the {first} step)",
+                )
+            )
+        if args.json is not None:
+            notes = [
+                f"model {path.name}: {n_params / 1e6:.1f}M parameters, {base.dtype} on {name}, "
+                f"torch {torch.__version__}, {torch.get_num_threads()} threads; windows of "
+                f"{args.window_size}, {args.warmup} warm-up + {args.windows} timed per kind "
+                "(medians), max_length "
+                f"{settings.max_length}{', lorastream compiled' if stepper.compiled else ''}.",
+                "plain PEFT loop: get_peft_model once over a second load of the same base, "
+                "AdamW created once, model(...).loss.backward() per window "
+                "(bf16 autocast on CUDA).",
+            ]
+            if cuda:
+                notes.append(
+                    "Issue #12's goals: at least 2x the plain PEFT loop on the 7,976-token "
+                    "(medium) window (<= 76 ms on an H100), at least 50% MFU, the 24k-token "
+                    "(long) window in one call of step with no OOM, peak memory for it. MFU: "
+                    "4 x parameters x real tokens / step time / the card's bf16 dense peak; "
+                    "both peaks include both models' weights."
+                )
+            else:
+                notes.append(
+                    "No goal on the CPU: issue #12's goals (at least 2x the plain PEFT loop on "
+                    "the 7,976-token window, <= 76 ms on an H100, at least 50% MFU, the "
+                    "24k-token window with no OOM) are for a GPU (--preset 1b --device cuda); "
+                    "the GPU figures are in bench/results/h100-2026-11-28/. MFU and peak "
+                    "memory are CUDA-only."
+                )
+            write_json(
+                args.json, "Trainer step: lorastream against a plain PEFT loop", json_rows, notes
+            )
+
+
+SPEED_GOAL = 2.0  # issue #12: at least 2x the plain PEFT loop on the medium window
+MFU_GOAL = 0.5  # issue #12: at least 50% MFU
+
+
+def _json_rows(
+    results: list[tuple[str, int, int, Cell, Cell]],
+    n_params: int,
+    peak_flops: float | None,
+    cuda: bool,
+) -> list[Row]:
+    """The rows of ``--json``: per kind, the step, its ratio, and on CUDA MFU and memory;
+    issue #12's goals beside the figures they are about, on CUDA only."""
+
+    def ms(cell: Cell) -> str:
+        median = cell.median()
+        return (
+            "out of memory" if cell.oom else "n/a" if median is None else f"{median * 1000:.1f} ms"
+        )
+
+    rows = []
+    for kind, window_tokens, _, ours, theirs in results:
+        a, b = ours.median(), theirs.median()
+        where = f"{kind} window ({window_tokens:,} tokens)"
+        rows.append(Row(f"{where}: step", ms(ours), reference=f"{ms(theirs)} (plain PEFT loop)"))
+        ratio = b / a if a and b else None
+        speed_goal = cuda and kind == "medium"
+        rows.append(
+            Row(
+                f"{where}: plain / lorastream",
+                "n/a" if ratio is None else f"{ratio:.2f}x",
+                goal=f"at least {SPEED_GOAL:g}x the plain PEFT loop on the 7,976-token window "
+                "(<= 76 ms on an H100)"
+                if speed_goal
+                else "",
+                reference="1.00x (plain PEFT loop)",
+                met=(ratio is not None and ratio >= SPEED_GOAL) if speed_goal else None,
+            )
+        )
+        if not cuda:
+            continue
+        mfus = [
+            4 * n_params * window_tokens / m / peak_flops if m and peak_flops else None
+            for m in (a, b)
+        ]
+        text = [
+            "out of memory" if c.oom else "n/a" if m is None else f"{m * 100:.1f}%"
+            for m, c in zip(mfus, (ours, theirs), strict=True)
+        ]
+        mfu_goal = kind == "medium" and peak_flops is not None
+        rows.append(
+            Row(
+                f"{where}: MFU",
+                text[0],
+                goal=f"at least {MFU_GOAL:.0%} MFU" if mfu_goal else "",
+                reference=f"{text[1]} (plain PEFT loop)",
+                met=(mfus[0] is not None and mfus[0] >= MFU_GOAL) if mfu_goal else None,
+            )
+        )
+        gib = ["out of memory" if c.oom else f"{c.peak / 2**30:.2f} GiB" for c in (ours, theirs)]
+        oom_goal = kind == "long"
+        rows.append(
+            Row(
+                f"{where}: peak memory",
+                gib[0],
+                goal="the 24k-token window in one call of step with no OOM" if oom_goal else "",
+                reference=f"{gib[1]} (plain PEFT loop)",
+                met=(not ours.oom and a is not None) if oom_goal else None,
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":
