@@ -36,13 +36,10 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark in bench/, one after the other, then BENCHMARKS.md from their figures
+# (about 15 minutes here).
 bench: setup
-	$(BIN)/python bench/bench_rouge.py
-	$(BIN)/python bench/bench_step.py
-	$(BIN)/python bench/bench_scoring.py
-	$(BIN)/python bench/bench_replay.py
-	$(BIN)/python bench/bench_resume.py
-	$(BIN)/python bench/bench_learning.py
+	$(BIN)/python bench/run_all.py
 
 # Not part of `make test`: about 15 minutes of SIGKILLs and broker restarts, then a report.
 # `make soak SOAK_ARGS=--s3` keeps the adapters in a bucket of a real S3Proxy.
