@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import os
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -49,7 +48,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.broker import bench_bootstrap
-from lorastream.admin import delete_topics, list_topics
+from bench.report import Row, write_json
+from bench.workers import bench_workers, peak_rss
 from lorastream.demo import TRAINING
 from schemas import AdapterUpdate, KafkaPosition, Topics, decode
 from streams.scoring import Thresholds, process
@@ -237,34 +237,13 @@ async def _session(
     return produced[params.warmup :], seen, steady
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
-            todo.extend(int(c) for c in task.read_text().split())
-    return found
-
-
 def _peak_rss_mb(worker: Worker) -> tuple[float, str]:
-    """VmHWM of the worker's process (the Popen pid: ``.venv/bin/lorastream`` is a Python
-    script, so that pid is the Python process) and of any children it started."""
+    total, processes = peak_rss(worker)
     assert worker.proc is not None
-    peaks: dict[int, float] = {}
-    for pid in _descendants(worker.proc.pid):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-        if match:
-            peaks[pid] = int(match.group(1)) / 1024
-    total = sum(peaks.values())
     how = f"pid {worker.proc.pid}" + (
-        f" + {len(peaks) - 1} child process(es), summed" if len(peaks) > 1 else ", no children"
+        f" + {processes - 1} child process(es), summed" if processes > 1 else ", no children"
     )
-    return total, how
+    return total / 2**20, how
 
 
 @dataclass(frozen=True)
@@ -296,68 +275,39 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _command() -> str:
-    interpreter = Path(sys.executable)
-    with_cwd = Path.cwd()
-    shown = (
-        str(interpreter.relative_to(with_cwd))
-        if interpreter.is_relative_to(with_cwd)
-        else str(interpreter)
-    )
-    return shlex.join([shown, *sys.argv])
-
-
 def run(params: Params) -> None:
     _check_qualifies()
     clock = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     prefix = f"bench{uuid.uuid4().hex[:6]}."
-    workers: dict[str, Worker] = {}
     try:
-        with bench_bootstrap(tmp) as bootstrap:
-            try:
-                topics = asyncio.run(make_topics(bootstrap, prefix, partitions=PARTITIONS))
-                print(f"broker {bootstrap}, topics {prefix}* ({PARTITIONS} partitions), in {tmp}")
-                env = {k: v for k, v in os.environ.items() if k not in _NOT_PASSED}
-                env.update(
-                    worker_env(
-                        bootstrap,
-                        prefix,
-                        tmp / "home",
-                        LORASTREAM_ADAPTER_DIR=str(tmp / "adapters"),
-                        LORASTREAM_DEVICE="cpu",
-                        OMP_NUM_THREADS="1",
-                        **{
-                            **TRAINING.environment(),
-                            "LORASTREAM_WINDOW_SIZE": str(WINDOW),
-                            "LORASTREAM_EVAL_FRACTION": "0",
-                        },
-                    )
+        with bench_bootstrap(tmp) as bootstrap, bench_workers(bootstrap, prefix) as workers:
+            topics = asyncio.run(make_topics(bootstrap, prefix, partitions=PARTITIONS))
+            print(f"broker {bootstrap}, topics {prefix}* ({PARTITIONS} partitions), in {tmp}")
+            env = {k: v for k, v in os.environ.items() if k not in _NOT_PASSED}
+            env.update(
+                worker_env(
+                    bootstrap,
+                    prefix,
+                    tmp / "home",
+                    LORASTREAM_ADAPTER_DIR=str(tmp / "adapters"),
+                    LORASTREAM_DEVICE="cpu",
+                    OMP_NUM_THREADS="1",
+                    **{
+                        **TRAINING.environment(),
+                        "LORASTREAM_WINDOW_SIZE": str(WINDOW),
+                        "LORASTREAM_EVAL_FRACTION": "0",
+                    },
                 )
-                for name, args in (("scorer", ["score"]), ("trainer", ["train"])):
-                    workers[name] = Worker(args, env, tmp / f"{name}.log").start()
-                windows, seen, steady = asyncio.run(_session(bootstrap, topics, workers, params))
-                memory = {name: _peak_rss_mb(worker) for name, worker in workers.items()}
-                for worker in workers.values():
-                    worker.terminate()
-                logged = _logged(workers["trainer"].output())
-                _report(params, windows, seen, steady, memory, logged)
-            except BaseException:
-                for name, worker in workers.items():
-                    worker.terminate()
-                    tail = "\n    ".join(worker.output().splitlines()[-12:])
-                    print(f"last lines of the {name}'s log:\n    {tail}")
-                raise
-            finally:
-                for worker in workers.values():
-                    worker.terminate()
-
-                async def remove() -> list[str]:
-                    found = await list_topics(bootstrap, prefix)
-                    return await delete_topics(bootstrap, [t.name for t in found])
-
-                deleted = asyncio.run(remove())
-                print(f"deleted {len(deleted)} topics {prefix}* on {bootstrap}")
+            )
+            for name, args in (("scorer", ["score"]), ("trainer", ["train"])):
+                workers[name] = Worker(args, env, tmp / f"{name}.log").start()
+            windows, seen, steady = asyncio.run(_session(bootstrap, topics, workers, params))
+            memory = {name: _peak_rss_mb(worker) for name, worker in workers.items()}
+            for worker in workers.values():
+                worker.terminate()
+            logged = _logged(workers["trainer"].output())
+            _report(params, windows, seen, steady, memory, logged)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"bench took {time.perf_counter() - clock:.1f}s in all")
@@ -479,9 +429,7 @@ def _report(
     for w, r, s, n, c, t in zip(windows, raw, step_list, net, scoring, split, strict=True):
         print(f"  {w.adapter} v{w.version:<3} {r:7.1f} {s:6.1f} {n:7.1f} {c:6.1f} {t}")
     if params.json is not None:
-        document = {"title": TITLE, "command": _command(), "rows": rows, "notes": notes}
-        params.json.parent.mkdir(parents=True, exist_ok=True)
-        params.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+        write_json(params.json, TITLE, [Row(**row) for row in rows], notes)
         print(f"wrote {params.json}")
 
 

@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
-from lorastream.admin import create_topics, delete_topics, list_topics, topic_specs
+from bench.workers import bench_workers
+from lorastream.admin import create_topics, topic_specs
 from lorastream.broker import default_home, kafka_answers
 from lorastream.demo import TRAINING
 from lorastream.follow import follow
@@ -276,39 +277,21 @@ def run(params: Params) -> None:
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     topics = Topics.named(prefix)
     png = default_home() / "bench" / f"learning-{prefix.rstrip('.')}.png"
-    workers: dict[str, Worker] = {}
     try:
-        with _bootstrap(tmp) as bootstrap:
-            try:
-                asyncio.run(create_topics(bootstrap, topic_specs(topics, 3, 1)))
-                clock.lap("broker and topics")
-                _bench(
-                    bootstrap,
-                    prefix,
-                    topics,
-                    tmp,
-                    png,
-                    workers,
-                    clock,
-                    params,
-                )
-                clock.lap("plot")
-            except BaseException:
-                for name, worker in workers.items():
-                    worker.terminate()
-                    tail = "\n    ".join(worker.output().splitlines()[-12:])
-                    print(f"last lines of the {name}'s log:\n    {tail}")
-                raise
-            finally:
-                for worker in workers.values():
-                    worker.terminate()
-
-                async def remove() -> list[str]:
-                    found = await list_topics(bootstrap, prefix)
-                    return await delete_topics(bootstrap, [t.name for t in found])
-
-                deleted = asyncio.run(remove())
-                print(f"deleted {len(deleted)} topics {prefix}* on {bootstrap}")
+        with _bootstrap(tmp) as bootstrap, bench_workers(bootstrap, prefix) as workers:
+            asyncio.run(create_topics(bootstrap, topic_specs(topics, 3, 1)))
+            clock.lap("broker and topics")
+            _bench(
+                bootstrap,
+                prefix,
+                topics,
+                tmp,
+                png,
+                workers,
+                clock,
+                params,
+            )
+            clock.lap("plot")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"removed {tmp}")

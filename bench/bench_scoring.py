@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_rouge import make_pairs
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
+from bench.workers import peak_rss
 from schemas import KafkaPosition
 from streams.routing import SourceRecord, route
 from streams.scoring import Thresholds
@@ -110,17 +111,6 @@ async def _plain_loop(bootstrap: str, source: str, sink: str, n: int) -> float:
     finally:
         await producer.stop()
         await consumer.stop()
-
-
-def _peak_rss(pid: int) -> int:
-    """VmHWM of a live process, in bytes (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 async def _read_events(
@@ -190,8 +180,7 @@ async def main(args: argparse.Namespace) -> None:
             first, last, scores = await _read_events(
                 bootstrap, topics.learning_events, n, timeout=max(120.0, n / 50)
             )
-            assert worker.proc is not None
-            rss = _peak_rss(worker.proc.pid)
+            rss, _ = peak_rss(worker)
     steady = n / (last - first)
     overall = n / (last - start)
     sample = [f"b{i}" for i in range(len(reference))]
