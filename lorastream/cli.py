@@ -97,6 +97,9 @@ DeviceOption = Annotated[str | None, typer.Option(help=help_for("device"))]
 SeedOption = Annotated[int | None, typer.Option(help=help_for("seed"))]
 LearningRateOption = Annotated[float | None, typer.Option(help=help_for("learning_rate"))]
 StepsPerWindowOption = Annotated[int | None, typer.Option(help=help_for("steps_per_window"))]
+CompileOption = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help=help_for("compile"))
+]
 LoraROption = Annotated[int | None, typer.Option(help=help_for("lora_r"))]
 LoraAlphaOption = Annotated[float | None, typer.Option(help=help_for("lora_alpha"))]
 TargetModulesOption = Annotated[str | None, typer.Option(help=help_for("lora_target_modules"))]
@@ -342,6 +345,7 @@ def train(
     ] = None,
     learning_rate: LearningRateOption = None,
     steps_per_window: StepsPerWindowOption = None,
+    compile: CompileOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
@@ -370,6 +374,7 @@ def train(
         instance_id=instance_id,
         learning_rate=learning_rate,
         steps_per_window=steps_per_window,
+        compile=compile,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,
@@ -483,6 +488,7 @@ def replay(
     seed: SeedOption = None,
     learning_rate: LearningRateOption = None,
     steps_per_window: StepsPerWindowOption = None,
+    compile: CompileOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
     target_modules: TargetModulesOption = None,
@@ -512,6 +518,7 @@ def replay(
         seed=seed,
         learning_rate=learning_rate,
         steps_per_window=steps_per_window,
+        compile=compile,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_target_modules=target_modules,

@@ -186,7 +186,7 @@ class Settings(BaseSettings):
     compile: bool = _setting(
         False,
         "LORASTREAM_COMPILE",
-        "torch.compile the model's decoder layers on a GPU (ignored on the CPU): a faster "
+        "compile the model's decoder layers with torch.compile on a GPU (ignored on the CPU): a faster "
         "step once each new window length has compiled",
         shown="false",
     )
