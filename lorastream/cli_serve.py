@@ -39,6 +39,7 @@ def serve_config(
     max_regression: float = 0.02,
 ) -> ServeConfig:
     from lorastream.serving import ServeConfig
+    from lorastream.stages import announcement_verifier
 
     trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
     return ServeConfig(
@@ -57,6 +58,7 @@ def serve_config(
         poll_seconds=poll,
         cache_dir=settings.adapter_cache_dir,
         client_options=settings.kafka_client_options(),
+        verifier=announcement_verifier(settings),
     )
 
 
@@ -167,6 +169,14 @@ def serve(
     ] = 5.0,
     metrics_port: Annotated[int | None, typer.Option(help=help_for("metrics_port"))] = None,
     metrics_host: Annotated[str | None, typer.Option(help=help_for("metrics_host"))] = None,
+    proxy_max_inflight_bytes: Annotated[
+        int | None,
+        typer.Option(metavar="BYTES", help=help_for("proxy_max_inflight_bytes")),
+    ] = None,
+    proxy_client_timeout: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help=help_for("proxy_client_timeout")),
+    ] = None,
 ) -> None:
     """Load every verified adapter version into vLLM or SGLang as <adapter>-v<N>, keep the
     newest K, unload older ones after the drain, reload after a server restart. A version
@@ -191,7 +201,13 @@ def serve(
         if not ADAPTER_NAME.match(name):
             raise typer.BadParameter(f"{name!r} is not an adapter name", param_hint="--adapter")
     address = _listen_address(listen) if listen else None
-    settings = settings_of(ctx, metrics_port=metrics_port, metrics_host=metrics_host)
+    settings = settings_of(
+        ctx,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        proxy_max_inflight_bytes=proxy_max_inflight_bytes,
+        proxy_client_timeout=proxy_client_timeout,
+    )
     asyncio.run(
         require_topics(
             settings.bootstrap_servers,
@@ -227,7 +243,13 @@ def serve(
         if address is not None:
             from lorastream.serving.proxy import Proxy
 
-            proxy = Proxy(config.url, loop.resolve, known=loop.known)
+            proxy = Proxy(
+                config.url,
+                loop.resolve,
+                known=loop.known,
+                max_inflight_bytes=settings.proxy_max_inflight_bytes,
+                client_timeout=settings.proxy_client_timeout,
+            )
             await proxy.start(*address)
         try:
             await loop.run()

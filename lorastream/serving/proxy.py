@@ -14,23 +14,44 @@ A model that ``known`` recognises but ``resolve`` cannot map (an adapter with
 no live version yet) gets a 503; a server that cannot be reached gets a 502;
 both in the OpenAI error shape, ``{"error": {"message", "type", "param",
 "code"}}``, so that OpenAI clients show the message.
+
+The proxy shares its process with the serve loop, so what clients can make it hold is
+bounded. Request bodies are read whole (the ``model`` may come last) and count against
+one bound on in-flight bytes, :class:`InFlight`, across all requests: a body reserves its
+Content-Length before a byte of it is read, a chunked body reserves each piece as it
+arrives, and the reservation is given back once the body has gone upstream. A request
+that would pass the bound gets a 503 (try again shortly), one larger than the whole bound
+a 413. A client that stalls for ``client_timeout`` seconds (before its headers are
+complete, in its body, or while it takes nothing of the response) is disconnected, and a
+client that goes away costs one log line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from multidict import CIMultiDict
 from yarl import URL
 
 from lorastream.serving.exceptions import ServingError
 
-__all__ = ["Proxy", "sglang_model"]
+__all__ = [
+    "DEFAULT_CLIENT_TIMEOUT",
+    "DEFAULT_MAX_INFLIGHT_BYTES",
+    "InFlight",
+    "Proxy",
+    "sglang_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +80,17 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 # bounded, so that a server that is down is reported quickly.
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
 
-# Multimodal requests carry images inline; aiohttp's default limit is 1 MiB.
-MAX_REQUEST_BYTES = 100 * 1024 * 1024
+# Multimodal requests carry images inline, so one body may be large; what all of them
+# together may hold is bounded instead (LORASTREAM_PROXY_MAX_INFLIGHT_BYTES).
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+DEFAULT_CLIENT_TIMEOUT = 30.0
+
+# A body is parsed only when it may be a JSON object; matching (rather than lstrip) keeps
+# a large body from being copied just to look at its first byte.
+_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+
+# How much of a body goes upstream per write; see _Body.
+_SLICE = 256 * 1024
 
 
 def sglang_model(base: str, name: str) -> str:
@@ -79,6 +109,80 @@ def _never_known(_model: str) -> bool:
 def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.3g} MiB"
+
+
+class InFlight:
+    """Request body bytes held by the proxy across all requests, and their bound.
+
+    Single-threaded (one event loop), so no lock: :meth:`take` either reserves ``size``
+    within ``limit`` or reserves nothing.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight byte bound must be at least 1, not {limit}")
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+class _Share:
+    """One request's part of :class:`InFlight`, so that it is given back once, in full."""
+
+    def __init__(self, pool: InFlight) -> None:
+        self.pool = pool
+        self.size = 0
+
+    def take(self, size: int) -> bool:
+        if not self.pool.take(size):
+            return False
+        self.size += size
+        return True
+
+    def release(self) -> None:
+        self.pool.give(self.size)
+        self.size = 0
+
+
+class _Body(Payload):
+    """A request body that goes upstream in slices, each written once the last has drained.
+
+    aiohttp writes a bytes body in one piece, and asyncio's transport (Python 3.11) copies
+    whatever the socket did not take at once into its own buffer: a second copy of a
+    large body, outside the in-flight bound.
+    """
+
+    _autoclose = True  # nothing to close: the body is in memory
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        super().__init__(value)
+        self._view = memoryview(value)
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._view).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        view = self._view if content_length is None else self._view[:content_length]
+        for start in range(0, len(view), _SLICE):
+            await writer.write(view[start : start + _SLICE])
 
 
 def _forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -103,9 +207,14 @@ class Proxy:
     loop knows of; such a model that ``resolve`` cannot map is answered 503
     rather than sent to a server that would reject it.
 
+    ``max_inflight_bytes`` bounds the request body bytes held across all requests
+    (see the module docstring); ``client_timeout`` is how long a client may stall.
+
     ``app`` is a plain :class:`aiohttp.web.Application` (usable with aiohttp's
     test utilities); :meth:`start` and :meth:`stop` run it on a socket. The one
     upstream :class:`aiohttp.ClientSession` lives as long as the application.
+    The header timeout is the socket's (:meth:`start`); the others hold under
+    aiohttp's test utilities too.
     """
 
     def __init__(
@@ -114,14 +223,22 @@ class Proxy:
         resolve: Callable[[str], str | None],
         *,
         known: Callable[[str], bool] = _never_known,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
+        if client_timeout <= 0:
+            raise ValueError(f"the client timeout must be above 0 seconds, not {client_timeout}")
         self.upstream = URL(upstream_url.rstrip("/"))
         self._base = str(self.upstream)
         self.resolve = resolve
         self.known = known
+        self.inflight = InFlight(max_inflight_bytes)
+        self.client_timeout = client_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        # Bodies are read piece by piece against the in-flight bound, never with
+        # request.read(), so aiohttp's own per-request limit does not apply.
+        self.app = web.Application()
         self.app.cleanup_ctx.append(self._client_session)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
@@ -145,7 +262,12 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0 picks a free one, see :attr:`port`)."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # aiohttp closes a connection that has not completed its request headers within
+        # keepalive_timeout of connecting or of its previous response: that is the
+        # header timeout, and what ends a half-open connection that never sends.
+        self._runner = web.AppRunner(
+            self.app, access_log=None, keepalive_timeout=self.client_timeout
+        )
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, host, port).start()
@@ -155,7 +277,14 @@ class Proxy:
                 f"The proxy cannot listen on {host}:{port}: {exc.strerror or exc}. "
                 "Is another process using that port (--listen)?"
             ) from exc
-        log.info("proxy listening on %s, forwarding to %s", self.url, self.upstream)
+        log.info(
+            "proxy listening on %s, forwarding to %s (in-flight request bodies up to %d bytes, "
+            "client timeout %gs)",
+            self.url,
+            self.upstream,
+            self.inflight.limit,
+            self.client_timeout,
+        )
 
     async def stop(self) -> None:
         """Stop listening, end open requests and close the upstream session."""
@@ -178,12 +307,121 @@ class Proxy:
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
-    def _map_body(self, body: bytes) -> tuple[bytes, str | None, str | None]:
+    def _busy(self, request: web.Request, wanted: int) -> web.Response:
+        log.info(
+            "%s %s from %s: 503, %d more bytes would pass the in-flight bound "
+            "(%d of %d bytes held)",
+            request.method,
+            request.path,
+            request.remote,
+            wanted,
+            self.inflight.held,
+            self.inflight.limit,
+        )
+        response = _error(
+            503,
+            f"The proxy is at its bound on in-flight request bytes "
+            f"({self.inflight.limit} bytes, {_mib(self.inflight.limit)}, across all "
+            "requests); retry shortly, or raise --proxy-max-inflight-bytes "
+            "(LORASTREAM_PROXY_MAX_INFLIGHT_BYTES).",
+            "proxy_busy",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    def _too_large(self, request: web.Request, size: int) -> web.Response:
+        log.info(
+            "%s %s from %s: 413, a body of %d bytes or more is above the in-flight bound of "
+            "%d bytes",
+            request.method,
+            request.path,
+            request.remote,
+            size,
+            self.inflight.limit,
+        )
+        return _error(
+            413,
+            f"The request body ({size} bytes or more) is larger than the proxy's bound on "
+            f"in-flight request bytes ({self.inflight.limit} bytes, "
+            f"{_mib(self.inflight.limit)}); raise --proxy-max-inflight-bytes "
+            "(LORASTREAM_PROXY_MAX_INFLIGHT_BYTES) to send it.",
+            "request_too_large",
+        )
+
+    async def _receive(self, request: web.Request, share: _Share) -> bytearray | web.Response:
+        """The whole request body, held in ``share``; or the response that refuses it.
+
+        With a Content-Length the whole body is reserved before any of it is read (and
+        read into one buffer of that size); a chunked body reserves each piece as it
+        comes. Until then aiohttp reads no more than its small per-connection buffer.
+        """
+        length = request.content_length
+        if length is not None:
+            if length > self.inflight.limit:
+                return self._too_large(request, length)
+            if not share.take(length):
+                return self._busy(request, length)
+        body = bytearray(length or 0)
+        received = 0
+        try:
+            while True:
+                async with asyncio.timeout(self.client_timeout):
+                    chunk = await request.content.readany()
+                if not chunk:
+                    break
+                end = received + len(chunk)
+                if length is None:
+                    if end > self.inflight.limit:
+                        return self._too_large(request, end)
+                    if not share.take(len(chunk)):
+                        return self._busy(request, len(chunk))
+                body[received:end] = chunk
+                received = end
+        except TimeoutError:
+            log.info(
+                "client %s sent nothing of %s %s's body for %gs (%d of %s bytes received): "
+                "closing the connection",
+                request.remote,
+                request.method,
+                request.path,
+                self.client_timeout,
+                received,
+                "?" if length is None else length,
+            )
+            response = _error(
+                408,
+                f"The request body stalled: nothing arrived for {self.client_timeout:g}s "
+                "(--proxy-client-timeout, LORASTREAM_PROXY_CLIENT_TIMEOUT).",
+                "request_timeout",
+            )
+            # Sent and closed here: once the handler returns, aiohttp would linger for the
+            # rest of the body, which is just what this client is not sending.
+            with contextlib.suppress(ConnectionError):
+                await response.prepare(request)
+                await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionError:
+            log.info(
+                "client %s went away mid-upload of %s %s (%d of %s bytes received)",
+                request.remote,
+                request.method,
+                request.path,
+                received,
+                "?" if length is None else length,
+            )
+            # Nobody reads this; aiohttp drops it quietly on the closed connection.
+            return web.Response(status=400)
+        del body[received:]
+        return body
+
+    def _map_body(self, body: bytearray) -> tuple[bytearray | bytes, str | None, str | None]:
         """Return (body to send, requested model, upstream model) for one request body.
 
         The upstream model is None when the request passes through unchanged.
         """
-        if not body.lstrip().startswith(b"{"):
+        if not _JSON_OBJECT.match(body):
             return body, None, None
         try:
             payload: Any = json.loads(body)
@@ -199,8 +437,18 @@ class Proxy:
         return json.dumps(payload, ensure_ascii=False).encode(), model, target
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        body, model, target = self._map_body(body)
+        share = _Share(self.inflight)
+        try:
+            return await self._forward(request, share)
+        finally:
+            share.release()
+
+    async def _forward(self, request: web.Request, share: _Share) -> web.StreamResponse:
+        received = await self._receive(request, share)
+        if isinstance(received, web.StreamResponse):
+            return received
+        body, model, target = self._map_body(received)
+        del received
         if model is not None and target is None and self.known(model):
             log.debug(
                 "%s %s: adapter %r has no live version: 503", request.method, request.path, model
@@ -232,7 +480,7 @@ class Proxy:
                 request.method,
                 url,
                 headers=headers,
-                data=body if body or request.can_read_body else None,
+                data=_Body(body) if body or request.can_read_body else None,
                 skip_auto_headers=skip,
                 allow_redirects=False,
             )
@@ -250,6 +498,10 @@ class Proxy:
                 "check that it is running and that the proxy's --url is right.",
                 "upstream_unreachable",
             )
+        finally:
+            # The server has the body (it answered, or never will): the bytes are free.
+            del body
+            share.release()
         async with upstream:
             return await self._relay(request, upstream)
 
@@ -258,18 +510,38 @@ class Proxy:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(_forwardable(upstream.headers.items(), HOP_BY_HOP))
-        await response.prepare(request)
         try:
+            async with asyncio.timeout(self.client_timeout):
+                await response.prepare(request)
             # iter_any yields each piece as soon as it arrives: one SSE event
             # reaches the client while the server is still generating the next.
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except ConnectionResetError:
+                async with asyncio.timeout(self.client_timeout):
+                    await response.write(chunk)
+            async with asyncio.timeout(self.client_timeout):
+                await response.write_eof()
+        except ConnectionError:
             # The client went away; closing the upstream connection (rather
             # than draining it) makes vLLM and SGLang abort the generation.
-            log.debug("client left %s %s mid-response", request.method, request.path)
+            log.info(
+                "client %s went away mid-response to %s %s",
+                request.remote,
+                request.method,
+                request.path,
+            )
             upstream.close()
-            return response
+        except TimeoutError:
+            log.info(
+                "client %s took nothing of the response to %s %s for %gs: closing the connection",
+                request.remote,
+                request.method,
+                request.path,
+                self.client_timeout,
+            )
+            upstream.close()
+            # abort, not close: close would wait to flush to a client that reads nothing.
+            if request.transport is not None:
+                request.transport.abort()
         except aiohttp.ClientError as exc:
             log.warning(
                 "upstream %s broke off %s %s mid-response: %r",
@@ -282,6 +554,4 @@ class Proxy:
             # only way left to tell the client that the body is incomplete.
             if request.transport is not None:
                 request.transport.close()
-            return response
-        await response.write_eof()
         return response
