@@ -221,6 +221,7 @@ class LocalBroker:
                         create=not (self.data_dir / "meta.properties").exists()
                     )
                     self.secure.make_certificates(_HOST)
+                    self.secure.announce_key()  # made on the first secure start, then kept
                 self._write_config()
                 self._format(jars)
                 pid = self._spawn(jars)

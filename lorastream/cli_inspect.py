@@ -271,6 +271,7 @@ def quarantine_retry(
     detected; repeating it is harmless, as the trainer skips an id it holds or trained.
     """
     from lorastream.inspect import InspectError, retry_quarantined
+    from lorastream.stages import reader_verifier
 
     out, err, settings_of = _cli()
     if adapter is not None and (partition is not None or offset is not None):
@@ -292,6 +293,7 @@ def quarantine_retry(
             position=position,
             adapter=adapter,
             client_options=settings.kafka_client_options(),
+            verifier=reader_verifier(settings),
         )
     )
     for why in report.refused:

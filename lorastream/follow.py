@@ -8,10 +8,12 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from schemas import AdapterUpdate, SchemaError, decode
+from schemas import AdapterUpdate
 from schemas.errors import KafkaUnavailableError
 from trainer.history import topic_partitions
 from trainer.kafka import reader
+from trainer.lineage import order_problem, read_announcement
+from trainer.signing import Verifier
 
 __all__ = ["follow"]
 
@@ -30,6 +32,7 @@ async def follow(
     client_options: dict[str, Any] | None = None,
     on_status: Callable[[str], None] | None = None,
     give_up_after: float = 60.0,
+    verifier: Verifier | None = None,
 ) -> int:
     """Call ``on_update`` for each committed AdapterUpdate; return how many were seen.
 
@@ -40,18 +43,24 @@ async def follow(
     ``on_status`` hears one line when following starts, one when the cluster stops
     answering and one when it answers again. A cluster silent for ``give_up_after``
     seconds is a KafkaUnavailableError: the client would otherwise retry forever.
+
+    Only what ``verifier`` trusts is shown, and only each adapter's next version: the
+    topic is read from its beginning either way (silently up to where it ended at the
+    start, without ``from_beginning``), so that a forged "v99" is known for what it is.
     """
     say = on_status or (lambda _line: None)
+    verifier = verifier or Verifier()
+    lineages: dict[str, dict[int, AdapterUpdate]] = {}
     seen = 0
     loop = asyncio.get_running_loop()
     async with reader(bootstrap_servers, f"following {topic}", client_options) as consumer:
         tps = await topic_partitions(consumer, topic, bootstrap_servers)
         consumer.assign(tps)
+        silent_until = {} if from_beginning else await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
         if from_beginning:
-            await consumer.seek_to_beginning(*tps)
             say(f"following {topic} on {bootstrap_servers} from the beginning")
         else:
-            await consumer.seek_to_end(*tps)
             say(
                 f"following {topic} on {bootstrap_servers} from now: new announcements only "
                 "(--from-beginning for those made so far; `adapters list` for the lineage)"
@@ -65,12 +74,23 @@ async def follow(
             batch = await consumer.getmany(timeout_ms=500)
             if batch:
                 answered = quiet_since = loop.time()
-            for records in batch.values():
+            for tp, records in batch.items():
                 for record in records:
-                    try:
-                        update = decode(record.value, AdapterUpdate)
-                    except SchemaError:
+                    update = read_announcement(record, verifier)
+                    if update is None:
                         continue
+                    versions = lineages.setdefault(update.adapter, {})
+                    problem = order_problem(
+                        max(versions, default=0), versions.get(update.version), update
+                    )
+                    if problem is not None:
+                        verifier.reject(record, *problem)
+                        continue
+                    if update.version in versions:
+                        continue  # read again
+                    versions[update.version] = update
+                    if record.offset < silent_until.get(tp, 0):
+                        continue  # made before following began
                     on_update(update, record.value or b"")
                     seen += 1
             if loop.time() - quiet_since < PROBE_EVERY:

@@ -47,6 +47,7 @@ from schemas.limits import clip
 from trainer.exceptions import TrainerError
 from trainer.history import load_lineages, topic_partitions
 from trainer.kafka import kafka_errors, reader
+from trainer.signing import Verifier
 
 __all__ = [
     "DeadLetterEntry",
@@ -493,11 +494,16 @@ def refusal(
 
 
 async def _trained_ids(
-    servers: str, topic: str, adapters: set[str], client_options: dict[str, Any] | None
+    servers: str,
+    topic: str,
+    adapters: set[str],
+    client_options: dict[str, Any] | None,
+    verifier: Verifier | None = None,
 ) -> dict[str, dict[str, int]]:
     """Per adapter, the event ids its announced versions trained, each to its version, read
-    as the trainer reads its lineages (once every open transaction has ended)."""
-    lineages = await load_lineages(servers, topic, None, client_options)
+    as the trainer reads its lineages (once every open transaction has ended, trusting
+    what ``verifier`` trusts)."""
+    lineages = await load_lineages(servers, topic, None, client_options, verifier=verifier)
     return {
         adapter: {
             event_id: update.version
@@ -564,6 +570,7 @@ async def retry_quarantined(
     position: tuple[int, int] | None = None,
     adapter: str | None = None,
     client_options: dict[str, Any] | None = None,
+    verifier: Verifier | None = None,
 ) -> RetryReport:
     """Re-publish the events of the quarantined window at ``position`` (partition, offset)
     of the quarantine topic, or of every quarantined window of ``adapter``.
@@ -588,7 +595,7 @@ async def retry_quarantined(
         if not chosen:
             raise InspectError(f"adapter {adapter} has nothing in {topics.quarantine}")
     names = {e.adapter for e in chosen if e.adapter is not None}
-    trained = await _trained_ids(servers, topics.adapter_updates, names, client_options)
+    trained = await _trained_ids(servers, topics.adapter_updates, names, client_options, verifier)
     report = RetryReport()
     ready: list[tuple[QuarantineEntry, list[LearningEvent], int]] = []
     for entry in chosen:

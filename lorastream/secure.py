@@ -16,6 +16,10 @@ Everything lives in ``<broker home>/secure/``:
     Generated passwords (mode 0600): the keystores', and that of the SCRAM
     user ``lorastream``, which ``kafka-storage format --add-scram`` writes into
     the cluster's metadata when the data directory is first formatted.
+``announce.key``
+    The key that announcements are signed with (``LORASTREAM_ANNOUNCE_KEY``, mode
+    0600): made on the first secure start and kept, so a secure set-up signs and
+    checks every announcement (:mod:`trainer.signing`).
 
 The CA and the server certificate are made anew, with the JDK's ``keytool``
 (Kafka needs a JDK anyway), each time the broker starts; the SCRAM password is
@@ -75,6 +79,20 @@ class SecureFiles:
     @property
     def sasl_password_file(self) -> Path:
         return self.dir / "sasl.password"
+
+    @property
+    def announce_key_file(self) -> Path:
+        return self.dir / "announce.key"
+
+    def announce_key(self) -> str:
+        """The announcement signing key; made (64 hex characters, written 0600) if missing.
+        It outlives restarts: versions signed with it stay readable."""
+        text = _read(self.announce_key_file)
+        if text:
+            return text
+        key = secrets.token_hex(32)
+        _write_secret(self.announce_key_file, key)
+        return key
 
     def sasl_password(self, *, create: bool = False) -> str:
         """The SCRAM user's password; made (and written 0600) when ``create`` and missing."""
@@ -180,7 +198,8 @@ def client_ssl_context(files: SecureFiles) -> ssl.SSLContext:
 
 
 def client_exports(files: SecureFiles, bootstrap: str) -> str:
-    """The ``export`` line a user pastes to point every command at the secure broker."""
+    """The ``export`` line a user pastes to point every command at the secure broker (and
+    to sign and check announcements with its key)."""
     values = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_SECURITY_PROTOCOL": _LISTENER,
@@ -188,6 +207,7 @@ def client_exports(files: SecureFiles, bootstrap: str) -> str:
         "KAFKA_SASL_USERNAME": USERNAME,
         "KAFKA_SASL_PASSWORD": files.sasl_password(),
         "KAFKA_SSL_CAFILE": str(files.ca_pem),
+        "LORASTREAM_ANNOUNCE_KEY": files.announce_key(),
     }
     return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items())
 

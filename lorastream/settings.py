@@ -254,6 +254,13 @@ class Settings(BaseSettings):
         shown="~/.cache/lorastream",
         default_factory=_default_home,
     )
+    hold_recheck_seconds: float = _setting(
+        30.0,
+        "LORASTREAM_HOLD_RECHECK_SECONDS",
+        "how often the trainer checks an adapter on hold again (its files repaired, its "
+        "LoRA setting set back)",
+        gt=0,
+    )
     # Fault injection for the crash tests (trainer/faults.py); never set in production.
     faults: str | None = _setting(
         None,
@@ -285,6 +292,32 @@ class Settings(BaseSettings):
         None, "KAFKA_SSL_KEYFILE", "client key for TLS", shown="none"
     )
 
+    # `serve --listen`: what the proxy's clients can make the serve process hold.
+    proxy_max_inflight_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "LORASTREAM_PROXY_MAX_INFLIGHT_BYTES",
+        "request body bytes that the proxy of `serve --listen` holds at once, across all "
+        "requests; a request past it gets 503, a body larger than it 413",
+        shown="67108864 (64 MiB)",
+        ge=1,
+    )
+    proxy_client_timeout: float = _setting(
+        30.0,
+        "LORASTREAM_PROXY_CLIENT_TIMEOUT",
+        "seconds the proxy of `serve --listen` waits for a client's request headers, for "
+        "each piece of its body, and for it to take each piece of the response, before it "
+        "closes the connection",
+        gt=0,
+    )
+    announce_key: SecretStr | None = _setting(
+        None,
+        "LORASTREAM_ANNOUNCE_KEY",
+        "a shared secret (16 characters or more): the trainer and replay sign every "
+        "announcement with it (HMAC-SHA256), and every reader skips one that is not signed "
+        "with it; `broker start --secure` makes one",
+        shown="none: announcements are not signed or checked",
+    )
+
     @field_validator("adapter_dir", mode="before")
     @classmethod
     def _adapter_dir(cls, value: object) -> object:
@@ -296,6 +329,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"{scheme}:// is not supported: a directory or s3://BUCKET/PREFIX")
             if not rest.split("/")[0]:
                 raise ValueError("s3:// needs a bucket: s3://BUCKET/PREFIX")
+        return value
+
+    @field_validator("announce_key", mode="before")
+    @classmethod
+    def _announce_key(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            if not value.strip():
+                return None  # set but empty: as unset
+            if len(value) < 16:
+                raise ValueError(
+                    "too short for a signing key: 16 characters or more (`lorastream broker "
+                    "start --secure` makes a 64-character one)"
+                )
         return value
 
     @field_validator("bootstrap_servers")
@@ -353,6 +401,11 @@ class Settings(BaseSettings):
         """One per target lineage: a rerun of the replay fences and aborts a killed one."""
         return f"{self.topic_prefix}lorastream-replay-{target}"
 
+    @property
+    def announce_key_bytes(self) -> bytes | None:
+        """The announcement signing key, or None (nothing signed, nothing checked)."""
+        return self.announce_key.get_secret_value().encode() if self.announce_key else None
+
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in aiokafka's names, for every client we create."""
         options: dict[str, Any] = {"security_protocol": self.security_protocol}
@@ -397,6 +450,9 @@ def variable_of(field: str) -> str:
     return field
 
 
+_SECRETS = frozenset({"announce_key", "sasl_password"})  # never echoed in an error
+
+
 def load_settings(**flags: Any) -> Settings:
     """Settings from the given flags (None = not given), the environment and defaults."""
     given = {name: value for name, value in flags.items() if value is not None}
@@ -412,7 +468,8 @@ def load_settings(**flags: Any) -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             where = f"{variable_of(field)} ({field})" if field else "settings"
             source = "flag" if field in given else "environment or default"
-            problems.append(f"{where}, from the {source}: {message}; got {error.get('input')!r}")
+            got = "a secret" if field in _SECRETS else repr(error.get("input"))
+            problems.append(f"{where}, from the {source}: {message}; got {got}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from exc
 
 

@@ -16,13 +16,18 @@ from schemas import KafkaPosition, LearningEvent
 from streams import ScoringConfig, Thresholds, process
 
 if TYPE_CHECKING:  # the trainer imports torch: the scorer must not pay for it
+    from collections.abc import Callable
+
     from trainer.config import ReplayConfig, TrainerConfig
     from trainer.core import TrainingConfig
     from trainer.history import Bound
     from trainer.lora import LoraSettings
     from trainer.replay import Decoder
+    from trainer.signing import Verifier
 
 __all__ = [
+    "announcement_verifier",
+    "reader_verifier",
     "replay_config",
     "replay_decoder",
     "rescoring_decoder",
@@ -30,6 +35,31 @@ __all__ = [
     "trainer_config",
     "training_config",
 ]
+
+
+def announcement_verifier(
+    settings: Settings, on_reject: Callable[[str], None] | None = None
+) -> Verifier:
+    """What readers of adapter-updates trust: records signed with LORASTREAM_ANNOUNCE_KEY
+    (when set) whose files lie under LORASTREAM_ADAPTER_DIR (its bucket and prefix, for
+    an object store); the committers sign with the same key.
+
+    The location is always checked: a reader trusts no file outside the adapter directory
+    it is configured with. The default, ``./adapters``, is relative to the working
+    directory, so a reader started elsewhere than the trainer (``status``, ``serve``)
+    needs LORASTREAM_ADAPTER_DIR, and says so in the line that skips a version."""
+    from trainer.signing import Verifier
+
+    return Verifier(settings.announce_key_bytes, settings.adapter_dir, on_reject)
+
+
+def reader_verifier(settings: Settings) -> Verifier:
+    """:func:`announcement_verifier` for a one-shot reader (status, adapters list/follow/
+    fetch, quarantine retry): skipped records count in the process's default registry."""
+    from trainer.metrics import reader_rejections
+
+    counter = reader_rejections()
+    return announcement_verifier(settings, lambda reason: counter.labels(reason).inc())
 
 
 def scoring_config(settings: Settings) -> ScoringConfig:
@@ -102,7 +132,9 @@ def trainer_config(settings: Settings) -> TrainerConfig:
         transactional_id=settings.transactional_id,
         training=training_config(settings),
         max_wait_seconds=settings.max_wait_seconds,
+        hold_recheck_seconds=settings.hold_recheck_seconds,
         client_options=settings.kafka_client_options(),
+        verifier=announcement_verifier(settings),
     )
 
 
@@ -131,6 +163,7 @@ def replay_config(
         end=end,
         resume=resume,
         client_options=settings.kafka_client_options(),
+        verifier=announcement_verifier(settings),
     )
 
 

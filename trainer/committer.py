@@ -38,6 +38,7 @@ from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ResourceError, TrainerError
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
+from trainer.signing import signed_headers
 from trainer.snapshot import snapshot_of
 from trainer.window import Window
 
@@ -105,9 +106,12 @@ class Committer:
         group_id: str | None = None,
         client_options: dict[str, Any] | None = None,
         idle_commit_seconds: float = 5.0,
+        announce_key: bytes | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.transactional_id = transactional_id
+        # Every record says who wrote it and, with a key, proves it (trainer.signing).
+        self.announce_key = announce_key
         self.group_id = group_id
         self.client_options = client_options or {}
         self.idle_commit_seconds = idle_commit_seconds
@@ -237,8 +241,14 @@ class Committer:
             async with producer.transaction():
                 for index, record in enumerate(records):
                     key = record.key.encode() if record.key is not None else None
+                    headers = signed_headers(
+                        self.transactional_id, self.announce_key, key, record.value
+                    )
                     try:
-                        await (await producer.send(record.topic, key=key, value=record.value))
+                        sent = await producer.send(
+                            record.topic, key=key, value=record.value, headers=headers
+                        )
+                        await sent
                     except _TOO_LARGE as exc:
                         raise _Refused(index, exc) from exc
                 if inside is not None:

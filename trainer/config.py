@@ -13,6 +13,7 @@ from typing import Any
 from schemas import Topics
 from trainer.core import TrainingConfig
 from trainer.history import Bound
+from trainer.signing import Verifier
 
 __all__ = ["ReplayConfig", "TrainerConfig"]
 
@@ -29,6 +30,10 @@ class TrainerConfig:
     max_wait_seconds: float | None = None
     idle_commit_seconds: float = 5.0
     client_options: dict[str, Any] = field(default_factory=dict)
+    verifier: Verifier = field(default_factory=Verifier)
+    """What the resume trusts of adapter-updates, and the key the committer signs with."""
+    # How often an adapter on hold is checked again (its files repaired, its setting back).
+    hold_recheck_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,3 +55,5 @@ class ReplayConfig:
     end: Bound | None = None
     resume: bool = False
     client_options: dict[str, Any] = field(default_factory=dict)
+    verifier: Verifier = field(default_factory=Verifier)
+    """What the replay trusts of adapter-updates, and the key its committer signs with."""

@@ -5,12 +5,13 @@ with their windows. With the quarantine records they also say, per source
 partition, up to which offset an adapter's events are handled, so a window
 re-read after a crash is recognised and not trained twice. This module is
 pure: :mod:`trainer.history` reads the records from Kafka and hands them to
-:func:`lineages_from`.
+:func:`lineages_from`. A record that a reader's :class:`~trainer.signing.Verifier`
+rejects (unsigned, a bad signature, a ``uri`` outside the adapter location, a version
+that is not the lineage's next) is skipped and reported to it; it never stops a reader.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,10 +21,16 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import AdapterUpdate, QuarantineRecord, SchemaError, WindowSpec, decode
 from trainer.exceptions import TrainerError
+from trainer.signing import Verifier
 
-__all__ = ["RECENT_WINDOWS", "Lineage", "apply_records", "lineages_from", "read_announcement"]
-
-log = logging.getLogger(__name__)
+__all__ = [
+    "RECENT_WINDOWS",
+    "Lineage",
+    "apply_records",
+    "lineages_from",
+    "order_problem",
+    "read_announcement",
+]
 
 # Windows whose event ids a snapshot keeps: an event delivered again (the scoring stage
 # is at least once) at a new offset is recognised by its id within this many windows.
@@ -94,28 +101,59 @@ class Lineage:
         return not self.is_handled(tp, offset) and event_id not in self.trained_ids
 
 
-def read_announcement(record: ConsumerRecord[bytes, bytes]) -> AdapterUpdate | None:
-    """The AdapterUpdate in ``record``, or None (logged with its position) if unreadable."""
-    try:
-        return decode(record.value, AdapterUpdate)
-    except SchemaError as exc:
-        log.warning(
-            "skipping an unreadable announcement at %s[%s]@%s: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            exc,
-        )
+def read_announcement(
+    record: ConsumerRecord[bytes, bytes], verifier: Verifier | None = None
+) -> AdapterUpdate | None:
+    """The AdapterUpdate in ``record``, or None if it is a tombstone, unreadable or not to
+    be trusted (``verifier`` logs it once with its position, and counts it)."""
+    if record.value is None:
         return None
+    verifier = verifier or Verifier()
+    problem = verifier.signature_problem(record)
+    if problem is not None:
+        verifier.reject(record, *problem)
+        return None
+    try:
+        update = decode(record.value, AdapterUpdate)
+    except SchemaError as exc:
+        verifier.reject(record, "unreadable", f"not an announcement: {exc}")
+        return None
+    problem = verifier.location_problem(update.uri)
+    if problem is not None:
+        verifier.reject(record, *problem)
+        return None
+    return update
+
+
+def order_problem(
+    newest: int, known: AdapterUpdate | None, update: AdapterUpdate
+) -> tuple[str, str] | None:
+    """Why ``update`` does not extend a lineage whose newest version is ``newest`` (``known``:
+    the lineage's own announcement of ``update.version``, if it holds it), or None: the
+    next version, or a re-read of one already there."""
+    if update.version == newest + 1:
+        return None
+    if update.version > newest + 1:
+        return "order", (
+            f"{update.adapter} v{update.version} follows v{newest}: the lineage's next "
+            f"version is v{newest + 1}"
+        )
+    if known is not None and known.sha256 != update.sha256:
+        return "order", (
+            f"a second, different announcement of {update.adapter} v{update.version}; "
+            "the first one stands"
+        )
+    return None
 
 
 def lineages_from(
     updates: Iterable[ConsumerRecord[bytes, bytes]],
     quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
+    verifier: Verifier | None = None,
 ) -> dict[str, Lineage]:
     """Every adapter's lineage from committed announcement and quarantine records."""
     lineages: dict[str, Lineage] = {}
-    apply_records(lineages, updates, quarantined)
+    apply_records(lineages, updates, quarantined, verifier=verifier)
     return lineages
 
 
@@ -124,30 +162,27 @@ def apply_records(
     updates: Iterable[ConsumerRecord[bytes, bytes]],
     quarantined: Iterable[ConsumerRecord[bytes, bytes]] = (),
     unreadable: dict[TopicPartition, int] | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Extend ``lineages`` with committed records; those already applied are skipped
-    (a version at or below the lineage's, a quarantined window already handled).
+    (a version at or below the lineage's, a quarantined window already handled), and
+    those ``verifier`` rejects or that break the version order are skipped and reported.
     ``unreadable`` gets, per source partition, the last offset quarantined as unreadable."""
+    verifier = verifier or Verifier()
     for record in sorted(updates, key=lambda r: (r.partition, r.offset)):
-        update = read_announcement(record)
+        update = read_announcement(record, verifier)
         if update is None:
             continue
-        lineage = lineages.setdefault(update.adapter, Lineage(update.adapter))
-        if update.version > lineage.version:
+        lineage = lineages.get(update.adapter) or Lineage(update.adapter)
+        known = None
+        if lineage.updates and lineage.updates[0].version <= update.version <= lineage.version:
+            known = lineage.updates[update.version - lineage.updates[0].version]
+        problem = order_problem(lineage.version, known, update)
+        if problem is not None:
+            verifier.reject(record, *problem)
+        elif update.version > lineage.version:
             lineage.record_update(update)
-        elif (
-            update.version >= lineage.updates[0].version
-            and lineage.updates[update.version - lineage.updates[0].version].sha256 != update.sha256
-        ):
-            log.error(
-                "adapter-updates holds two different announcements of %s v%d (the second at "
-                "%s[%s]@%s); the first one stands",
-                update.adapter,
-                update.version,
-                record.topic,
-                record.partition,
-                record.offset,
-            )
+            lineages[update.adapter] = lineage  # a rejected record makes no lineage
     for record in sorted(quarantined, key=lambda r: (r.partition, r.offset)):
         try:
             entry = decode(record.value, QuarantineRecord)

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import functools
 
-__all__ = ["ReplayMetrics", "TrainerMetrics"]
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["ReplayMetrics", "TrainerMetrics", "reader_rejections", "rejected_counter"]
+
+
+def rejected_counter(registry: CollectorRegistry) -> Counter:
+    """Records on adapter-updates (or its snapshots) a reader skipped, by reason
+    (:data:`trainer.signing.REASONS`); each record counts once per reader."""
+    return Counter(
+        "lorastream_announcements_rejected_total",
+        "Announcements and snapshots skipped as untrusted: unsigned, signature, order, "
+        "location, unreadable.",
+        ["reason"],
+        registry=registry,
+    )
+
+
+@functools.cache
+def reader_rejections() -> Counter:
+    """The process's counter for one-shot readers (status, adapters list/follow/fetch),
+    in the default registry."""
+    return rejected_counter(REGISTRY)
 
 
 class TrainerMetrics:
@@ -58,6 +79,18 @@ class TrainerMetrics:
         self.loss = Gauge(
             "lorastream_train_loss", "Loss of the newest window.", ["adapter"], registry=r
         )
+        self.rejected = rejected_counter(r)
+        self.held = Gauge(
+            "lorastream_adapter_held",
+            "1 while an adapter is on hold (a file of its newest version is missing, corrupt "
+            "or not as announced, or a LoRA setting differs from its lineage's), else 0.",
+            ["adapter"],
+            registry=r,
+        )
+
+    def reject(self, reason: str) -> None:
+        """A record on adapter-updates the resume skipped (trainer.signing.Verifier)."""
+        self.rejected.labels(reason).inc()
 
 
 class ReplayMetrics:

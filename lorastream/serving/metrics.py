@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from trainer.metrics import rejected_counter
+
 __all__ = ["ServeMetrics"]
 
 
@@ -21,7 +23,7 @@ class ServeMetrics:
         )
         self.refusals = Counter(
             "lorastream_serve_refusals_total",
-            "Adapter versions refused (sha256, missing, config, rank, bias, base_model, server, "
+            "Adapter versions refused (sha256, missing, manifest, config, rank, bias, base_model, server, "
             "regression).",
             ["adapter", "reason"],
             registry=r,
@@ -43,3 +45,8 @@ class ServeMetrics:
             "1 while the inference server answers, 0 while it is unreachable or failing.",
             registry=r,
         )
+        self.rejected = rejected_counter(r)
+
+    def reject(self, reason: str) -> None:
+        """An announcement the follower skipped (trainer.signing.Verifier)."""
+        self.rejected.labels(reason).inc()

@@ -51,8 +51,9 @@ from lorastream.serving.metrics import ServeMetrics
 from lorastream.serving.verify import Refusal, check_base, check_files, judge_versions
 from schemas import AdapterUpdate
 from trainer.exceptions import AdapterStoreError, ResourceError
-from trainer.lineage import read_announcement
+from trainer.lineage import order_problem, read_announcement
 from trainer.objects import fetch_version, is_remote
+from trainer.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class ServeConfig:
     backoff_start: float = 1.0
     backoff_max: float = 30.0
     client_options: dict[str, Any] = field(default_factory=dict)
+    verifier: Verifier = field(default_factory=Verifier)
+    """What serve trusts: the announcement key, and the adapter location a version's files
+    must lie under (LORASTREAM_ADAPTER_DIR or its bucket); anything else is skipped."""
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -142,6 +146,8 @@ class Serve:
         self.config = config
         self.metrics = metrics or ServeMetrics()
         self.backend = backend or make(config.backend, config.url)
+        # One for the history and the follower: a skipped record is logged and counted once.
+        self.verifier = config.verifier.counting(self.metrics.reject)
         self.versions: dict[str, _Versions] = {}
         self.loaded: dict[str, tuple[str, int]] = {}
         """server-side name → (adapter, version), as serve believes the server holds them."""
@@ -227,6 +233,7 @@ class Serve:
             self.config.bootstrap_servers,
             self.config.updates_topic,
             client_options=self.config.client_options,
+            verifier=self.verifier,
         )
         for lineage in lineages.values():
             for update in lineage.updates:
@@ -287,10 +294,17 @@ class Serve:
             await stop_consumer(consumer)
 
     def _take(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        if record.value is None:
+        """Add the announcement in ``record`` if it is trusted and its adapter's next
+        version; anything else is skipped (logged and counted once), never fatal."""
+        update = read_announcement(record, self.verifier)
+        if update is None or not self._in_scope(update.adapter):
             return False
-        update = read_announcement(record)
-        if update is None:
+        versions = self.versions.get(update.adapter, _Versions())
+        problem = order_problem(
+            max(versions.updates, default=0), versions.updates.get(update.version), update
+        )
+        if problem is not None:
+            self.verifier.reject(record, *problem)
             return False
         if self._announce(update):
             log.info("announced: %s", version_name(update.adapter, update.version))

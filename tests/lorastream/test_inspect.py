@@ -44,8 +44,13 @@ from tests.trainer.events import learning_event
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
-def _run(bootstrap: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+def _run(bootstrap: str, prefix: str, *args: str, **more: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "LORASTREAM_TOPIC_PREFIX": prefix,
+        **more,
+    }
     return subprocess.run([LORASTREAM, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -282,6 +287,7 @@ async def test_a_retried_window_is_trained_and_a_second_retry_is_refused(
             "0",
             "--offset",
             str(offset),
+            LORASTREAM_ADAPTER_DIR=env["LORASTREAM_ADAPTER_DIR"],
         )
 
     poisoned = {**env, "LORASTREAM_FAULTS": "nan:poison-003"}

@@ -113,6 +113,7 @@ def test_the_broker_speaks_only_tls_and_keeps_its_secrets_private(secure: Secure
     for secret in (
         files.sasl_password_file,
         files.store_password_file,
+        files.announce_key_file,
         files.keystore,
         secure.broker.config_path,
     ):
@@ -124,7 +125,9 @@ def test_the_broker_speaks_only_tls_and_keeps_its_secrets_private(secure: Secure
         "KAFKA_SASL_USERNAME": "lorastream",
         "KAFKA_SASL_PASSWORD": files.sasl_password(),
         "KAFKA_SSL_CAFILE": str(files.ca_pem),
+        "LORASTREAM_ANNOUNCE_KEY": files.announce_key(),
     }
+    assert len(secure.exports["LORASTREAM_ANNOUNCE_KEY"]) == 64
     assert secure.broker.status().running
 
 

@@ -96,6 +96,7 @@ def test_adapters_fetch_gives_a_checked_local_copy_that_peft_loads(
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "LORASTREAM_TOPIC_PREFIX": prefix,
         "LORASTREAM_ADAPTER_CACHE": str(cache),
+        "LORASTREAM_ADAPTER_DIR": url,
     }
 
     def fetch(*args: str) -> subprocess.CompletedProcess[str]:

@@ -49,7 +49,11 @@ async def test_serve_killed_and_started_again_loads_nothing_twice_and_its_proxy_
             "--listen",
             f"127.0.0.1:{port}",
         ]
-        env = worker_env(kafka_bootstrap, prefix, tmp_path / "home")
+        # Where the announced versions lie: serve loads nothing from outside it.
+        adapters = str(Path(versions[0].uri).parents[1])
+        env = worker_env(
+            kafka_bootstrap, prefix, tmp_path / "home", LORASTREAM_ADAPTER_DIR=adapters
+        )
         first = Worker(args, env, tmp_path / "first.log").start()
         try:
             await eventually(lambda: server.loads() == ["tutor-v1", "tutor-v2"], 60, "v1, v2")
