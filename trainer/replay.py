@@ -12,6 +12,9 @@ which source offsets are handled, so a replay killed at any point and run
 again (``resume``) skips what is announced, repeats the window it was in and
 never announces a version twice. Its transactional id is derived from the
 target, so a rerun also aborts whatever transaction the killed one left open.
+A target that the live pipeline owns (its events on ``learning-events``, or
+records that no replay into it wrote) is refused (:meth:`Replay.check_owner`):
+a lineage has one writer, and ``resume`` continues only a replay's own.
 
 Events come from a *decoder*: a function from a Kafka record to a
 LearningEvent (or None: not this adapter's, or not qualifying). The plain
@@ -42,7 +45,13 @@ from trainer.committer import Committer, train_and_commit
 from trainer.config import ReplayConfig
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
-from trainer.history import LineageLog, PartitionRange, read_range, resolve_range
+from trainer.history import (
+    LineageLog,
+    PartitionRange,
+    first_keyed,
+    read_range,
+    resolve_range,
+)
 from trainer.lineage import Lineage
 from trainer.window import Windows
 
@@ -213,7 +222,13 @@ class Replay:
         it aborts what a killed run left open, so the lineages hold exactly what that run
         committed); the target lineage is checked (:meth:`target_lineage`)."""
         cfg = self.config
-        committer = Committer(cfg.bootstrap_servers, cfg.transactional_id, None, cfg.client_options)
+        committer = Committer(
+            cfg.bootstrap_servers,
+            cfg.transactional_id,
+            None,
+            cfg.client_options,
+            announce_key=cfg.verifier.key,
+        )
         await committer.start()
         try:
             history = LineageLog(
@@ -221,11 +236,42 @@ class Replay:
                 cfg.topics.adapter_updates,
                 cfg.topics.quarantine,
                 cfg.client_options,
+                verifier=cfg.verifier,
             )
             await history.refresh()
+            await self.check_owner(history)
             yield Session(committer, history, self.target_lineage(history))
         finally:
             await committer.stop()
+
+    async def check_owner(self, history: LineageLog) -> None:
+        """Refuse a target that the live pipeline owns: one with records on ``adapter-updates``
+        or the quarantine not written by this replay's transactional id (the writer header,
+        :mod:`trainer.signing`; a record without one is not a replay's), or with events on
+        ``learning-events`` (the scorer keys each by its adapter). A name has one writer:
+        the live trainer would announce its own versions over the replay's."""
+        cfg = self.config
+        assert cfg.target is not None
+        target = cfg.target
+        others = history.writers.get(target, set()) - {cfg.transactional_id}
+        if others:
+            named = sorted(w for w in others if w is not None)
+            if None in others:
+                named.append("a writer that did not name itself (no lorastream-writer header)")
+            raise ReplayError(
+                f"--into {target} is an adapter the live pipeline owns: its records on "
+                f"{cfg.topics.adapter_updates} were written by {', '.join(named)}, not by a "
+                f"replay into {target}; choose another --into"
+            )
+        event = await first_keyed(
+            cfg.bootstrap_servers, cfg.topics.learning_events, target, cfg.client_options
+        )
+        if event is not None:
+            raise ReplayError(
+                f"--into {target} is an adapter the live pipeline owns: "
+                f"{event.topic}[{event.partition}]@{event.offset} is an event of it, which the "
+                "live trainer would train; choose another --into"
+            )
 
     def target_lineage(self, history: LineageLog) -> Lineage:
         """The lineage to train into: new, or (``resume``) the one a killed replay left."""

@@ -9,22 +9,41 @@ same transaction, a :class:`LineageSnapshot` keyed by the adapter to
 per adapter. A start reads that topic, then ``adapter-updates`` only from the
 end it had when the start began.
 
-The topic is trusted only once it is complete: a trainer that finds no
-:data:`COMPLETE` record there (a new pipeline, or one from before this topic)
-reads the history in full, once, and writes every adapter's snapshot and that
+The topic is a cache of ``adapter-updates``, never its replacement. It is
+trusted only once it is complete and every key's NEWEST record (what compaction
+leaves) is readable: :func:`read_snapshot` and :func:`read_completion` say why
+one is not (bad JSON, a schema error, a tombstone, a snapshot keyed by another
+adapter). A trainer that finds no :data:`COMPLETE` record there (a new pipeline,
+one from before this topic), or one it cannot read, or any snapshot it cannot
+read, reads the history in full and writes every adapter's snapshot and that
 record in one transaction before it trains. (A replay alone writes the
 snapshots of its own lineage, which is not enough.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import orjson
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from schemas import AdapterUpdate
+from schemas import AdapterUpdate, SchemaError, decode, encode
 from trainer.lineage import RECENT_WINDOWS, Lineage
+from trainer.signing import Verifier, verified
 
-__all__ = ["COMPLETE", "LineageSnapshot", "completion", "lineage_of", "snapshot_of"]
+__all__ = [
+    "COMPLETE",
+    "Completion",
+    "LineageSnapshot",
+    "UnreadableSnapshot",
+    "completion",
+    "lineage_of",
+    "read_completion",
+    "read_snapshot",
+    "snapshot_of",
+]
 
 # The key of the record that says every adapter has its snapshot on the topic ("." is
 # never an adapter's name); its value says by whom.
@@ -89,16 +108,73 @@ def lineage_of(snapshot: LineageSnapshot) -> Lineage:
     return lineage
 
 
-def completion(lineages: dict[str, Lineage], by: str) -> list[tuple[str, bytes]]:
+class UnreadableSnapshot(Exception):
+    """A record of the snapshot topic that cannot be trusted; the message says why."""
+
+
+class Completion(BaseModel):
+    """The value of the :data:`COMPLETE` record: who completed the topic, and the positions
+    (partition, offset) of unreadable records it found under keys that are no adapter's
+    (nothing to rewrite there: they are known, and not a reason to read the history again)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    complete: bool
+    by: StrictStr = ""
+    unreadable: list[tuple[StrictInt, StrictInt]] = Field(default_factory=list)
+
+
+def read_snapshot(
+    record: ConsumerRecord[bytes, bytes], verifier: Verifier | None = None
+) -> LineageSnapshot:
+    """The adapter's snapshot in ``record`` (the newest of its key), or UnreadableSnapshot.
+
+    The one place that decides whether a snapshot is trusted: a tombstone, one that
+    ``verifier`` rejects (its signature, or a ``uri`` outside the adapter location:
+    :func:`trainer.signing.verified`, which logs it once), bad JSON, a schema error, or a
+    snapshot of another adapter than its key is not."""
+    if record.value is None:
+        raise UnreadableSnapshot("a tombstone")
+    if not verified(record, verifier):
+        raise UnreadableSnapshot("it fails verification (trainer.signing)")
+    try:
+        snapshot = decode(record.value, LineageSnapshot)
+    except SchemaError as exc:
+        raise UnreadableSnapshot(str(exc)) from exc
+    if record.key != snapshot.adapter.encode():
+        raise UnreadableSnapshot(f"a snapshot of {snapshot.adapter!r} under another key")
+    return snapshot
+
+
+def read_completion(
+    record: ConsumerRecord[bytes, bytes], verifier: Verifier | None = None
+) -> Completion:
+    """The :data:`COMPLETE` record's value, or UnreadableSnapshot (a tombstone, one that
+    ``verifier`` rejects, bad JSON, or one that does not say ``complete``)."""
+    if record.value is None:
+        raise UnreadableSnapshot("a tombstone")
+    if not verified(record, verifier):
+        raise UnreadableSnapshot("it fails verification (trainer.signing)")
+    try:
+        found = Completion.model_validate(orjson.loads(record.value))
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise UnreadableSnapshot(f"not a completion record: {str(exc)[:200]}") from exc
+    if not found.complete:
+        raise UnreadableSnapshot("a completion record that says it is not complete")
+    return found
+
+
+def completion(
+    lineages: dict[str, Lineage], by: str, unreadable: Iterable[tuple[int, int]] = ()
+) -> list[tuple[str, bytes]]:
     """The records that make the snapshot topic complete: every adapter's snapshot (those
-    with a version), then the :data:`COMPLETE` record; keys and values."""
-    import orjson
-
-    from schemas import encode
-
+    with a version), then the :data:`COMPLETE` record; keys and values. ``unreadable`` are
+    the positions of unreadable records under keys that are no adapter's (the record
+    names them, so that they do not make the next start read the history again)."""
     records = [
         (adapter, encode(snapshot_of(lineage)))
         for adapter, lineage in sorted(lineages.items())
         if lineage.latest is not None
     ]
-    return [*records, (COMPLETE, orjson.dumps({"complete": True, "by": by}))]
+    done = Completion(complete=True, by=by, unreadable=sorted(unreadable))
+    return [*records, (COMPLETE, orjson.dumps(done.model_dump()))]
