@@ -140,7 +140,8 @@ SecureOption = Annotated[
     typer.Option(
         "--secure",
         help="The secured broker (SASL/SCRAM-SHA-512 over TLS, in <home>/broker-secure): "
-        "start prints the KAFKA_* exports that every command needs to reach it.",
+        "start prints the KAFKA_* exports that every command needs to reach it, and "
+        "LORASTREAM_ANNOUNCE_KEY, which signs and checks every announcement.",
     ),
 ]
 
@@ -473,7 +474,9 @@ def replay(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue the lineage --into (a killed replay) instead of refusing."
+            "--resume",
+            help="Continue the lineage --into that a replay made (a killed replay) instead of "
+            "refusing; a name the live pipeline owns is always refused.",
         ),
     ] = False,
     dry_run: Annotated[
@@ -551,7 +554,9 @@ def replay(
 
 
 def _lineages(settings: Settings) -> dict[str, Lineage]:
-    """Every adapter's lineage, read in full from the announcements and the quarantine."""
+    """Every adapter's lineage, read in full from the announcements and the quarantine;
+    what LORASTREAM_ANNOUNCE_KEY and LORASTREAM_ADAPTER_DIR do not vouch for is skipped."""
+    from lorastream.stages import reader_verifier
     from trainer.history import load_lineages
 
     return asyncio.run(
@@ -560,6 +565,7 @@ def _lineages(settings: Settings) -> dict[str, Lineage]:
             settings.topics.adapter_updates,
             settings.topics.quarantine,
             settings.kafka_client_options(),
+            verifier=reader_verifier(settings),
         )
     )
 
@@ -679,6 +685,51 @@ def adapters_list(
             highlight=False,
             soft_wrap=True,
         )
+    from lorastream.cli_status import hold_line
+    from lorastream.status import holds_of
+
+    newest = [lin.latest for lin in chosen if lin.latest is not None]
+    for name, reason in sorted(holds_of(settings, newest).items()):
+        out.print(hold_line(name, reason), highlight=False, soft_wrap=True)
+
+
+@adapters_app.command("repair")
+def adapters_repair(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="The adapter whose files to repair.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only check and say what is wrong.")
+    ] = False,
+) -> None:
+    """Check every announced version of ADAPTER against its announcement, and rebuild the
+    bad ones from the log: the lineage is trained again from the base model with the
+    trainer's own rule, each version checked bit for bit against what was announced, and
+    only then put in place of the bad one (set aside as .v<N>.corrupt-<id>). Versions on
+    disk that were never announced are set aside (.v<N>.unannounced-<id>). A trainer that
+    holds the adapter goes on by itself within 30 s. Run it with the settings the lineage
+    was trained with (seed, learning rate, evaluation); nothing changes unless every
+    rebuilt version matches."""
+    from lorastream.stages import replay_config
+    from trainer.repair import repair
+
+    settings = settings_of(ctx)
+    config = replay_config(settings, source=adapter, target=adapter)
+    report = asyncio.run(repair(config, adapter, dry_run=dry_run))
+    for fault in report.faults:
+        out.print(f"{adapter} v{fault.version}: {fault.reason}", highlight=False, soft_wrap=True)
+    for path in report.set_aside:
+        what = "would set aside" if dry_run else "set aside"
+        out.print(f"{what} {path} (never announced)", highlight=False, soft_wrap=True)
+    if not report.faults:
+        out.print(f"{adapter}: all {report.versions} version(s) are as announced")
+    elif dry_run:
+        out.print(f"{adapter}: {len(report.faults)} version(s) to rebuild (without --dry-run)")
+    else:
+        restored = ", ".join(f"v{v}" for v in report.restored)
+        out.print(
+            f"{adapter}: restored {restored} as announced ({report.retrained} window(s) "
+            "trained again from the log)"
+        )
 
 
 @adapters_app.command("fetch")
@@ -750,6 +801,7 @@ def adapters_follow(
     Starts at the end of the topic unless --from-beginning; says so on stderr.
     """
     from lorastream.follow import follow
+    from lorastream.stages import reader_verifier
 
     settings = settings_of(ctx)
 
@@ -777,6 +829,7 @@ def adapters_follow(
             client_options=settings.kafka_client_options(),
             on_status=lambda line: err.print(line, markup=False, highlight=False),
             give_up_after=give_up_after,
+            verifier=reader_verifier(settings),
         )
     )
     if count is not None and seen < count:

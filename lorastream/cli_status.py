@@ -59,7 +59,16 @@ def render(status: Status) -> tuple[Table, list[str]]:
         _lag_line("trainer", status.trainer),
         f"dead letters: {status.dead_letters} in {status.dead_letter_topic}",
     ]
+    lines += [hold_line(a.adapter, a.hold) for a in status.adapters if a.hold is not None]
     return table, lines
+
+
+def hold_line(adapter: str, reason: str) -> str:
+    """One held adapter, its reason and what mends it."""
+    return (
+        f"on hold: {adapter}: {reason} (files: `lorastream adapters repair {adapter}`; "
+        "a setting: set it back; the trainer checks again every LORASTREAM_HOLD_RECHECK_SECONDS)"
+    )
 
 
 def status(

@@ -1,7 +1,10 @@
 """``lorastream status``: the pipeline at a glance, read from Kafka alone.
 
 Per adapter: the newest announced version and its age, the learning events
-that wait in its open window, the windows quarantined. Per stage: the lag of
+that wait in its open window, the windows quarantined, and a hold (why the
+trainer cannot step on its newest version: a file not as announced, or a
+LoRA setting that differs from the lineage's, by the trainer's own checks).
+Per stage: the lag of
 its consumer group (the records of its input topic past the group's
 committed offsets). And the dead letters. Everything is read, nothing is
 written: no group's offsets move. :func:`read_status` returns data;
@@ -10,19 +13,21 @@ written: no group's offsets move. :func:`read_status` returns data;
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import TopicPartition
 
+from schemas import AdapterUpdate, LoraSpec
 from trainer.history import group_offsets, load_lineages, pending_events, topic_partitions
 from trainer.kafka import reader
 
 if TYPE_CHECKING:
     from lorastream.settings import Settings
 
-__all__ = ["AdapterStatus", "GroupLag", "Status", "read_status"]
+__all__ = ["AdapterStatus", "GroupLag", "Status", "holds_of", "read_status"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class AdapterStatus:
     created_at: datetime | None
     pending: int
     quarantined: int
+    hold: str | None = None  # why the trainer holds this adapter, or None
 
     def age_seconds(self, now: datetime) -> float | None:
         return None if self.created_at is None else (now - self.created_at).total_seconds()
@@ -85,6 +91,7 @@ class Status:
                     "age_seconds": _rounded(a.age_seconds(self.at)),
                     "pending_events": a.pending,
                     "quarantined_windows": a.quarantined,
+                    "hold": a.hold,
                 }
                 for a in self.adapters
             ],
@@ -119,11 +126,47 @@ async def group_lag(
     )
 
 
+def holds_of(settings: Settings, updates: list[AdapterUpdate]) -> dict[str, str]:
+    """Per adapter whose newest version is in ``updates``: why the trainer holds it, if it
+    does (:func:`trainer.core.hold_reason`, with these settings' store and LoRA settings).
+    Reads every file of each newest version (fetched first from an object store)."""
+    from lorastream.stages import lora_settings
+    from trainer.core import hold_reason
+    from trainer.exceptions import TrainerError
+    from trainer.store import AdapterStore
+
+    lora = lora_settings(settings)
+    configured = LoraSpec(
+        r=lora.r,
+        alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        dropout=lora.dropout,
+    )
+    store = AdapterStore(settings.adapter_dir, cache=settings.adapter_cache_dir)
+    holds = {}
+    for update in updates:
+        try:
+            reason = hold_reason(store, update, configured)
+        except TrainerError as exc:  # an object store that does not answer, say
+            reason = str(exc)
+        if reason is not None:
+            holds[update.adapter] = reason
+    return holds
+
+
 async def read_status(settings: Settings) -> Status:
     """Everything ``lorastream status`` shows. The caller checks the topics exist."""
     servers, topics = settings.bootstrap_servers, settings.topics
     options = settings.kafka_client_options()
-    lineages = await load_lineages(servers, topics.adapter_updates, topics.quarantine, options)
+    from lorastream.stages import reader_verifier
+
+    lineages = await load_lineages(
+        servers,
+        topics.adapter_updates,
+        topics.quarantine,
+        options,
+        verifier=reader_verifier(settings),
+    )
     pending = await pending_events(
         servers,
         topics.learning_events,
@@ -132,6 +175,8 @@ async def read_status(settings: Settings) -> Status:
         options,
         settings.eval_fraction,
     )
+    newest = [lin.latest for lin in lineages.values() if lin.latest is not None]
+    holds = await asyncio.to_thread(holds_of, settings, newest)
     adapters = []
     for name in sorted(lineages.keys() | pending.keys()):
         lineage = lineages.get(name)
@@ -143,6 +188,7 @@ async def read_status(settings: Settings) -> Status:
                 created_at=latest.created_at if latest else None,
                 pending=pending.get(name, 0),
                 quarantined=lineage.quarantined if lineage is not None else 0,
+                hold=holds.get(name),
             )
         )
     scorer = await group_lag(servers, settings.scorer_app_id, topics.generation_results, options)

@@ -263,6 +263,9 @@ class AdapterUpdate(_Document):
     base_model_fingerprint: StrictStr | None = None
     uri: StrictStr
     sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    # The sha256 of the version's manifest.json (every file's size and sha256): the
+    # announcement covers every file a reader loads. None in announcements from before it.
+    manifest_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     format: Literal["peft"] = "peft"
     lora: LoraSpec
     window: WindowSpec

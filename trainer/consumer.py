@@ -8,6 +8,15 @@ retries, durable files) and the outcome to the
 window) in ONE transaction with the offsets up to which everything is
 handled. A crash before that commit repeats the window; after it, nothing
 can lose it.
+
+One adapter's fault stops only that adapter. When its newest version's files
+are not as announced, or a LoRA setting differs from its lineage's, the core
+raises :class:`~trainer.exceptions.AdapterHeld`: the trainer says so in one
+line, pins the window (nothing of that partition is committed past its first
+event, and the adapter takes no more events) and goes on with the others.
+Every ``hold_recheck_seconds`` it checks again; once the files check out
+(``lorastream adapters repair``) or the setting is back, it reads the
+partitions again from their committed offsets, and the held windows train.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from schemas.limits import clip
 from trainer.committer import Committer, Outgoing, quarantine, train_and_commit
 from trainer.config import TrainerConfig
 from trainer.core import Trained, WindowTrainer
-from trainer.exceptions import TrainerError
+from trainer.exceptions import AdapterHeld, TrainerError
 from trainer.history import LineageLog
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
@@ -93,6 +102,7 @@ class Trainer:
             config.topics.quarantine,
             config.client_options,
             latest_topic=config.topics.adapter_latest,
+            verifier=config.verifier.counting(self.metrics.reject),
         )
         self.core: WindowTrainer | None = None
         self.committer = Committer(
@@ -101,6 +111,7 @@ class Trainer:
             config.group_id,
             config.client_options,
             config.idle_commit_seconds,
+            announce_key=config.verifier.key,
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
@@ -115,6 +126,9 @@ class Trainer:
         # is dropped, its records are read again by whoever owns their partition now.
         self._generation = 0
         self._pending: dict[str, int] = {}  # what the log last said waits in open windows
+        # Adapters on hold: the reason, and when it was last checked (see _recheck_holds).
+        self.holds: dict[str, str] = {}
+        self._holds_checked = 0.0
         self._lag_labels: set[TopicPartition] = set()  # partitions the lag gauge shows
 
     # ── lifecycle ────────────────────────────────────────────────────────────
@@ -205,6 +219,7 @@ class Trainer:
                 for window in self.windows.expired(self.config.max_wait_seconds):
                     await self._train(window)
                 await self._commit_offsets()
+                await self._recheck_holds()
             if not batch:
                 self._report_pending()
 
@@ -298,7 +313,9 @@ class Trainer:
         """The history was read in full (no complete snapshot topic yet): write every
         adapter's snapshot and the completion record in one transaction, so that the next
         start reads one record per adapter (trainer.snapshot)."""
-        records = completion(self.lineages, by=self.config.transactional_id)
+        records = completion(
+            self.lineages, by=self.config.transactional_id, unreadable=self.history.stray
+        )
         topic = self.config.topics.adapter_latest
         await self.committer.commit([Outgoing(topic, key, value) for key, value in records])
         self.history.needs_snapshots = False
@@ -336,15 +353,19 @@ class Trainer:
             await self.history.refresh()
             self.core.forget(self.lineages)
             lineage = self.lineages.setdefault(window.adapter, Lineage(window.adapter))
-        outcome = await train_and_commit(
-            self.core,
-            self.committer,
-            self.config.topics,
-            window,
-            lineage,
-            self.windows.committable(),
-            self._stopping,
-        )
+        try:
+            outcome = await train_and_commit(
+                self.core,
+                self.committer,
+                self.config.topics,
+                window,
+                lineage,
+                self.windows.committable(),
+                self._stopping,
+            )
+        except AdapterHeld as held:
+            self._hold(window, held)
+            return
         self.windows.settle(window)  # committed: its held-out events no longer hold offsets
         if isinstance(outcome, Trained):
             log.info(
@@ -367,6 +388,53 @@ class Trainer:
                 lineage.version,
                 extra=_at(window.tp, window.last_offset),
             )
+
+    def _hold(self, window: Window, held: AdapterHeld) -> None:
+        """Put ``window``'s adapter on hold: its window waits, uncommitted; the rest go on."""
+        self.windows.pin(window)
+        self.metrics.held.labels(held.adapter).set(1)
+        if self.holds.get(held.adapter) != held.reason:
+            log.error(
+                "%s is on hold, its windows wait (the other adapters go on): %s",
+                held.adapter,
+                held.reason,
+                extra=_at(window.tp, window.first_offset),
+            )
+        self.holds[held.adapter] = held.reason
+        self._holds_checked = asyncio.get_running_loop().time()
+
+    async def _recheck_holds(self) -> None:
+        """Every ``hold_recheck_seconds``, check each held adapter again; when one checks
+        out, read the assigned partitions again from their committed offsets (the pinned
+        window and the events after it were never committed)."""
+        if not self.holds:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._holds_checked < self.config.hold_recheck_seconds:
+            return
+        self._holds_checked = now
+        assert self.core is not None
+        released = []
+        for adapter in sorted(self.holds):
+            if adapter not in self.windows.pinned():
+                released.append(adapter)  # its partition moved to another trainer
+                continue
+            lineage = self.lineages.get(adapter, Lineage(adapter))
+            self.core.forget({a: lin for a, lin in self.lineages.items() if a != adapter})
+            try:
+                await asyncio.to_thread(self.core.state_of, lineage)
+            except AdapterHeld as held:
+                if held.reason != self.holds[adapter]:
+                    log.error("%s is still on hold: %s", adapter, held.reason)
+                    self.holds[adapter] = held.reason
+                continue
+            log.warning("%s: its files and settings check out again; the hold is lifted", adapter)
+            released.append(adapter)
+        for adapter in released:
+            del self.holds[adapter]
+            self.metrics.held.labels(adapter).set(0)
+        if released:
+            await self._rewind()
 
     async def _commit_offsets(self, force: bool = False, why: str = "") -> None:
         if not self.committer.can_commit:

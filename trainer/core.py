@@ -12,6 +12,13 @@ between repeats the window, and the core rewrites the same files.
 The version is named after the lineage, not after the events: a replay
 trains ``tutor``'s events into the lineage ``tutor-v2``.
 
+Nothing is trusted unchecked. Before a lineage's newest version is stepped
+on, every one of its files is checked against the announcement's manifest,
+and its LoRA settings (rank, alpha, targets, dropout: the lineage's, fixed by
+its first version) against this trainer's. Either fault raises
+:class:`~trainer.exceptions.AdapterHeld` for that adapter alone: the driver
+holds it, and the other adapters go on.
+
 With an evaluation fraction, each version is also measured on its adapter's
 evaluation set (:mod:`trainer.evaluation`) after its step: the new weights'
 and the base model's mean response-token loss go into the AdapterUpdate's
@@ -29,7 +36,7 @@ from pathlib import Path
 
 from schemas import AdapterUpdate, EvalSpec, LoraSpec, QuarantineRecord
 from trainer.evaluation import EvalExample, decode_eval_set, encode_eval_set, extend_eval_set
-from trainer.exceptions import TrainerError
+from trainer.exceptions import AdapterHeld, AdapterStoreError, TrainerError
 from trainer.faults import Faults
 from trainer.lineage import Lineage
 from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
@@ -38,7 +45,14 @@ from trainer.model import BaseModel, load_base_model, resolve_device
 from trainer.store import EVAL_SET_FILE, AdapterStore, StoredVersion
 from trainer.window import Window
 
-__all__ = ["Outcome", "Trained", "TrainingConfig", "WindowTrainer"]
+__all__ = [
+    "Outcome",
+    "Trained",
+    "TrainingConfig",
+    "WindowTrainer",
+    "hold_reason",
+    "settings_differ",
+]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +154,8 @@ class WindowTrainer:
     # ── the state a lineage continues from ───────────────────────────────────
 
     def state_of(self, lineage: Lineage) -> AdapterState:
-        """The adapter state after ``lineage``'s newest version (initial for a new lineage)."""
+        """The adapter state after ``lineage``'s newest version (initial for a new lineage),
+        its files verified first; :class:`AdapterHeld` when they or its settings are wrong."""
         cached = self._states.get(lineage.adapter)
         if cached is not None and cached[0] == lineage.version:
             return cached[1]
@@ -155,7 +170,15 @@ class WindowTrainer:
                     f"{self.base.name} ({self.base.fingerprint}); run with that base model "
                     "(--base-model or LORASTREAM_BASE_MODEL)"
                 )
-            state = self.store.read(lineage.adapter, latest.version, latest.sha256)
+            differs = settings_differ(latest.lora, self.lora_spec)
+            if differs is not None:
+                raise AdapterHeld(lineage.adapter, differs)
+            try:
+                state = self.store.read(
+                    lineage.adapter, latest.version, latest.sha256, latest.manifest_sha256
+                )
+            except AdapterStoreError as exc:
+                raise AdapterHeld(lineage.adapter, str(exc)) from exc
         self._states[lineage.adapter] = (lineage.version, state)
         return state
 
@@ -213,7 +236,10 @@ class WindowTrainer:
                 evaluation: _Evaluation | None = _Evaluation(eval_set, spec, seconds)
             else:
                 evaluation = None
-            stored = self._write(window, lineage.adapter, version, result, evaluation)
+            try:
+                stored = self._write(window, lineage.adapter, version, result, evaluation)
+            except AdapterStoreError as exc:  # v<version> exists with other files
+                raise AdapterHeld(lineage.adapter, str(exc)) from exc
             self.faults.at("commit", lineage.adapter, version)
             update = self._update(window, version, stored, result, evaluation)
             if evaluation is None:
@@ -315,7 +341,6 @@ class WindowTrainer:
             return self.store.write(adapter, version, result.state, self.stepper, metadata)
         spec = evaluation.spec
         metadata["eval"] = spec.model_dump(mode="json") if spec is not None else None
-        metadata["eval_seconds"] = round(evaluation.seconds, 6)
         metadata["eval_fraction"] = self.config.eval_fraction
         metadata["eval_size"] = self.config.eval_size
         files = {EVAL_SET_FILE: encode_eval_set(evaluation.examples)}
@@ -337,12 +362,56 @@ class WindowTrainer:
             base_model_fingerprint=self.base.fingerprint,
             uri=stored.uri,
             sha256=stored.sha256,
+            manifest_sha256=stored.manifest_sha256,
             lora=self.lora_spec,
             window=window.spec(),
             train_loss=result.loss,
             created_at=datetime.now(tz=UTC),
             eval=evaluation.spec if evaluation is not None else None,
         )
+
+
+# The LoRA settings a lineage keeps for life, with the variable that sets each.
+_LINEAGE_SETTINGS = (
+    ("r", "LORASTREAM_LORA_R"),
+    ("alpha", "LORASTREAM_LORA_ALPHA"),
+    ("target_modules", "LORASTREAM_LORA_TARGET_MODULES"),
+    ("dropout", "LORASTREAM_LORA_DROPOUT"),
+)
+
+
+def settings_differ(lineage: LoraSpec, configured: LoraSpec) -> str | None:
+    """None when a trainer with ``configured`` may continue a lineage made with
+    ``lineage``; else one sentence naming the variable, the lineage's value and the new one.
+    (A lineage's settings are its first version's: every version carries them.)"""
+    for name, variable in _LINEAGE_SETTINGS:
+        theirs, ours = getattr(lineage, name), getattr(configured, name)
+        if name == "target_modules":
+            same = sorted(theirs) == sorted(ours)
+            theirs, ours = ",".join(theirs), ",".join(ours)
+        else:
+            same = float(theirs) == float(ours)
+        if not same:
+            return (
+                f"{variable} is {ours}, but the lineage was trained with {theirs}; a lineage "
+                f"keeps its LoRA settings: set {variable}={theirs} again, or train a new "
+                "lineage with the new value (lorastream replay --adapter NAME --into NEW)"
+            )
+    return None
+
+
+def hold_reason(store: AdapterStore, update: AdapterUpdate, configured: LoraSpec) -> str | None:
+    """Why a trainer with LoRA settings ``configured`` holds the adapter whose newest version
+    is ``update`` (a setting that differs, or a file not as announced), or None. What
+    ``status`` and ``adapters list`` show, by the trainer's own checks."""
+    differs = settings_differ(update.lora, configured)
+    if differs is not None:
+        return differs
+    try:
+        store.verify(update.adapter, update.version, update.manifest_sha256, update.sha256)
+    except AdapterStoreError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)

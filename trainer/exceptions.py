@@ -5,6 +5,7 @@ from __future__ import annotations
 from schemas.errors import LorastreamError
 
 __all__ = [
+    "AdapterHeld",
     "AdapterStoreError",
     "BaseModelError",
     "NonFiniteLossError",
@@ -12,6 +13,7 @@ __all__ = [
     "ResourceError",
     "StepError",
     "TrainerError",
+    "VersionExistsError",
 ]
 
 
@@ -21,6 +23,22 @@ class TrainerError(LorastreamError):
 
 class AdapterStoreError(TrainerError):
     """An adapter version's files are missing or corrupt; the message names the file."""
+
+
+class VersionExistsError(AdapterStoreError):
+    """A version directory (or object prefix) that exists holds other content than the one
+    being written: a version is written once, so this writer stops that adapter."""
+
+
+class AdapterHeld(TrainerError):
+    """One adapter cannot train until an operator acts: its newest version's files are
+    missing, corrupt or not as announced, or a LoRA setting differs from its lineage's.
+    The trainer holds that adapter alone (its windows wait, uncommitted) and goes on."""
+
+    def __init__(self, adapter: str, reason: str) -> None:
+        self.adapter = adapter
+        self.reason = reason
+        super().__init__(f"adapter {adapter} is on hold: {reason}")
 
 
 class ResourceError(TrainerError):

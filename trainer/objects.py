@@ -1,9 +1,14 @@
 """Adapter versions on an object store (``s3://bucket/prefix``), with a local cache.
 
 A version is uploaded file by file under ``<prefix>/<adapter>/v<version>/`` and
-then ``manifest.json``, last: each file's name, size and sha256. **A version
-without its manifest does not exist**: a trainer killed mid-upload leaves files
-that nothing reads, and its window is trained and uploaded again. Reading a
+then ``manifest.json`` (:mod:`trainer.manifest`), last: each file's name, size
+and sha256. **A version without its manifest does not exist**: a trainer
+killed mid-upload leaves files that nothing reads, and its window is trained
+and uploaded again. **A manifest is never overwritten**: the upload first
+looks for one (a version that exists keeps its files: the same manifest is
+the same version, another is a VersionExistsError), and the manifest itself
+is put with ``If-None-Match: *`` (obstore's ``mode="create"``), so of two
+writers racing for a version only one makes it. Reading a
 version fetches its manifest, then any file the local cache lacks or holds
 with another sha256, into a staging directory renamed into place, so a reader
 never sees half a version; every file is checked against the manifest.
@@ -28,17 +33,23 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from schemas.limits import sha256_file
-from trainer.exceptions import AdapterStoreError, ResourceError
+from trainer import manifest
+from trainer.exceptions import AdapterStoreError, ResourceError, VersionExistsError
+from trainer.manifest import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from obstore.store import RetryConfig
 
-__all__ = ["MANIFEST_FILE", "fetch_version", "is_remote", "local_path_of", "upload_version"]
+__all__ = [
+    "MANIFEST_FILE",
+    "fetch_version",
+    "is_remote",
+    "local_path_of",
+    "restore_version",
+    "upload_version",
+]
 
-MANIFEST_FILE = "manifest.json"
 _SCHEMES = ("s3://",)
 # Retries inside one request; the trainer's own wait-and-retry covers longer outages.
 _RETRY_TRIES, _RETRY_SECONDS = 3, 20.0
@@ -91,41 +102,74 @@ def _get(store: Any, key: str) -> bytes | None:
 
 
 def upload_version(directory: Path, url: str) -> None:
-    """Upload the files of ``directory`` under ``url``, then its manifest."""
+    """Upload the files of ``directory`` under ``url``, then its manifest, unless the
+    version is there already (the same manifest: nothing to do; another: refused)."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    listing = directory / MANIFEST_FILE
+    ours = listing.read_bytes() if listing.is_file() else manifest.build(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    store = _open(url)
+    with _store_errors(f"cannot upload {directory} to {url}"):
+        if _settled(_get(store, MANIFEST_FILE), ours, url):
+            return
+        for path in files:
+            obstore.put(store, path.name, path.read_bytes())
+        try:
+            obstore.put(store, MANIFEST_FILE, ours, mode="create")
+        except AlreadyExistsError:  # another writer's manifest landed since we looked
+            _settled(_get(store, MANIFEST_FILE), ours, url)
+
+
+def restore_version(directory: Path, url: str) -> None:
+    """Put back a version whose files on the store are not as announced: every file of
+    ``directory`` (already checked to be the announced version), the manifest last. Only
+    ``lorastream adapters repair`` calls it; the manifest it writes is the announced one."""
     import obstore
 
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {
-        "files": {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files}
-    }
     store = _open(url)
-    with _store_errors(f"cannot upload {directory} to {url}"):
+    with _store_errors(f"cannot restore {url} from {directory}"):
         for path in files:
             obstore.put(store, path.name, path.read_bytes())
-        obstore.put(store, MANIFEST_FILE, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        obstore.put(store, MANIFEST_FILE, (directory / MANIFEST_FILE).read_bytes())
 
 
-def _read_manifest(store: Any, uri: str) -> dict[str, dict[str, Any]]:
+def _settled(theirs: bytes | None, ours: bytes, url: str) -> bool:
+    """Whether the version at ``url`` exists already with manifest ``ours``; a different
+    manifest there is a VersionExistsError (a version is written once)."""
+    if theirs is None:
+        return False
+    if theirs != ours:
+        raise VersionExistsError(
+            f"{url} already exists with other content (manifest sha256 "
+            f"{manifest.digest_of(theirs)}; this window's is {manifest.digest_of(ours)}); a "
+            "version is written once, so the adapter stops here: see `lorastream adapters repair`"
+        )
+    return True
+
+
+def _read_manifest(store: Any, uri: str) -> tuple[bytes, manifest.Manifest]:
     data = _get(store, MANIFEST_FILE)
     if data is None:
         raise AdapterStoreError(
             f"{uri}/{MANIFEST_FILE} is missing: that version's upload never finished (a version "
             "without its manifest does not exist)"
         )
-    try:
-        files: dict[str, dict[str, Any]] = orjson.loads(data)["files"]
-        for name, entry in files.items():
-            if "/" in name or name in (".", "..") or not isinstance(entry.get("sha256"), str):
-                raise ValueError(f"bad entry {name!r}")
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise AdapterStoreError(f"{uri}/{MANIFEST_FILE} is not a manifest: {exc}") from exc
-    return files
+    return data, manifest.parse(data, f"{uri}/{MANIFEST_FILE}")
 
 
-def _matches(directory: Path, files: dict[str, dict[str, Any]]) -> bool:
-    return directory.is_dir() and all(
-        (directory / name).is_file() and sha256_file(directory / name) == entry["sha256"]
-        for name, entry in files.items()
+def _matches(directory: Path, document: bytes, files: manifest.Manifest) -> bool:
+    listing = directory / MANIFEST_FILE
+    return (
+        directory.is_dir()
+        and listing.is_file()
+        and listing.read_bytes() == document
+        and all(
+            (directory / name).is_file() and sha256_file(directory / name) == entry["sha256"]
+            for name, entry in files.items()
+        )
     )
 
 
@@ -135,8 +179,8 @@ def fetch_version(uri: str, cache: Path) -> Path:
     target = local_path_of(uri, cache)
     store = _open(uri)
     with _store_errors(f"cannot read {uri}"):
-        files = _read_manifest(store, uri)
-        if _matches(target, files):
+        document, files = _read_manifest(store, uri)
+        if _matches(target, document, files):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.fetch-{uuid.uuid4().hex[:8]}"
@@ -155,7 +199,7 @@ def fetch_version(uri: str, cache: Path) -> Path:
                         f"{uri}/{name} has sha256 {actual}, its manifest says {entry['sha256']}: "
                         "changed or corrupt"
                     )
-            (staging / MANIFEST_FILE).write_bytes(orjson.dumps({"files": files}))
+            (staging / MANIFEST_FILE).write_bytes(document)
             if target.exists():
                 aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(target, aside)

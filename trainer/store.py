@@ -2,12 +2,19 @@
 
 Each version directory holds what PEFT and vLLM load as it is
 (``adapter_model.safetensors``, ``adapter_config.json``), the optimizer state
-(``optimizer.safetensors``), ``lorastream.json`` (metadata) and, when
-evaluation is on, ``eval-set.jsonl`` (the adapter's evaluation set). Everything is
-written into a hidden temporary directory beside the target, fsynced, and
-renamed into place; the parent is fsynced after. Safetensors and JSON only:
-nothing is ever pickled. Reading checks the announced sha256 and names the
-file that is missing or wrong.
+(``optimizer.safetensors``), ``lorastream.json`` (metadata), when evaluation
+is on ``eval-set.jsonl`` (the adapter's evaluation set), and last
+``manifest.json`` (:mod:`trainer.manifest`: every other file's sha256; the
+announcement carries the manifest's own). Everything is written into a hidden
+temporary directory beside the target, fsynced, and renamed into place; the
+parent is fsynced after. Safetensors and JSON only: nothing is ever pickled.
+
+**A version is written once.** The rename refuses a directory that exists: a
+window trained again after a crash, with the same files (the CPU is
+deterministic), finds its version already there and keeps it; other content
+there is a :class:`~trainer.exceptions.VersionExistsError` naming both, and
+the adapter is held. Reading verifies every file against the announcement
+before anything is trusted, and names the file that is missing or wrong.
 
 The root may also be an object store's URL (``s3://bucket/prefix``): a version
 is then written as above into a local cache, uploaded with its manifest last
@@ -32,8 +39,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from schemas.limits import sha256_file
-from trainer.exceptions import AdapterStoreError, ResourceError
+from trainer import manifest
+from trainer.exceptions import AdapterStoreError, ResourceError, VersionExistsError
 from trainer.lora import AdapterState
+from trainer.manifest import MANIFEST_FILE
 from trainer.objects import fetch_version, is_remote, local_path_of, upload_version
 
 if TYPE_CHECKING:
@@ -43,6 +52,7 @@ __all__ = [
     "ADAPTER_FILE",
     "CONFIG_FILE",
     "EVAL_SET_FILE",
+    "MANIFEST_FILE",
     "METADATA_FILE",
     "OPTIMIZER_FILE",
     "AdapterStore",
@@ -80,8 +90,9 @@ class StoredVersion:
     adapter: str
     version: int
     path: Path  # the local directory (the cache's, for an object store)
-    sha256: str
+    sha256: str  # of the weights
     uri: str  # what the announcement says: the absolute directory, or the object store's URL
+    manifest_sha256: str  # of manifest.json, which covers every file
 
 
 def current_umask() -> int:
@@ -172,8 +183,9 @@ class AdapterStore:
         metadata: Mapping[str, Any],
         extra_files: Mapping[str, bytes] | None = None,
     ) -> StoredVersion:
-        """Write one version; an existing one (a repeated window) is replaced whole.
-        ``extra_files`` (name → bytes) are written beside the others, as durably."""
+        """Write one version, once; ``extra_files`` (name → bytes) go beside the others, as
+        durably. A version that exists already is kept if its files are these (a window
+        repeated after a crash), else a VersionExistsError names both."""
         final = self.version_dir(adapter, version)
         parent = final.parent
         staging = parent / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
@@ -181,7 +193,7 @@ class AdapterStore:
             if self._before_write is not None:
                 self._before_write(parent)
             parent.mkdir(parents=True, exist_ok=True)
-            for stale in parent.glob(f".v{version}.*"):  # left by a crash in an earlier try
+            for stale in parent.glob(f".v{version}.tmp-*"):  # left by a crash in an earlier try
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
             stepper.save_peft(state, staging)
@@ -201,15 +213,11 @@ class AdapterStore:
             (staging / METADATA_FILE).write_bytes(
                 orjson.dumps(document, option=orjson.OPT_INDENT_2)
             )
+            listing = manifest.build(staging)
+            (staging / MANIFEST_FILE).write_bytes(listing)
             _honour_umask(staging)
             _fsync_tree(staging)
-            if final.exists():
-                aside = parent / f".v{version}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(final, aside)
-                os.rename(staging, final)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.rename(staging, final)
+            self._place(staging, final, f"adapter {adapter} v{version}")
             _fsync_dir(parent)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +232,36 @@ class AdapterStore:
         uri = self.uri_of(adapter, version)
         if self.url is not None:
             upload_version(final, uri)  # the manifest last: only then does the version exist
-        return StoredVersion(adapter, version, final, digest, uri)
+        return StoredVersion(adapter, version, final, digest, uri, manifest.digest_of(listing))
+
+    @staticmethod
+    def _place(staging: Path, final: Path, what: str) -> None:
+        """Rename ``staging`` to ``final`` unless ``final`` exists: then it stays as it is,
+        and ``staging`` must hold the same files (else VersionExistsError)."""
+        try:
+            os.rename(staging, final)  # refuses a non-empty directory: never a replacement
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        ours = (staging / MANIFEST_FILE).read_bytes()
+        try:
+            theirs: bytes | None = (final / MANIFEST_FILE).read_bytes()
+        except OSError:
+            theirs = None
+        if theirs != ours:
+            described = (
+                f"manifest sha256 {manifest.digest_of(theirs)}"
+                if theirs is not None
+                else "no manifest"
+            )
+            raise VersionExistsError(
+                f"{what} already exists at {final} with other content ({described}; this "
+                f"window's is {manifest.digest_of(ours)}); a version is written once, so the "
+                "adapter stops here. Another writer owns this name, or a crash left a version "
+                "that was never announced: see `lorastream adapters repair`"
+            )
+        shutil.rmtree(staging, ignore_errors=True)  # the same version, written before
 
     def _file(self, adapter: str, version: int, name: str) -> Path:
         directory = self.version_dir(adapter, version)
@@ -237,18 +274,35 @@ class AdapterStore:
             raise AdapterStoreError(f"adapter {adapter} v{version}: file {path} is missing")
         return path
 
-    def read(self, adapter: str, version: int, expected_sha256: str | None = None) -> AdapterState:
-        """Load a version's weights and optimizer state, checking the announced sha256."""
+    def verify(
+        self,
+        adapter: str,
+        version: int,
+        manifest_sha256: str | None,
+        weights_sha256: str | None = None,
+    ) -> Path:
+        """The version's local directory, every file checked against the announcement
+        (:func:`trainer.manifest.verify`); an AdapterStoreError names the file at fault."""
         self._fetch(adapter, version)
+        directory = self.version_dir(adapter, version)
+        manifest.verify(directory, f"adapter {adapter} v{version}", manifest_sha256, weights_sha256)
+        return directory
+
+    def read(
+        self,
+        adapter: str,
+        version: int,
+        expected_sha256: str | None = None,
+        manifest_sha256: str | None = None,
+    ) -> AdapterState:
+        """Load a version's weights and optimizer state, every file checked first against
+        the announced manifest (or, for an older announcement, the weights' sha256)."""
+        if expected_sha256 is not None or manifest_sha256 is not None:
+            self.verify(adapter, version, manifest_sha256, expected_sha256)
+        else:
+            self._fetch(adapter, version)
         weights_path = self._file(adapter, version, ADAPTER_FILE)
         optimizer_path = self._file(adapter, version, OPTIMIZER_FILE)
-        if expected_sha256 is not None:
-            actual = sha256_file(weights_path)
-            if actual != expected_sha256:
-                raise AdapterStoreError(
-                    f"adapter {adapter} v{version}: sha256 of {weights_path} is {actual}, but the "
-                    f"announcement says {expected_sha256}; the file was changed or is corrupt"
-                )
         try:
             weights = load_file(str(weights_path))
             optimizer = load_file(str(optimizer_path))

@@ -11,6 +11,10 @@ its adapter's held-out list until the next window of that adapter closes and
 is committed (:meth:`Windows.settle`), and the version trained on that window
 is evaluated on it. The choice depends on the id alone, so every trainer
 instance and every replay hold out the same events.
+
+An adapter on hold (:meth:`Windows.pin`) keeps its closed window's first
+offset as the partition's committable bound and takes no more events: they
+are read again, from the committed offset, once the hold is lifted.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ class Windows:
         self._open: dict[tuple[TopicPartition, str], Window] = {}
         self._held: dict[tuple[TopicPartition, str], list[PendingEvent]] = {}
         self._next: dict[TopicPartition, int] = {}
+        # Adapters on hold, per partition: the first offset of the window they could not train.
+        self._pinned: dict[tuple[TopicPartition, str], int] = {}
 
     def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
         """Add an event; return its window when this event filled it (the window is closed)."""
@@ -135,7 +141,11 @@ class Windows:
         re-reads records. ``closed`` is the window this event filled. Either
         way the record counts as read. A held-out event is admitted to the
         adapter's held-out list instead (by the same rule), and never closes a window.
+        An adapter on hold admits nothing (:meth:`pin`).
         """
+        if (tp, event.adapter) in self._pinned:
+            self.mark_read(tp, offset)
+            return False, None
         if self.holds_out(event.id):
             admitted = lineage.admits(tp, offset, event.id) and not any(
                 p.event.id == event.id for p in self._held.get((tp, event.adapter), ())
@@ -159,6 +169,15 @@ class Windows:
         window = self._open.get((tp, adapter))
         return window is not None and any(p.event.id == event_id for p in window.events)
 
+    def pin(self, window: Window) -> None:
+        """Hold ``window``'s adapter on its partition: nothing is committed from the window's
+        first event on, and the adapter's later events are not taken (read again later)."""
+        key = (window.tp, window.adapter)
+        self._pinned[key] = min(self._pinned.get(key, window.first_offset), window.first_offset)
+
+    def pinned(self) -> set[str]:
+        return {adapter for _, adapter in self._pinned}
+
     def mark_read(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` has been handled (added, skipped or quarantined)."""
         self._next[tp] = max(self._next.get(tp, 0), offset + 1)
@@ -179,6 +198,8 @@ class Windows:
         for (tp, _), held in self._held.items():
             if held:  # held-out events not yet in a committed version are read again
                 offsets[tp] = min(offsets.get(tp, held[0].offset), held[0].offset)
+        for (tp, _), first in self._pinned.items():
+            offsets[tp] = min(offsets.get(tp, first), first)
         return offsets
 
     def drop(self, partitions: set[TopicPartition]) -> None:
@@ -187,12 +208,19 @@ class Windows:
             del self._open[key]
         for key in [k for k in self._held if k[0] in partitions]:
             del self._held[key]
+        for key in [k for k in self._pinned if k[0] in partitions]:
+            del self._pinned[key]
         for tp in partitions:
             self._next.pop(tp, None)
 
     def keep_only(self, partitions: set[TopicPartition]) -> None:
         """Forget every partition but ``partitions`` (the new assignment)."""
-        known = set(self._next) | {tp for tp, _ in self._open} | {tp for tp, _ in self._held}
+        known = (
+            set(self._next)
+            | {tp for tp, _ in self._open}
+            | {tp for tp, _ in self._held}
+            | {tp for tp, _ in self._pinned}
+        )
         self.drop(known - partitions)
 
     def open_windows(self) -> list[Window]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from lorastream.serving.backends import ModelCard
 from schemas import AdapterUpdate
 from schemas.limits import sha256_file
+from trainer import manifest
+from trainer.exceptions import AdapterStoreError
 
 __all__ = [
     "VLLM_RANKS",
@@ -41,9 +43,10 @@ class Refusal:
 
 
 def check_files(update: AdapterUpdate, max_rank: int) -> Refusal | None:
-    """The files at ``update.uri``: weights present with the announced sha256, a config with
-    ``r`` (and every ``rank_pattern`` rank) at most ``max_rank`` and ``bias`` "none".
-    Reads the whole weights file: call it off the event loop."""
+    """The files at ``update.uri``: weights present with the announced sha256, every file
+    as the announced manifest lists it (``manifest_sha256``; older announcements have
+    none), a config with ``r`` (and every ``rank_pattern`` rank) at most ``max_rank`` and
+    ``bias`` "none". Reads every file: call it off the event loop."""
     directory = Path(update.uri)
     weights, config = directory / WEIGHTS, directory / CONFIG
     for path in (weights, config):
@@ -58,6 +61,13 @@ def check_files(update: AdapterUpdate, max_rank: int) -> Refusal | None:
             "sha256",
             f"{weights} has sha256 {digest}, announced {update.sha256}: changed or corrupt",
         )
+    if update.manifest_sha256 is not None:
+        try:
+            manifest.verify(
+                directory, f"{update.adapter} v{update.version}", update.manifest_sha256
+            )
+        except AdapterStoreError as exc:
+            return Refusal("manifest", str(exc))
     try:
         settings = json.loads(config.read_text(encoding="utf-8"))
         if not isinstance(settings, dict):

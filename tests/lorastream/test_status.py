@@ -19,8 +19,16 @@ from tests.trainer.events import learning_event
 pytestmark = pytest.mark.timeout(90)
 
 
+ADAPTERS = "/nowhere/adapters"  # the announcement's files are not there: alpha is on hold
+
+
 def _status(bootstrap: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "LORASTREAM_TOPIC_PREFIX": prefix,
+        "LORASTREAM_ADAPTER_DIR": ADAPTERS,
+    }
     return subprocess.run(
         [LORASTREAM, "status", *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -70,9 +78,9 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
         version=1,
         parent_version=None,
         base_model="tiny",
-        uri="/nowhere/alpha/v1",
+        uri=f"{ADAPTERS}/alpha/v1",
         sha256="0" * 64,
-        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj"]),
+        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
         window=_window(topics.learning_events, 0, [e.id for e in events[:4]]),
         train_loss=1.25,
         created_at=created,
@@ -100,6 +108,8 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
     assert 110 <= by_name["alpha"]["age_seconds"] < 200
     assert by_name["alpha"]["pending_events"] == 1
     assert by_name["alpha"]["quarantined_windows"] == 1
+    # The trainer could not step on alpha v1, whose directory is not there: status says so.
+    assert f"directory {ADAPTERS}/alpha/v1 is missing" in by_name["alpha"]["hold"]
     assert by_name["beta"] == {
         "adapter": "beta",
         "version": 0,
@@ -107,6 +117,7 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
         "age_seconds": None,
         "pending_events": 3,
         "quarantined_windows": 0,
+        "hold": None,
     }
     assert status["lag"]["trainer"] == {
         "group": f"{prefix}lorastream-trainer",
@@ -123,6 +134,8 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
     assert f"trainer lag: 4 on {topics.learning_events}" in table.stdout
     assert f"scorer lag: 3 on {topics.generation_results}" in table.stdout
     assert f"dead letters: 2 in {topics.dead_letters}" in table.stdout
+    assert "on hold: alpha: adapter alpha v1: directory" in table.stdout
+    assert "lorastream adapters repair alpha" in table.stdout
 
 
 async def test_a_group_that_never_ran_lags_by_the_whole_topic(

@@ -120,3 +120,33 @@ def test_an_unreachable_store_is_a_resource_to_wait_for(
     core = _core(tiny_model_dir, _url(s3_env), tmp_path / "cache")
     with pytest.raises(ResourceError, match="cannot upload"):
         _train(core, Lineage("tutor"), 0, 4)
+
+
+def test_a_version_on_the_store_is_written_once_and_its_manifest_never_overwritten(
+    s3_env: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A second writer of tutor v1 (another window, another cache) is refused before it
+    uploads anything. (Its manifest would also go with If-None-Match: *, which S3 honours;
+    S3Proxy 2.6.0 ignores that header, so the look before the upload is what this shows.)"""
+    from trainer import manifest
+    from trainer.exceptions import AdapterHeld
+
+    url = _url(s3_env)
+    one = _core(tiny_model_dir, url, tmp_path / "cache-one")
+    first = _train(one, Lineage("tutor"), 0, 4)[0].update
+    store = obstore.store.from_url(f"{url}/tutor/v1")
+    before = {m["path"]: m["e_tag"] for batch in obstore.list(store) for m in batch}
+
+    other = _core(tiny_model_dir, url, tmp_path / "cache-two")
+    lineage = Lineage("tutor")
+    windows = Windows(4)
+    for n in range(100, 104):  # other events: other weights for the same version number
+        _, window = windows.offer(TP, n, learning_event("tutor", n), lineage)
+    assert window is not None
+    with pytest.raises(AdapterHeld, match=r"tutor/v1 already exists .*written once"):
+        other.train(window, lineage)
+    after = {m["path"]: m["e_tag"] for batch in obstore.list(store) for m in batch}
+    assert after == before  # not one object of the announced version was touched
+    fetched = fetch_version(first.uri, tmp_path / "cache-three")
+    assert first.manifest_sha256 is not None
+    manifest.verify(fetched, "tutor v1", first.manifest_sha256, first.sha256)

@@ -12,10 +12,18 @@ import pytest
 import torch
 from peft import PeftModel
 
-from trainer.exceptions import AdapterStoreError
+from trainer import manifest
+from trainer.exceptions import AdapterStoreError, VersionExistsError
 from trainer.lora import LoraSettings, LoraStepper
 from trainer.model import BaseModel, load_base_model
-from trainer.store import ADAPTER_FILE, METADATA_FILE, OPTIMIZER_FILE, AdapterStore, sha256_file
+from trainer.store import (
+    ADAPTER_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    OPTIMIZER_FILE,
+    AdapterStore,
+    sha256_file,
+)
 
 WINDOW = [("2+2=", "4"), ("capital of France:", "Paris")] * 8
 
@@ -39,8 +47,16 @@ def test_a_version_is_a_peft_directory_with_safetensors_and_json_only(
     state, stored = _write(store, stepper)
     assert stored.path == tmp_path / "tutor" / "v1"
     names = sorted(p.name for p in stored.path.iterdir())
-    # PEFT's two files, the optimizer state, our metadata, and the model card PEFT writes.
-    expected = ["README.md", "adapter_config.json", ADAPTER_FILE, OPTIMIZER_FILE, METADATA_FILE]
+    # PEFT's two files, the optimizer state, our metadata, the model card PEFT writes, and
+    # the manifest of them all.
+    expected = [
+        "README.md",
+        "adapter_config.json",
+        ADAPTER_FILE,
+        OPTIMIZER_FILE,
+        METADATA_FILE,
+        MANIFEST_FILE,
+    ]
     assert names == sorted(expected)
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     assert stored.sha256 == sha256_file(stored.path / ADAPTER_FILE)
@@ -73,14 +89,62 @@ def test_read_round_trips_weights_optimizer_state_and_step_count(
     )
 
 
-def test_rewriting_a_version_replaces_it_whole(tmp_path: Path, stepper: LoraStepper) -> None:
+def _files(directory: Path) -> dict[str, tuple[str, int]]:
+    return {p.name: (sha256_file(p), p.stat().st_ino) for p in sorted(directory.iterdir())}
+
+
+def test_the_same_version_written_again_is_kept_as_it_is(
+    tmp_path: Path, stepper: LoraStepper
+) -> None:
+    """A window trained again after a crash gives the same files (the CPU is deterministic):
+    the version on disk is kept, not replaced; a crash's staging leftover is swept."""
     store = AdapterStore(tmp_path)
-    _write(store, stepper)
+    _, first = _write(store, stepper)
+    before = _files(first.path)
     (tmp_path / "tutor" / ".v1.tmp-deadbeef").mkdir()  # a crash's leftover
-    (tmp_path / "tutor" / "v1" / "stray.bin").write_bytes(b"x")
-    _, stored = _write(store, stepper)
+    _, again = _write(store, stepper)
+    assert again.manifest_sha256 == first.manifest_sha256 and again.sha256 == first.sha256
+    assert _files(first.path) == before  # same bytes, same inodes: never rewritten
     assert sorted(p.name for p in (tmp_path / "tutor").iterdir()) == ["v1"]
-    assert not (stored.path / "stray.bin").exists()
+
+
+def test_a_version_that_exists_with_other_content_is_never_overwritten(
+    tmp_path: Path, stepper: LoraStepper
+) -> None:
+    store = AdapterStore(tmp_path)
+    _, first = _write(store, stepper, version=2)
+    before = _files(first.path)
+    other = stepper.step(stepper.initial_state(), WINDOW[:4]).state  # another window's weights
+    with pytest.raises(VersionExistsError) as info:
+        store.write("tutor", 2, other, stepper, {"version": 2})
+    message = str(info.value)
+    assert str(first.path) in message and first.manifest_sha256 in message
+    assert "written once" in message and "\n" not in message
+    assert _files(first.path) == before
+    assert sorted(p.name for p in (tmp_path / "tutor").iterdir()) == ["v2"]  # no staging left
+
+
+def test_the_manifest_covers_every_file_and_the_announcement_covers_it(
+    tmp_path: Path, stepper: LoraStepper
+) -> None:
+    store = AdapterStore(tmp_path)
+    _, stored = _write(store, stepper)
+    document = (stored.path / MANIFEST_FILE).read_bytes()
+    assert manifest.digest_of(document) == stored.manifest_sha256
+    listed = manifest.parse(document, "test")
+    assert set(listed) == {p.name for p in stored.path.iterdir()} - {MANIFEST_FILE}
+    store.verify("tutor", 1, stored.manifest_sha256, stored.sha256)  # passes
+    for name in (OPTIMIZER_FILE, METADATA_FILE, "adapter_config.json"):
+        path = stored.path / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped
+        with pytest.raises(AdapterStoreError, match="sha256 of") as info:
+            store.read("tutor", 1, stored.sha256, stored.manifest_sha256)
+        assert str(path) in str(info.value)
+        path.write_bytes(original)
+    (stored.path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(AdapterStoreError, match=r"extra\.bin, which its manifest does not list"):
+        store.verify("tutor", 1, stored.manifest_sha256)
 
 
 def test_a_corrupt_weights_file_is_an_error_naming_it(tmp_path: Path, stepper: LoraStepper) -> None:
