@@ -706,7 +706,8 @@ def adapters_repair(
     trainer's own rule, each version checked bit for bit against what was announced, and
     only then put in place of the bad one (set aside as .v<N>.corrupt-<id>). Versions on
     disk that were never announced are set aside (.v<N>.unannounced-<id>). A trainer that
-    holds the adapter goes on by itself within 30 s. Run it with the settings the lineage
+    holds the adapter goes on by itself (it checks every LORASTREAM_HOLD_RECHECK_SECONDS,
+    default 30). Run it with the settings the lineage
     was trained with (seed, learning rate, evaluation); nothing changes unless every
     rebuilt version matches."""
     from lorastream.stages import replay_config

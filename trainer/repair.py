@@ -104,6 +104,7 @@ async def repair(config: ReplayConfig, adapter: str, dry_run: bool = False) -> R
         config.topics.adapter_updates,
         config.topics.quarantine,
         config.client_options,
+        verifier=config.verifier,  # only what the trainer's own readers trust
     )
     lineages = await history.refresh()
     lineage = lineages.get(adapter)

@@ -47,11 +47,19 @@ async def test_a_server_that_is_down_or_answers_5xx_is_unavailable(
         assert (await backend.base()).parent is None
 
 
-def _config(update: AdapterUpdate, **changes: object) -> None:
-    path = Path(update.uri) / "adapter_config.json"
+def _config(update: AdapterUpdate, **changes: object) -> AdapterUpdate:
+    """The version with ``changes`` in its config, as a trainer that wrote such a config
+    would have announced it (the manifest made again, its sha256 in the announcement)."""
+    from trainer import manifest
+
+    directory = Path(update.uri)
+    path = directory / "adapter_config.json"
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+    document = manifest.build(directory)
+    (directory / manifest.MANIFEST_FILE).write_bytes(document)
+    return update.model_copy(update={"manifest_sha256": manifest.digest_of(document)})
 
 
 @pytest.mark.parametrize(
@@ -67,10 +75,24 @@ def test_a_config_the_server_cannot_load_is_refused(
     versions: list[AdapterUpdate], changes: dict[str, object], reason: str
 ) -> None:
     assert check_files(versions[0], 16) is None
-    _config(versions[0], **changes)
-    refusal = check_files(versions[0], 16)
+    changed = _config(versions[0], **changes)
+    refusal = check_files(changed, 16)
     assert refusal is not None and refusal.reason == reason
     assert "adapter_config.json" in refusal.detail
+    # The same files under the original announcement: they are not what it announced.
+    refusal = check_files(versions[0], 16)
+    assert refusal is not None and refusal.reason == "manifest"
+    assert "manifest.json" in refusal.detail
+
+
+def test_any_file_not_as_its_manifest_lists_is_refused(versions: list[AdapterUpdate]) -> None:
+    optimizer = Path(versions[0].uri) / "optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[-1] ^= 1
+    optimizer.write_bytes(bytes(data))
+    refusal = check_files(versions[0], 16)
+    assert refusal is not None and refusal.reason == "manifest"
+    assert str(optimizer) in refusal.detail and "sha256" in refusal.detail
 
 
 def test_missing_weights_are_refused(versions: list[AdapterUpdate]) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -274,7 +275,11 @@ def test_adapters_list_marks_the_version_the_gate_refuses(
         await announce(kafka_bootstrap, topics, worsened)
 
     asyncio.run(setup())
-    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "LORASTREAM_TOPIC_PREFIX": prefix}
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "LORASTREAM_TOPIC_PREFIX": prefix,
+        "LORASTREAM_ADAPTER_DIR": str(Path(worsened[0].uri).parents[1]),
+    }
 
     def listed(*flags: str) -> str:
         result = CliRunner().invoke(app, ["adapters", "list", *flags], env=env, terminal_width=200)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -21,9 +20,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from lorastream.admin import create_topics, topic_specs
-from schemas import AdapterUpdate, LoraSpec, Topics, WindowSpec, decode, encode
+from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import make_topics, produce, read_all, wait_for
 from tests.trainer.events import learning_event
+from tests.trainer.test_snapshot import _update as _update_at
 from trainer.history import LineageLog, _tail_doubt
 from trainer.lineage import Lineage
 from trainer.signing import Verifier
@@ -31,26 +31,8 @@ from trainer.snapshot import COMPLETE, LineageSnapshot, completion, snapshot_of
 
 
 def _update(adapter: str, version: int) -> AdapterUpdate:
-    first = 4 * (version - 1)
-    return AdapterUpdate(
-        adapter=adapter,
-        version=version,
-        parent_version=version - 1 or None,
-        base_model="/models/base",
-        uri=f"/adapters/{adapter}/v{version}",
-        sha256=f"{version:064x}",
-        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj"]),
-        window=WindowSpec(
-            topic="learning-events",
-            partition=0,
-            first_offset=first,
-            last_offset=first + 3,
-            size=4,
-            event_ids=[f"{adapter}-{first + n}" for n in range(4)],
-        ),
-        train_loss=2.0,
-        created_at=datetime(2026, 11, 28, tzinfo=UTC),
-    )
+    """Version ``version`` of ``adapter``: windows of 4 events, one after the other."""
+    return _update_at(adapter, version, 4 * (version - 1))
 
 
 def _lineage(adapter: str, versions: int) -> Lineage:
