@@ -12,14 +12,36 @@ with ``LORASTREAM_FAULTS=pause:commit-inside:...`` and killed once it says it pa
 of those stay down 15-45 s, as a machine that died mid-transaction would, while the rest of
 the group goes on); a third trainer ``c`` joins and leaves (SIGTERM); the broker is
 restarted at 1/3 and 2/3 of the run; members that exit by themselves are restarted and
-counted.
+counted. Every member signs and checks announcements with a random
+``LORASTREAM_ANNOUNCE_KEY`` of the run's own.
+
+Two faults, once each:
+
+A. At 40% of the run, a corrupted file: every trainer is SIGKILLed, one byte of
+   ``optimizer.safetensors`` of an adapter's newest announced version is flipped (with
+   ``--s3``, in the bucket and in every member's cache), and the trainers start again. The
+   trainer that takes that adapter must put it on hold (its log says so; ``status --json``
+   shows the hold) while the other adapters go on; then the soak runs ``lorastream adapters
+   repair NAME`` as an operator would, and the hold must lift and the adapter reach newer
+   versions.
+B. At half the run, a forged announcement: a plain producer (no transaction, no signature)
+   writes an AdapterUpdate for an adapter with version = its newest + 50 and a ``uri`` at a
+   copy of another adapter's files outside the adapter directory (or the bucket's prefix).
+   No reader may trust it: the trainers go on with that adapter's next versions, ``status``
+   and ``adapters list`` still exit 0 and do not show it, and the soak's own reading of
+   ``adapter-updates`` skips it with the product's verifier
+   (``lorastream.stages.announcement_verifier``), with its position and reason.
 
 Then the chaos and the producer stop, the survivors drain until the accounting settles, and
 the soak checks: every input offset in exactly one outcome (``tests.hostile``'s
 accountants); versions 1..n per adapter with the right parents; no event trained twice in a
-lineage; every file's sha256 as announced; each adapter's windows those the live rule gives;
-and each lineage bit for bit that of an uninterrupted run, retrained in this process on the
-CPU. It prints a report and exits 1 on any failure (the logs are kept then).
+lineage; every file's sha256 as announced (the weights against the announcement, and every
+file against the version's manifest, itself against ``manifest_sha256``: the repaired
+version is the announced one); each adapter's windows those the live rule gives; each
+lineage bit for bit that of an uninterrupted run, retrained in this process on the CPU;
+and each fault's steps, as above (the report says when each happened, and a missing step
+is a failure; so is the forged record not skipped, or any record the trainers committed
+skipped). It prints a report and exits 1 on any failure (the logs are kept then).
 
     .venv/bin/python bench/soak.py [--seconds 600] [--rate 20] [--kills 100] [--seed 0]
                                    [--txn-share 0.3] [--stay-down 0.5] [--s3] [--keep] [-v]
@@ -43,6 +65,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -52,6 +75,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +87,8 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from lorastream.broker import LocalBroker, default_home
 from lorastream.follow import follow
+from lorastream.settings import Settings, load_settings
+from lorastream.stages import announcement_verifier
 from schemas import (
     AdapterUpdate,
     LearningEvent,
@@ -70,6 +96,7 @@ from schemas import (
     SchemaError,
     Topics,
     decode,
+    encode,
 )
 from tests.hostile import (
     Accounting,
@@ -80,7 +107,7 @@ from tests.hostile import (
     hostile_records,
     positions,
 )
-from tests.kafka_util import Worker, make_topics, worker_env
+from tests.kafka_util import LORASTREAM, Worker, make_topics, worker_env
 from tests.lineage_checks import (
     check_files,
     check_trained_once,
@@ -92,8 +119,11 @@ from tests.lineage_checks import (
 )
 from tests.trainer.events import PAIRS
 from trainer.history import read_committed_topic
+from trainer.lineage import read_announcement
+from trainer.signing import Verifier
 
 ADAPTERS = [f"soak-{n:02d}" for n in range(12)]
+TRAINERS = ("train-a", "train-b", "train-c")
 PARTITIONS = 6
 WINDOW = 16
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -208,6 +238,160 @@ class Stats:
         return sum(self.sigkills.values())
 
 
+@dataclass
+class Ran:
+    """One ``lorastream`` command the soak ran, as an operator would."""
+
+    command: str
+    at: float  # seconds into the run
+    returncode: int | None
+    seconds: float
+    output: str  # stderr, then stdout
+    stdout: str
+
+    def last_line(self) -> str:
+        lines = [_ANSI.sub("", line).strip() for line in self.output.splitlines()]
+        lines = [line for line in lines if line]
+        return (lines or [""])[-1][:300]
+
+    def __str__(self) -> str:
+        code = "timed out" if self.returncode is None else f"rc {self.returncode}"
+        return f"`{self.command}` at {self.at:.1f}s: {code} in {self.seconds:.1f}s"
+
+
+@dataclass
+class Corruption:
+    """Fault A: one byte of one file of an adapter's newest announced version flipped,
+    then the hold, the repair, and the adapter going on."""
+
+    adapter: str | None = None
+    version: int | None = None
+    file: str = "optimizer.safetensors"
+    at: float | None = None
+    where: list[str] = field(default_factory=list)  # each copy flipped, with the byte
+    held_at: float | None = None
+    held_by: str | None = None
+    held_line: str = ""
+    status_held: Ran | None = None  # `lorastream status --json` while held
+    status_hold: str | None = None
+    repairs: list[Ran] = field(default_factory=list)
+    repaired_at: float | None = None
+    lifted_at: float | None = None
+    lifted_how: str = ""
+    next_version: tuple[float, int] | None = None  # when the follower saw it
+    status_after: Ran | None = None
+    status_after_hold: str | None = None
+    others_meanwhile: int = 0  # versions of other adapters announced while it was held
+    newest_at_end: int | None = None
+    set_aside: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Forgery:
+    """Fault B: an unsigned announcement from a plain producer, of a version far ahead,
+    whose ``uri`` is a copy of another adapter's files outside the adapter location."""
+
+    adapter: str | None = None
+    version: int | None = None
+    newest_then: int | None = None
+    copied_from: str = ""
+    uri: str = ""
+    at: float | None = None
+    position: tuple[int, int] | None = None  # partition, offset on adapter-updates
+    mid_run: list[Ran] = field(default_factory=list)  # status and adapters list, soon after
+    final: list[Ran] = field(default_factory=list)  # the same, after the drain
+    listed_forged: bool = False  # `adapters list --json` showed the forged version
+    status_version: int | None = None  # the adapter's version in the final `status --json`
+    newest_at_end: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Skipped:
+    """A record of adapter-updates that the product's verifier does not trust."""
+
+    partition: int
+    offset: int
+    reason: str
+    detail: str
+
+
+def _flip_byte(data: bytes) -> tuple[bytes, int]:
+    """``data`` with one byte of its tensor data inverted (past a safetensors header)."""
+    start = 0
+    if len(data) > 8:
+        header = int.from_bytes(data[:8], "little")
+        if 8 + header < len(data):
+            start = 8 + header
+    position = start + (len(data) - start) // 2
+    flipped = bytearray(data)
+    flipped[position] ^= 0xFF
+    return bytes(flipped), position
+
+
+def _flip_file(path: Path) -> str:
+    """Invert one byte of ``path`` in place; what was done, for the report."""
+    data = path.read_bytes()
+    flipped, at = _flip_byte(data)
+    with path.open("r+b") as handle:
+        handle.seek(at)
+        handle.write(flipped[at : at + 1])
+        handle.flush()
+        os.fsync(handle.fileno())
+    return f"{path} (byte {at} of {len(data)}: 0x{data[at]:02x} -> 0x{flipped[at]:02x})"
+
+
+def _flip_object(uri: str, name: str) -> str:
+    """Invert one byte of the object ``uri/name`` (read, changed, put back)."""
+    import obstore
+    from obstore.store import from_url
+
+    store = from_url(uri)
+    data = bytes(obstore.get(store, name).bytes())
+    flipped, at = _flip_byte(data)
+    obstore.put(store, name, flipped)
+    return f"{uri}/{name} in the bucket (byte {at} of {len(data)})"
+
+
+def _copy_objects(source: str, target: str) -> None:
+    """Copy the version at ``source`` (every file its manifest lists, and the manifest)."""
+    import obstore
+    from obstore.store import from_url
+
+    from trainer.manifest import MANIFEST_FILE, parse
+
+    src, dst = from_url(source), from_url(target)
+    document = bytes(obstore.get(src, MANIFEST_FILE).bytes())
+    for name in parse(document, source):
+        obstore.put(dst, name, bytes(obstore.get(src, name).bytes()))
+    obstore.put(dst, MANIFEST_FILE, document)
+
+
+def _hold_in(ran: Ran | None, adapter: str) -> str | None:
+    """The ``hold`` that ``lorastream status --json`` gave ``adapter``."""
+    if ran is None or ran.returncode != 0:
+        return None
+    with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        for entry in orjson.loads(ran.stdout)["adapters"]:
+            if entry.get("adapter") == adapter:
+                hold = entry.get("hold")
+                return None if hold is None else str(hold)
+    return None
+
+
+def _why_skipped(verifier: Verifier, record: Any, reason: str) -> str:
+    """What the verifier found wrong with a record it skipped, in its own words."""
+    if reason in ("unsigned", "signature"):
+        problem = verifier.signature_problem(record)
+        return problem[1] if problem else ""
+    if reason == "location":
+        with contextlib.suppress(SchemaError):
+            problem = verifier.location_problem(decode(record.value, AdapterUpdate).uri)
+            return problem[1] if problem else ""
+    return "not an announcement" if record.value is not None else "a tombstone"
+
+
 # ── the soak ────────────────────────────────────────────────────────────────
 
 
@@ -234,10 +418,38 @@ class Soak:
             self.s3 = LocalS3(tmp / "s3", jars=default_home() / "s3proxy")
         self.stats = Stats()
         self.versions: dict[str, int] = {}
+        self.newest: dict[str, AdapterUpdate] = {}
+        # (seconds into the run, adapter, version) of each announcement, as the follower saw it
+        self.timeline: list[tuple[float, str, int]] = []
         self.started = time.monotonic()
         self.chaos_over = asyncio.Event()
+        # Held by each chaos action and by the faults while they kill and corrupt.
+        self.chaos_lock = asyncio.Lock()
         self.members: dict[str, Member] = {}
         self.code = _code_digest()
+        # Every member signs and checks announcements with this run's key.
+        self.announce_key = secrets.token_hex(32)
+        self.fault_rng = random.Random(args.seed + 5)
+        self.corruption = Corruption()
+        self.forgery = Forgery()
+        self.skipped: list[Skipped] = []
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def settings(self) -> Settings:
+        """This run's settings as a member's environment gives them."""
+        return load_settings(
+            bootstrap_servers=self.bootstrap,
+            topic_prefix=self.prefix,
+            adapter_dir=self.adapter_dir,
+            home=self.home,
+            announce_key=self.announce_key,
+        )
+
+    def verifier(self, on_reject: Callable[[str], None] | None = None) -> Verifier:
+        """What the product's readers trust (lorastream.stages.announcement_verifier)."""
+        return announcement_verifier(self.settings(), on_reject)
 
     def say(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {text}"
@@ -245,18 +457,20 @@ class Soak:
         if self.args.verbose:
             print(line, flush=True)
 
-    def member(self, name: str, args: list[str], **more: str) -> Member:
+    def env(self, name: str, **more: str) -> dict[str, str]:
+        """The environment of member (or command) ``name``."""
         if self.s3 is not None:  # a cache of its own, as on a machine of its own
             more = {
                 **self.s3.environment(),
                 "LORASTREAM_ADAPTER_CACHE": str(self.tmp / "caches" / name),
                 **more,
             }
-        env = worker_env(
+        return worker_env(
             self.bootstrap,
             self.prefix,
             self.home,
             LORASTREAM_ADAPTER_DIR=self.adapter_dir,
+            LORASTREAM_ANNOUNCE_KEY=self.announce_key,
             LORASTREAM_DEVICE="cpu",
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
@@ -265,7 +479,9 @@ class Soak:
             TRANSFORMERS_OFFLINE="1",
             **more,
         )
-        m = Member(name, args, env, self.tmp / "logs" / f"{name}.log")
+
+    def member(self, name: str, args: list[str], **more: str) -> Member:
+        m = Member(name, args, self.env(name, **more), self.tmp / "logs" / f"{name}.log")
         self.members[name] = m
         return m
 
@@ -355,13 +571,21 @@ class Soak:
 
     async def follow_versions(self) -> None:
         def seen(update: AdapterUpdate, _: bytes) -> None:
-            self.versions[update.adapter] = max(
-                self.versions.get(update.adapter, 0), update.version
-            )
+            if update.version > self.versions.get(update.adapter, 0):
+                self.versions[update.adapter] = update.version
+                self.newest[update.adapter] = update
+                self.timeline.append((self.now(), update.adapter, update.version))
 
         while True:
             try:
-                await follow(self.bootstrap, self.topics.adapter_updates, seen, from_beginning=True)
+                # The product's follower and verifier: a forged announcement is not a version.
+                await follow(
+                    self.bootstrap,
+                    self.topics.adapter_updates,
+                    seen,
+                    from_beginning=True,
+                    verifier=self.verifier(),
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -448,7 +672,6 @@ class Soak:
     async def chaos(self) -> None:
         args = self.args
         end = self.started + args.seconds
-        c = self.members["train-c"]
         next_toggle = self.started + args.seconds * self.rng.uniform(0.1, 0.25)
         while True:
             now = time.monotonic()
@@ -460,29 +683,37 @@ class Soak:
             await asyncio.sleep(min(left, self.rng.uniform(0.4, 1.2) * left / (missing + 2)))
             if time.monotonic() >= end - 5:
                 break
-            if time.monotonic() >= next_toggle:
-                if c.desired:
-                    c.desired = False
-                    self.say("train-c leaves (SIGTERM)")
-                    if c.worker is not None:
-                        code = await asyncio.to_thread(c.worker.terminate, 60)
-                        self.say(f"train-c left with {code}")
-                    self.stats.leaves += 1
-                else:
-                    c.desired = True
-                    c.restart_at = time.monotonic()
-                    self.stats.joins += 1
-                    self.say("train-c joins")
-                next_toggle = time.monotonic() + args.seconds * self.rng.uniform(0.08, 0.2)
-                continue
-            alive = [m for m in self.members.values() if m.alive() and not m.armed and m.desired]
-            trainers = [m for m in alive if m.name in ("train-a", "train-b")]
-            if trainers and self.rng.random() < args.txn_share:
-                await self.kill_in_transaction(self.rng.choice(trainers), end)
-            elif alive:
-                m = self.rng.choice(alive)
-                if self._kill(m):
-                    m.restart_at = time.monotonic() + self.rng.uniform(0.5, 3.0)
+            async with self.chaos_lock:  # not while a fault kills and corrupts
+                next_toggle = await self._chaos_action(end, next_toggle)
+
+    async def _chaos_action(self, end: float, next_toggle: float) -> float:
+        """One action: trainer c joins or leaves, or a member is SIGKILLed (a trainer perhaps
+        inside its transaction); returns the time of the next join or leave."""
+        args = self.args
+        c = self.members["train-c"]
+        if time.monotonic() >= next_toggle:
+            if c.desired:
+                c.desired = False
+                self.say("train-c leaves (SIGTERM)")
+                if c.worker is not None:
+                    code = await asyncio.to_thread(c.worker.terminate, 60)
+                    self.say(f"train-c left with {code}")
+                self.stats.leaves += 1
+            else:
+                c.desired = True
+                c.restart_at = time.monotonic()
+                self.stats.joins += 1
+                self.say("train-c joins")
+            return time.monotonic() + args.seconds * self.rng.uniform(0.08, 0.2)
+        alive = [m for m in self.members.values() if m.alive() and not m.armed and m.desired]
+        trainers = [m for m in alive if m.name in ("train-a", "train-b")]
+        if trainers and self.rng.random() < args.txn_share:
+            await self.kill_in_transaction(self.rng.choice(trainers), end)
+        elif alive:
+            m = self.rng.choice(alive)
+            if self._kill(m):
+                m.restart_at = time.monotonic() + self.rng.uniform(0.5, 3.0)
+        return next_toggle
 
     async def restart_broker(self) -> None:
         for share in (1 / 3, 2 / 3):
@@ -494,11 +725,345 @@ class Soak:
             self.stats.broker_restarts += 1
             self.say("broker: started again")
 
+    # ── fault A: one corrupted file ─────────────────────────────────────────
+
+    def _trainer_logs(self) -> dict[str, int]:
+        """Where each trainer's log ends now."""
+        return {
+            name: (m.log.stat().st_size if m.log.exists() else 0)
+            for name, m in self.members.items()
+            if name in TRAINERS
+        }
+
+    def _said(self, since: dict[str, int], text: str) -> tuple[str, str] | None:
+        """The first trainer (and its line) that logged ``text`` after ``since``."""
+        for name, mark in sorted(since.items()):
+            try:
+                with self.members[name].log.open("rb") as handle:
+                    handle.seek(mark)
+                    out = handle.read().decode(errors="replace")
+            except OSError:
+                continue
+            for line in out.splitlines():
+                if text in line:
+                    return name, _ANSI.sub("", line).strip()[:400]
+        return None
+
+    async def _flip(self, adapter: str, version: int) -> list[str]:
+        """Flip one byte of the file in every copy of ``adapter`` v``version``: the
+        directory, or the bucket and every member's cache (which would else be trusted)."""
+        name = self.corruption.file
+        if self.s3 is None:
+            path = Path(self.adapter_dir) / adapter / f"v{version}" / name
+            return [await asyncio.to_thread(_flip_file, path)]
+        from trainer.objects import local_path_of
+
+        uri = f"{self.adapter_dir}/{adapter}/v{version}"
+        where = [await asyncio.to_thread(_flip_object, uri, name)]
+        for cache in sorted((self.tmp / "caches").glob("*")):
+            path = local_path_of(uri, cache) / name
+            if path.is_file():
+                where.append(await asyncio.to_thread(_flip_file, path))
+        return where
+
+    async def corrupt(self) -> None:
+        """Fault A, at 40% of the run: every trainer SIGKILLed (so none keeps the version in
+        memory), one byte of ``optimizer.safetensors`` of an adapter's newest announced
+        version flipped, the trainers started again. The one that takes the adapter must
+        hold it (its log says so), the others go on; then ``lorastream adapters repair`` as
+        an operator runs it, and the hold must lift and the adapter go past that version."""
+        f = self.corruption
+        try:
+            await asyncio.sleep(max(0, self.started + self.args.seconds * 0.4 - time.monotonic()))
+            async with self.chaos_lock:
+                since = await self._corrupt_now()
+            if since is None:
+                return
+            await self._see_it_held(since)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            f.notes.append(f"fault A stopped by {exc!r}")
+            self.say(f"fault A: {exc!r}")
+
+    async def _corrupt_now(self) -> dict[str, int] | None:
+        f = self.corruption
+        trainers = [self.members[name] for name in TRAINERS]
+        for m in trainers:
+            m.armed = True  # the supervisor leaves them down until the file is flipped
+        try:
+            for m in trainers:
+                self._kill(m, " (fault A: every trainer, before a file is corrupted)")
+            await asyncio.sleep(3)  # what they committed last reaches the follower
+            candidates = sorted(a for a, v in self.versions.items() if v >= 1)
+            if not candidates:
+                f.notes.append("no adapter had an announced version at 40% of the run")
+                return None
+            adapter = self.fault_rng.choice(candidates)
+            f.adapter = adapter
+            for _ in range(3):
+                version = self.versions[adapter]
+                f.version, f.at = version, self.now()
+                where = await self._flip(adapter, version)
+                f.where += where
+                self.say(f"fault A: flipped a byte of {adapter} v{version} {f.file}: {where}")
+                await asyncio.sleep(2)
+                if self.versions[adapter] == version:
+                    break
+                f.notes.append(
+                    f"v{self.versions[adapter]} of {adapter} was committed just before the "
+                    "kill; its file is flipped too"
+                )
+            return self._trainer_logs()
+        finally:
+            for m in trainers:
+                m.armed = False
+                if m.desired and not m.alive():
+                    m.restart_at = time.monotonic() + self.rng.uniform(0.5, 2.0)
+
+    async def _see_it_held(self, since: dict[str, int]) -> None:
+        f = self.corruption
+        assert f.adapter is not None and f.version is not None
+        adapter, version = f.adapter, f.version
+        status = asyncio.create_task(self.until_it_answers("status-held"))
+        while True:
+            found = self._said(since, f"{adapter} is on hold")
+            if found is not None:
+                f.held_at, (f.held_by, f.held_line) = self.now(), found
+                self.say(f"fault A: {adapter} held by {f.held_by}")
+                break
+            if self.versions.get(adapter, 0) > version:
+                f.notes.append(
+                    f"{adapter} reached v{self.versions[adapter]} with no hold: the corrupted "
+                    f"v{version} was used or skipped unchecked"
+                )
+                return
+            await asyncio.sleep(1)
+        f.status_held = await status
+        f.status_hold = _hold_in(f.status_held, adapter)
+        for _ in range(3):
+            before = self._trainer_logs()
+            ran = await self.command("repair", "adapters", "repair", adapter, timeout=600)
+            f.repairs.append(ran)
+            if ran.returncode == 0 and "restored" in ran.output:
+                f.repaired_at = self.now()
+                break
+            await asyncio.sleep(10)  # the broker restarting, say: the operator tries again
+        else:
+            return
+        while True:
+            lifted = self._said(before, f"{adapter}: its files and settings check out again")
+            if lifted is not None:
+                f.lifted_at = self.now()
+                f.lifted_how = f"{lifted[0]}: {lifted[1]}"
+                break
+            if self.versions.get(adapter, 0) > version:
+                f.lifted_at = self.now()
+                f.lifted_how = (
+                    "no trainer logged it (one started since the repair took the adapter)"
+                )
+                break
+            await asyncio.sleep(1)
+        self.say(f"fault A: the hold on {adapter} is lifted ({f.lifted_how})")
+        while self.versions.get(adapter, 0) <= version and not self.chaos_over.is_set():
+            await asyncio.sleep(1)
+        f.next_version = next(
+            ((t, v) for t, a, v in self.timeline if a == adapter and v > version), None
+        )
+        f.others_meanwhile = sum(
+            1 for t, a, _ in self.timeline if a != adapter and f.held_at <= t <= f.lifted_at
+        )
+        f.status_after = await self.until_it_answers("status-after")
+        f.status_after_hold = _hold_in(f.status_after, adapter)
+
+    # ── fault B: a forged announcement ──────────────────────────────────────
+
+    async def forge(self) -> None:
+        """Fault B, at half the run: a plain producer (no transaction, no signature) writes
+        an AdapterUpdate for an adapter with version = its newest + 50, whose ``uri`` is a
+        copy of another adapter's newest version outside the adapter location."""
+        f = self.forgery
+        try:
+            await asyncio.sleep(max(0, self.started + self.args.seconds * 0.5 - time.monotonic()))
+            candidates = sorted(
+                a
+                for a, v in self.versions.items()
+                if v >= 1 and a != self.corruption.adapter and a in self.newest
+            )
+            if len(candidates) < 2:
+                f.notes.append("fewer than two adapters had a version at half the run")
+                return
+            target, source = self.fault_rng.sample(candidates, 2)
+            copied = self.newest[source]
+            f.adapter, f.newest_then = target, self.versions[target]
+            f.version = f.newest_then + 50
+            f.copied_from = f"{source} v{copied.version}"
+            if self.s3 is None:
+                where = self.tmp / "forged" / target / f"v{f.version}"
+                await asyncio.to_thread(shutil.copytree, copied.uri, where)
+                f.uri = str(where)
+            else:  # the same bucket, outside the prefix
+                bucket = self.adapter_dir.split("/")[2]
+                f.uri = f"s3://{bucket}/forged-{uuid.uuid4().hex[:6]}/{target}/v{f.version}"
+                await asyncio.to_thread(_copy_objects, copied.uri, f.uri)
+            forged = copied.model_copy(
+                update={
+                    "adapter": target,
+                    "version": f.version,
+                    "parent_version": f.version - 1,
+                    "uri": f.uri,
+                    "created_at": datetime.now(UTC),
+                }
+            )
+            f.position = await self._send_plain(target, encode(forged))
+            f.at = self.now()
+            self.say(
+                f"fault B: forged {target} v{f.version} (uri {f.uri}) at "
+                f"adapter-updates[{f.position[0]}]@{f.position[1]}"
+            )
+            await asyncio.sleep(10)
+            f.mid_run.append(await self.until_it_answers("status-forged"))
+            f.mid_run.append(
+                await self.until_it_answers(
+                    "list-forged", "adapters", "list", "--adapter", target, "--json"
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            f.notes.append(f"fault B stopped by {exc!r}")
+            self.say(f"fault B: {exc!r}")
+
+    async def _send_plain(self, key: str, value: bytes) -> tuple[int, int]:
+        """One record on adapter-updates from a plain producer (retried while the broker
+        restarts); its partition and offset."""
+        deadline = time.monotonic() + 180
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", request_timeout_ms=30_000
+            )
+            try:
+                await producer.start()
+                meta = await producer.send_and_wait(
+                    self.topics.adapter_updates, key=key.encode(), value=value
+                )
+                return meta.partition, meta.offset
+            except KafkaError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                self.say(f"fault B: {exc!r}; trying again")
+                await asyncio.sleep(3)
+            finally:
+                await producer.stop()
+
+    async def final_commands(self, state: dict[str, Any]) -> None:
+        """After the drain: ``status`` and ``adapters list`` must still work, and show no
+        forged version; each fault's adapter's newest version at the end."""
+        newest: dict[str, int] = {}
+        for u in state["updates"]:
+            newest[u.adapter] = max(newest.get(u.adapter, 0), u.version)
+        a, b = self.corruption, self.forgery
+        if a.adapter is not None:
+            a.newest_at_end = newest.get(a.adapter)
+            if self.s3 is None:
+                root = Path(self.adapter_dir) / a.adapter
+                a.set_aside = sorted(p.name for p in root.glob(f".v{a.version}.corrupt-*"))
+        if b.adapter is None:
+            return
+        b.newest_at_end = newest.get(b.adapter)
+        status = await self.command("status-final", "status", "--json")
+        listed = await self.command(
+            "list-final", "adapters", "list", "--adapter", b.adapter, "--json"
+        )
+        b.final = [status, listed]
+        for line in listed.stdout.splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                doc = orjson.loads(line)
+                if doc.get("version") == b.version or doc.get("uri") == b.uri:
+                    b.listed_forged = True
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+            for entry in orjson.loads(status.stdout)["adapters"]:
+                if entry.get("adapter") == b.adapter:
+                    b.status_version = entry.get("version")
+
+    async def until_it_answers(self, name: str, *args: str) -> Ran:
+        """``lorastream ARGS`` (default ``status --json``), tried again while the broker
+        restarts: what an operator would see once it answers."""
+        for _ in range(3):
+            ran = await self.command(name, *(args or ("status", "--json")))
+            if ran.returncode == 0:
+                break
+            await asyncio.sleep(10)
+        return ran
+
+    async def command(self, name: str, *args: str, timeout: float = 300) -> Ran:
+        """``lorastream ARGS`` as an operator runs it, with a member's environment (and,
+        on S3, a cache of its own); its output also goes to ``logs/<name>.log``."""
+        import signal
+        import subprocess
+
+        at, began = self.now(), time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            LORASTREAM,
+            *args,
+            env={**os.environ, **self.env(name)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        code: int | None = None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            code = proc.returncode
+        except TimeoutError:
+            out, err = b"", b""
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        ran = Ran(
+            "lorastream " + " ".join(args),
+            at,
+            code,
+            time.monotonic() - began,
+            err.decode(errors="replace") + out.decode(errors="replace"),
+            out.decode(errors="replace"),
+        )
+        with (self.tmp / "logs" / f"{name}.log").open("a") as handle:
+            handle.write(f"=== {ran}\n{ran.output}\n")
+        self.say(f"{ran}: {ran.last_line()}")
+        return ran
+
     # ── reading back and accounting ─────────────────────────────────────────
 
     async def read(self, topic: str) -> list[Any]:
         records, _ = await read_committed_topic(self.bootstrap, topic)
         return records
+
+    def trusted(self, records: list[Any]) -> tuple[list[AdapterUpdate], list[Skipped]]:
+        """The announcements the product's readers trust (signed with this run's key, files
+        under the adapter location), and the records they skip, with the reason. The version
+        order is left to the checks: a repeat or a gap is a finding, not a skip."""
+        reasons: list[str] = []
+        verifier = self.verifier(reasons.append)
+        updates, skipped = [], []
+        for record in records:
+            heard = len(reasons)
+            update = read_announcement(record, verifier)
+            if update is not None:
+                updates.append(update)
+                continue
+            reason = reasons[heard] if len(reasons) > heard else "tombstone"
+            skipped.append(
+                Skipped(
+                    record.partition,
+                    record.offset,
+                    reason,
+                    _why_skipped(verifier, record, reason),
+                )
+            )
+        return updates, skipped
 
     async def account(self) -> dict[str, Any]:
         results = await self.read(self.topics.generation_results)
@@ -515,7 +1080,7 @@ class Soak:
             # Events the scorers wrote name the prefixed topic; the hostile door's do not.
             if event.source.topic == self.topics.generation_results:
                 scored.add((event.source.partition, event.source.offset))
-        updates = [decode(r.value, AdapterUpdate) for r in update_records]
+        updates, self.skipped = self.trusted(update_records)
         quarantined = [decode(r.value, QuarantineRecord) for r in quarantine_records]
         return {
             "results": results,
@@ -527,7 +1092,7 @@ class Soak:
             "acc_events": account_learning_events(positions(events), updates, quarantined, WINDOW),
         }
 
-    async def drain(self) -> tuple[dict[str, Any], float, bool]:
+    async def drain(self, busy: Callable[[], bool]) -> tuple[dict[str, Any], float, bool]:
         started = time.monotonic()
         deadline = started + self.args.drain_timeout
         last: tuple[int, int, int] | None = None
@@ -549,7 +1114,8 @@ class Soak:
             if lost == 0 and shape == last:
                 return state, time.monotonic() - started, True
             unchanged = unchanged + 1 if shape == last else 0
-            if time.monotonic() >= deadline or unchanged >= 6:
+            # A held adapter's window waits for the repair: not "nothing moved" meanwhile.
+            if time.monotonic() >= deadline or (unchanged >= 6 and not busy()):
                 if unchanged >= 6:
                     self.say("drain: nothing moved for a minute; what is missing stays missing")
                 return state, time.monotonic() - started, False
@@ -583,6 +1149,7 @@ class Soak:
             asyncio.create_task(self.follow_versions()),
         ]
         producer = asyncio.create_task(self.produce())
+        faults = [asyncio.create_task(self.corrupt()), asyncio.create_task(self.forge())]
         try:
             await asyncio.gather(self.chaos(), self.restart_broker())
             self.chaos_over.set()
@@ -594,8 +1161,14 @@ class Soak:
                 self.stats.leaves += 1
             await producer
             chaos_seconds = time.monotonic() - self.started
-            state, drain_seconds, settled = await self.drain()
+            state, drain_seconds, settled = await self.drain(lambda: not faults[0].done())
+            # Each fault's last step (a status, say) ends soon after the drain, or not at all.
+            await asyncio.wait(faults, timeout=120)
         finally:
+            for task in faults:
+                if not task.done():
+                    task.cancel()
+                    self.say("a fault was still under way at the end; cancelled")
             for task in tasks:
                 task.cancel()
             for m in self.members.values():
@@ -607,11 +1180,128 @@ class Soak:
                 producer.cancel()
         # What the members left committed, now that they are stopped.
         state = await self.account()
+        await self.final_commands(state)
         await asyncio.to_thread(self.broker.stop)
         checks = await asyncio.to_thread(check_lineages, state, self.home, self.tmp / "retrained")
         if self.s3 is not None:
             self.s3.stop()
         return self.report(state, checks, chaos_seconds, drain_seconds, settled)
+
+    # ── the faults in the report ────────────────────────────────────────────
+
+    def corruption_report(self) -> tuple[list[str], list[str]]:
+        """Fault A's lines for the report, and its problems (each missing step is one)."""
+        f = self.corruption
+        lines: list[str] = []
+        problems: list[str] = [f"fault A: {note}" for note in f.notes if "stopped" in note]
+        if f.adapter is None or f.version is None or f.at is None:
+            return ["not done: " + "; ".join(f.notes)], problems or ["fault A was not done"]
+        a, v = f.adapter, f.version
+        lines.append(f"corrupted: {a} v{v} {f.file}, one byte flipped at {f.at:.1f}s, in:")
+        lines += [f"  {where}" for where in f.where]
+        lines += [f"note: {note}" for note in f.notes]
+        if f.held_at is None:
+            problems.append(f"no trainer put {a} on hold after its v{v} {f.file} was corrupted")
+            lines.append("hold: never seen in a trainer's log")
+        else:
+            lines.append(f"hold first seen at {f.held_at:.1f}s, by {f.held_by}: {f.held_line}")
+        if f.status_held is not None:
+            lines.append(
+                f"{f.status_held}: hold of {a}: "
+                + (repr(f.status_hold[:200]) if f.status_hold else "none shown")
+            )
+        for ran in f.repairs:
+            lines.append(f"repair: {ran}: {ran.last_line()}")
+        if f.held_at is not None and f.repaired_at is None:
+            problems.append(
+                f"`lorastream adapters repair {a}` did not restore it"
+                + (f": {f.repairs[-1].last_line()}" if f.repairs else " (never run)")
+            )
+        if f.set_aside:
+            lines.append(f"set aside by the repair: {', '.join(f.set_aside)}")
+        if f.lifted_at is None:
+            if f.repaired_at is not None:
+                problems.append(f"the hold on {a} was not lifted after the repair")
+        else:
+            assert f.held_at is not None
+            lines.append(f"hold lifted at {f.lifted_at:.1f}s: {f.lifted_how}")
+            if f.next_version is not None:
+                t, n = f.next_version
+                lines.append(f"{a} v{n}, its first version past the corrupted one, at {t:.1f}s")
+            lines.append(
+                f"meanwhile ({f.held_at:.0f}s to {f.lifted_at:.0f}s) the other adapters got "
+                f"{f.others_meanwhile} new versions"
+            )
+            if f.others_meanwhile == 0 and f.lifted_at - f.held_at >= 60:
+                problems.append(f"no other adapter got a version while {a} was held")
+        if f.status_after is not None:
+            lines.append(
+                f"{f.status_after}: hold of {a}: "
+                + (repr(f.status_after_hold[:200]) if f.status_after_hold else "none")
+            )
+        lines.append(f"{a}'s newest version at the end: v{f.newest_at_end}")
+        if f.newest_at_end is None or f.newest_at_end <= v:
+            problems.append(f"{a} did not go past the corrupted v{v} (newest v{f.newest_at_end})")
+        return lines, problems
+
+    def forgery_report(self) -> tuple[list[str], list[str]]:
+        """Fault B's lines for the report, and its problems."""
+        f = self.forgery
+        problems: list[str] = [f"fault B: {note}" for note in f.notes]
+        forged_skip = [
+            s
+            for s in self.skipped
+            if f.position is not None and (s.partition, s.offset) == f.position
+        ]
+        others = [s for s in self.skipped if s not in forged_skip]
+        problems += [
+            f"a record the trainers committed was skipped: adapter-updates[{s.partition}]@"
+            f"{s.offset}: {s.reason}: {s.detail}"
+            for s in others
+        ]
+        if f.position is None or f.at is None:
+            return ["not done: " + "; ".join(f.notes)], problems or ["fault B was not done"]
+        where = f"adapter-updates[{f.position[0]}]@{f.position[1]}"
+        lines = [
+            f"forged at {f.at:.1f}s by a plain producer (no transaction, no signature): "
+            f"{f.adapter} v{f.version} (its newest was v{f.newest_then}) at {where}, uri "
+            f"{f.uri} (a copy of {f.copied_from}'s files)"
+        ]
+        if forged_skip:
+            s = forged_skip[0]
+            lines.append(f"the soak's final reading: {where} skipped: {s.reason}: {s.detail}")
+        else:
+            lines.append(f"the soak's final reading: {where} TRUSTED")
+            problems.append(f"the forged record at {where} was not skipped")
+        logged = sorted(
+            name
+            for name, m in self.members.items()
+            if name in TRAINERS
+            and m.log.exists()
+            and f"[{f.position[0]}]@{f.position[1]}" in m.log.read_text(errors="replace")
+        )
+        lines.append(
+            "trainers that logged skipping it: " + (", ".join(logged) if logged else "none")
+        )
+        for ran in f.mid_run:
+            lines.append(f"soon after: {ran}")
+        for ran in f.final:
+            lines.append(f"after the drain: {ran}")
+            if ran.returncode != 0:
+                problems.append(f"{ran} after the forgery: {ran.last_line()}")
+        if len(f.final) < 2:
+            problems.append("status and adapters list were not run after the drain")
+        if f.listed_forged:
+            problems.append(f"`adapters list` showed the forged {f.adapter} v{f.version}")
+        if f.status_version is not None and f.status_version >= (f.version or 0):
+            problems.append(f"`status` gave {f.adapter} version {f.status_version}")
+        lines.append(
+            f"{f.adapter}: v{f.newest_then} when forged, v{f.newest_at_end} at the end"
+            + (f" (status: v{f.status_version})" if f.status_version is not None else "")
+        )
+        if f.newest_at_end is None or f.newest_then is None or f.newest_at_end <= f.newest_then:
+            problems.append(f"{f.adapter} got no version after the forgery")
+        return lines, problems
 
     def report(
         self,
@@ -639,6 +1329,18 @@ class Soak:
                 + ([] if settled else ["the accounting did not settle before the drain timeout"]),
             ),
             *checks,
+        ]
+        corrupted, corrupted_problems = self.corruption_report()
+        forged, forged_problems = self.forgery_report()
+        checks += [
+            (
+                "6. fault A: a corrupted file holds its adapter alone; repaired, it goes on",
+                corrupted_problems,
+            ),
+            (
+                "7. fault B: a forged announcement is trusted by no reader, stops none",
+                forged_problems,
+            ),
         ]
         by_adapter: dict[str, list[int]] = defaultdict(list)
         for u in state["updates"]:
@@ -692,6 +1394,14 @@ class Soak:
             for a, v in sorted(by_adapter.items())
         )
         print(f"versions per adapter ({len(state['updates'])} in all): {versions}")
+        print(f"announcements signed with this run's key; records skipped: {len(self.skipped)}")
+        for title, lines in (
+            ("fault A, a corrupted file", corrupted),
+            ("fault B, a forged announcement", forged),
+        ):
+            print(f"{title}:")
+            for line in lines:
+                print(f"      {line}")
         failed = False
         for title, problems in checks:
             verdict = "PASS" if not problems else "FAIL"
@@ -749,7 +1459,7 @@ def check_retrained(
                     for c in candidates
                     if c[0] == w.partition and w.first_offset <= c[1] <= w.last_offset
                 ]
-                chosen = (inside or candidates or [None])[0]
+                chosen = inside[0] if inside else candidates[0] if candidates else None
                 if chosen is None:
                     problems.append(f"{adapter} v{u.version}: event {event_id} is not in the log")
                     break
@@ -769,6 +1479,31 @@ def check_retrained(
     return problems
 
 
+def check_manifests(updates: list[AdapterUpdate], cache: Path) -> list[str]:
+    """Every file of every version as its manifest says, and the manifest as announced
+    (``manifest_sha256``): what proves that a repaired version is the announced one. A
+    version on an object store is fetched into ``cache`` first."""
+    from trainer import manifest
+    from trainer.exceptions import TrainerError
+    from trainer.objects import fetch_version, is_remote
+
+    problems = []
+    seen: set[tuple[str, str | None]] = set()
+    for u in updates:
+        if (u.uri, u.manifest_sha256) in seen:
+            continue
+        seen.add((u.uri, u.manifest_sha256))
+        if u.manifest_sha256 is None:
+            problems.append(f"{u.adapter} v{u.version}: announced without a manifest_sha256")
+            continue
+        try:
+            where = fetch_version(u.uri, cache) if is_remote(u.uri) else Path(u.uri)
+            manifest.verify(where, f"{u.adapter} v{u.version}", u.manifest_sha256, u.sha256)
+        except TrainerError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def check_lineages(state: dict[str, Any], home: Path, out: Path) -> list[tuple[str, list[str]]]:
     updates: list[AdapterUpdate] = state["updates"]
     topic = state["events"][0].topic if state["events"] else ""
@@ -778,6 +1513,10 @@ def check_lineages(state: dict[str, Any], home: Path, out: Path) -> list[tuple[s
         (
             "4. every adapter_model.safetensors matches its sha256",
             check_files(updates, out.parent / "checked"),
+        ),
+        (
+            "4b. every file of every version as its manifest says, the manifest as announced",
+            check_manifests(updates, out.parent / "checked"),
         ),
         (
             "5a. each adapter's windows are those the live rule gives",
@@ -821,6 +1560,8 @@ def main() -> int:
     # The clients here log every refused connection while the broker restarts; the report
     # says what matters.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # Each reading of adapter-updates logs the forged record again; the report lists it.
+    logging.getLogger("trainer.signing").setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="lorastream-soak-"))
     soak = Soak(args, tmp)
     try:
