@@ -59,11 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
 from bench.workers import bench_workers
-from lorastream.admin import create_topics, topic_specs
-from lorastream.broker import default_home, kafka_answers
 from lorastream.demo import TRAINING
-from lorastream.follow import follow
-from lorastream.plots import Panel, draw_learning
+from lorastream.demo.picture import Panel, draw_learning
+from lorastream.dev.broker import default_home, kafka_answers
+from lorastream.ops.admin import create_topics, topic_specs
+from lorastream.ops.follow import follow
 from lorastream.settings import load_settings
 from lorastream.stages import lora_settings
 from schemas import AdapterUpdate, GenerationResult, KafkaPosition, Topics, encode

@@ -37,8 +37,8 @@ from aiokafka import AIOKafkaProducer
 
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
-from lorastream.admin import create_topics, delete_topics, topic_specs
-from lorastream.broker import kafka_answers
+from lorastream.dev.broker import kafka_answers
+from lorastream.ops.admin import create_topics, delete_topics, topic_specs
 from schemas import AdapterUpdate, LoraSpec, Topics, WindowSpec, encode
 from trainer.history import LineageLog, load_lineages
 from trainer.lineage import Lineage

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorastream.broker import LocalBroker, default_home
+from lorastream.dev.broker import LocalBroker, default_home
 
 __all__ = ["bench_bootstrap"]
 

@@ -60,7 +60,7 @@ def _machine() -> str:
 
 
 def _versions() -> str:
-    from lorastream.broker import KAFKA_VERSION
+    from lorastream.dev.broker import KAFKA_VERSION
 
     found = [f"Python {platform.python_version()}", f"Apache Kafka {KAFKA_VERSION} (KRaft)"]
     for name in PACKAGES:

@@ -46,7 +46,7 @@ skipped). It prints a report and exits 1 on any failure (the logs are kept then)
     .venv/bin/python bench/soak.py [--seconds 600] [--rate 20] [--kills 100] [--seed 0]
                                    [--txn-share 0.3] [--stay-down 0.5] [--s3] [--keep] [-v]
 
-With ``--s3`` the adapters live in a bucket of a real S3Proxy (``lorastream.s3proxy``,
+With ``--s3`` the adapters live in a bucket of a real S3Proxy (``lorastream.dev.s3proxy``,
 from Maven Central) and each member has its own local cache, as on separate machines: a
 trainer killed mid-upload leaves a version without its manifest, which must never be
 announced, and every announced version is fetched and checked against its sha256.
@@ -85,8 +85,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from lorastream.broker import LocalBroker, default_home
-from lorastream.follow import follow
+from lorastream.dev.broker import LocalBroker, default_home
+from lorastream.ops.follow import follow
 from lorastream.settings import Settings, load_settings
 from lorastream.stages import announcement_verifier
 from schemas import (
@@ -413,7 +413,7 @@ class Soak:
         self.adapter_dir: str = str(tmp / "adapters")
         self.s3: Any = None
         if args.s3:
-            from lorastream.s3proxy import LocalS3
+            from lorastream.dev.s3proxy import LocalS3
 
             self.s3 = LocalS3(tmp / "s3", jars=default_home() / "s3proxy")
         self.stats = Stats()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorastream.admin import delete_topics, list_topics
+from lorastream.ops.admin import delete_topics, list_topics
 from tests.kafka_util import Worker
 
 __all__ = ["bench_workers", "peak_rss"]

@@ -73,7 +73,7 @@ def _container_broker() -> Iterator[str]:
 
 
 def _local_broker(home: Path) -> Iterator[str]:
-    from lorastream.broker import LocalBroker, default_home
+    from lorastream.dev.broker import LocalBroker, default_home
 
     port = _free_port()
     controller = _free_port()
@@ -103,8 +103,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real S3-compatible server (S3Proxy from Maven Central) for the session, started
     the way the broker is; ``s3.bucket(name)`` makes a bucket, ``s3.environment()`` gives
     the AWS_* variables. Its jar is cached beside the broker's."""
-    from lorastream.broker import default_home
-    from lorastream.s3proxy import LocalS3
+    from lorastream.dev.broker import default_home
+    from lorastream.dev.s3proxy import LocalS3
 
     server = LocalS3(tmp_path_factory.mktemp("s3"), jars=default_home() / "s3proxy")
     server.start()

@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from lorastream.admin import create_topics, topic_specs
+from lorastream.ops.admin import create_topics, topic_specs
 from schemas import Topics
 
 LORASTREAM = str(Path(sys.executable).with_name("lorastream"))

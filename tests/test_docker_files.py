@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorastream.produce import validate_file
+from lorastream.ops.produce import validate_file
 from lorastream.settings import Settings, load_settings, variable_of
 from schemas import GenerationResult
 from streams.scoring import Thresholds, score

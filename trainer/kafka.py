@@ -11,7 +11,7 @@ start (aiokafka warns about an unclosed client otherwise).
 A refused connection (wrong SASL credentials or mechanism, a TLS handshake that
 fails) reaches aiokafka's caller only as "Unable to bootstrap", the cause being in
 aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` (and the
-admin client in :mod:`lorastream.admin`) raise it as one
+admin client in :mod:`lorastream.ops.admin`) raise it as one
 :class:`KafkaAuthenticationError`.
 """
 

@@ -9,8 +9,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from lorastream import admin
-from lorastream.admin import (
+from lorastream.ops import admin
+from lorastream.ops.admin import (
     KafkaSetupError,
     TopicRetention,
     create_topics,
@@ -109,7 +109,7 @@ async def test_describing_a_missing_topic_names_it(kafka_bootstrap: str, prefix:
 
 @pytest.fixture
 def admin_clients(monkeypatch: pytest.MonkeyPatch) -> list[AIOKafkaAdminClient]:
-    """Every admin client lorastream.admin makes during the test, to check it was closed."""
+    """Every admin client lorastream.ops.admin makes during the test, to check it was closed."""
     made: list[AIOKafkaAdminClient] = []
 
     class Recorded(AIOKafkaAdminClient):

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
-from lorastream.broker import KAFKA_VERSION, BrokerError, LocalBroker, default_home
+from lorastream.dev.broker import KAFKA_VERSION, BrokerError, LocalBroker, default_home
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lorastream.admin import delete_topics, list_topics
 from lorastream.demo import BAD_LINES, TASKS, TRAINING, demo_records
+from lorastream.ops.admin import delete_topics, list_topics
 from schemas import KafkaPosition, Topics
 from streams.scoring import Thresholds, process
 from tests.kafka_util import LORASTREAM

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from lorastream.admin import list_topics
-from lorastream.inspect import QuarantineEntry, refusal
+from lorastream.ops.admin import list_topics
+from lorastream.ops.inspect import QuarantineEntry, refusal
 from schemas import (
     AdapterUpdate,
     DeadLetter,

@@ -22,8 +22,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
-from lorastream.broker import LocalBroker, default_home, kafka_answers
-from lorastream.secure import client_ssl_context
+from lorastream.dev.broker import LocalBroker, default_home, kafka_answers
+from lorastream.dev.secure import client_ssl_context
 from schemas import Topics
 from tests.kafka_util import LORASTREAM, Ran, Worker, wait_for, worker_env
 
@@ -219,7 +219,7 @@ def test_a_wrong_password_is_one_line(
 
 def test_the_secure_home_is_not_taken_for_a_plaintext_broker(secure: Secure) -> None:
     """The same home started without --secure must not wait on plaintext and then stop it."""
-    from lorastream.broker import BrokerError
+    from lorastream.dev.broker import BrokerError
 
     plain = LocalBroker(
         secure.broker.home, port=secure.broker.port, controller_port=secure.broker.controller_port

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from lorastream.status import AdapterStatus, GroupLag
+from lorastream.ops.status import AdapterStatus, GroupLag
 from schemas import AdapterUpdate, LoraSpec, QuarantineRecord, WindowSpec, encode
 from tests.kafka_util import LORASTREAM, make_topics, produce
 from tests.trainer.events import learning_event

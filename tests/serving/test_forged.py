@@ -17,8 +17,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
+from lorastream.ops.status import read_status
 from lorastream.settings import load_settings
-from lorastream.status import read_status
 from schemas import AdapterUpdate, Topics, encode
 from tests.kafka_util import LORASTREAM, make_topics, read_all
 from tests.serving.conftest import Trained
@@ -206,7 +206,7 @@ async def test_the_committer_always_names_its_writer_and_signs_only_with_a_key(
 async def test_adapters_follow_shows_only_the_next_signed_versions(
     kafka_bootstrap: str, prefix: str, versions: list[AdapterUpdate]
 ) -> None:
-    from lorastream.follow import follow
+    from lorastream.ops.follow import follow
 
     topics = await make_topics(kafka_bootstrap, prefix)
     writer = f"{prefix}lorastream-trainer-0"

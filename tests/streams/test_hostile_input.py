@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from lorastream.admin import create_topics, topic_specs
+from lorastream.ops.admin import create_topics, topic_specs
 from schemas import DeadLetterHeaders, LearningEvent, Topics, decode, read_dead_letter_headers
 from schemas.limits import (
     KEPT_PAYLOAD_BYTES,

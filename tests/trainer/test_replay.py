@@ -25,7 +25,7 @@ import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from lorastream.admin import create_topics, topic_specs
+from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import (
     LORASTREAM,

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from lorastream.admin import create_topics, topic_specs
+from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import make_topics, produce, read_all, wait_for
 from tests.trainer.events import learning_event

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lorastream.broker import BrokerError
+from lorastream.dev.broker import BrokerError
 
 __all__ = ["S3PROXY_VERSION", "LocalS3"]
 

@@ -29,8 +29,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lorastream.admin import describe_retention, require_topics
-from lorastream.console import print_table
+from lorastream.cli.console import print_table
+from lorastream.ops.admin import describe_retention, require_topics
 from lorastream.settings import Settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import ADAPTER_PATTERN

@@ -329,7 +329,7 @@ class _Run:
         self.load()
 
     def kafka(self) -> None:
-        from lorastream.broker import LocalBroker, kafka_answers
+        from lorastream.dev.broker import LocalBroker, kafka_answers
 
         self.stage(1, "Kafka")
         servers = self.settings.bootstrap_servers
@@ -362,7 +362,7 @@ class _Run:
         )
 
     async def _create_topics(self) -> None:
-        from lorastream.admin import create_topics, list_topics, topic_specs
+        from lorastream.ops.admin import create_topics, list_topics, topic_specs
 
         existing = await list_topics(self.bootstrap, self.prefix, self.options)
         if existing:
@@ -374,7 +374,7 @@ class _Run:
         await create_topics(self.bootstrap, topic_specs(self.topics, 3, 1), self.options)
 
     def produce(self) -> list[bytes]:
-        from lorastream.produce import produce_file, validate_file
+        from lorastream.ops.produce import produce_file, validate_file
 
         self.stage(2, "Produce generation results")
         data = self.logs / "generation-results.jsonl"
@@ -528,7 +528,7 @@ class _Run:
         )
 
     async def _follow(self, total: int, progress: Progress, tasks: dict[str, TaskID]) -> None:
-        from lorastream.follow import follow
+        from lorastream.ops.follow import follow
 
         def seen(update: AdapterUpdate, _raw: bytes) -> None:
             if not self.updates:
@@ -617,7 +617,7 @@ class _Run:
             await asyncio.sleep(0.3)
 
     def picture(self, lines: list[bytes]) -> None:
-        from lorastream.plots import Panel, draw_learning
+        from lorastream.demo.picture import Panel, draw_learning
 
         self.stage(5, "What the adapters learned")
         newest: dict[str, AdapterUpdate] = {}
@@ -847,7 +847,7 @@ class _Run:
     def _delete_topics(self) -> None:
         if not self.topics_made:
             return
-        from lorastream.admin import delete_topics, list_topics
+        from lorastream.ops.admin import delete_topics, list_topics
 
         async def delete() -> list[str]:
             # The prefix was checked to be unused before the run, so every topic under it is

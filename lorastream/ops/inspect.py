@@ -3,7 +3,7 @@
 Every read here is a group-less ``read_committed`` consumer that goes from the
 beginning of a topic to its end as it is now, partition by partition in offset
 order, and stops: nothing is followed and no group's offsets move. Functions
-return data and print nothing; ``lorastream.cli_inspect`` prints.
+return data and print nothing; ``lorastream.cli.inspect`` prints.
 
 Retrying a quarantined window (:func:`retry_quarantined`) re-publishes its
 learning events, keyed by adapter, in one transaction. The trainer trains them

@@ -44,7 +44,9 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
 app.add_typer(adapters_app, name="adapters")
 # Its commands import out, err and settings_of from here when they run (no import cycle).
-from lorastream import cli_inspect, cli_serve, cli_status  # noqa: E402
+from lorastream.cli import inspect as cli_inspect  # noqa: E402
+from lorastream.cli import serve as cli_serve  # noqa: E402
+from lorastream.cli import status as cli_status  # noqa: E402
 
 app.add_typer(cli_inspect.dead_letters_app, name="dead-letters")
 app.add_typer(cli_inspect.quarantine_app, name="quarantine")
@@ -111,7 +113,7 @@ MetricsHostOption = Annotated[str | None, typer.Option(help=help_for("metrics_ho
 
 
 def _local_broker(settings: Settings, port: int | None, secure: bool = False) -> Any:
-    from lorastream.broker import LocalBroker
+    from lorastream.dev.broker import LocalBroker
 
     if secure:
         # Its own home and ports, beside the plaintext broker: never the same data.
@@ -189,7 +191,7 @@ def topics_create(
     replication_factor: Annotated[int, typer.Option(min=1, help="Replicas per partition.")] = 1,
 ) -> None:
     """Create the pipeline's topics; those that exist are left as they are."""
-    from lorastream.admin import create_topics, topic_specs
+    from lorastream.ops.admin import create_topics, topic_specs
 
     settings = settings_of(ctx)
     specs = topic_specs(
@@ -234,7 +236,7 @@ def score(
     import faust
     from prometheus_client import start_http_server
 
-    from lorastream.admin import require_topics
+    from lorastream.ops.admin import require_topics
     from lorastream.stages import scoring_config
     from streams import create_app
     from streams.metrics import ScoringMetrics
@@ -294,7 +296,7 @@ def produce(
     """Validate every line of FILE, report the bad ones by number, produce the good ones."""
     from rich.progress import Progress
 
-    from lorastream.produce import produce_file, validate_file
+    from lorastream.ops.produce import produce_file, validate_file
 
     settings = settings_of(ctx)
     report = validate_file(file)
@@ -358,7 +360,7 @@ def train(
 
     from prometheus_client import start_http_server
 
-    from lorastream.admin import require_topics
+    from lorastream.ops.admin import require_topics
     from lorastream.stages import trainer_config
     from trainer import Trainer, TrainerMetrics
     from trainer.model import check_model_dir
@@ -505,7 +507,7 @@ def replay(
     and announces versions 1, 2, 3 … of the new lineage, and exits when the
     range is done. Killed, it continues with --resume.
     """
-    from lorastream.replay import ReplayRequest, run_replay
+    from lorastream.ops.replay import ReplayRequest, run_replay
     from trainer.metrics import ReplayMetrics
 
     settings = settings_of(
@@ -601,7 +603,7 @@ def adapters_list(
     for its eval loss is marked REFUSED, and why is said below the table."""
     from rich.table import Table
 
-    from lorastream.console import print_table
+    from lorastream.cli.console import print_table
     from lorastream.serving.verify import Refusal, judge_versions
     from schemas import encode
     from trainer.history import pending_events
@@ -685,8 +687,8 @@ def adapters_list(
             highlight=False,
             soft_wrap=True,
         )
-    from lorastream.cli_status import hold_line
-    from lorastream.status import holds_of
+    from lorastream.cli.status import hold_line
+    from lorastream.ops.status import holds_of
 
     newest = [lin.latest for lin in chosen if lin.latest is not None]
     for name, reason in sorted(holds_of(settings, newest).items()):
@@ -801,7 +803,7 @@ def adapters_follow(
 
     Starts at the end of the topic unless --from-beginning; says so on stderr.
     """
-    from lorastream.follow import follow
+    from lorastream.ops.follow import follow
     from lorastream.stages import reader_verifier
 
     settings = settings_of(ctx)

@@ -3,7 +3,7 @@
 ``LocalBroker(home)`` manages one broker whose whole state lives in ``home``:
 ``server.properties`` (written at each start), ``cluster.id``, ``data/``,
 ``broker.pid`` and ``broker.log`` (the JVM's stdout and stderr, appended).
-The jars come from ``lorastream/kafka/pom.xml`` through
+The jars come from ``lorastream/dev/kafka/pom.xml`` through
 ``mvn dependency:copy-dependencies``, run once; no Docker, no Apache download
 site. The broker runs as ``java -cp 'jars/*' kafka.Kafka server.properties`` in
 its own session, so it outlives the process that started it (the CLI).
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastream.secure import SecureFiles, client_exports, client_ssl_context, tls_socket
+from lorastream.dev.secure import SecureFiles, client_exports, client_ssl_context, tls_socket
 from schemas.errors import LorastreamError
 
 __all__ = [
@@ -122,7 +122,7 @@ class LocalBroker:
         self.pid_path = self.home / "broker.pid"
         self.log_path = self.home / "broker.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        # SASL/SCRAM over TLS (lorastream.secure): certificates and passwords in home/secure.
+        # SASL/SCRAM over TLS (lorastream.dev.secure): certificates and passwords in home/secure.
         self.secure = SecureFiles(self.home / "secure") if secure else None
 
     @property
@@ -341,7 +341,7 @@ class LocalBroker:
         if self.secure is not None:
             settings.update(self.secure.server_settings(_HOST, self.port, self.controller_port))
         body = "".join(f"{k}={v}\n" for k, v in settings.items())
-        _write_atomic(self.config_path, f"# written by lorastream.broker\n{body}")
+        _write_atomic(self.config_path, f"# written by lorastream.dev.broker\n{body}")
         if self.secure is not None:  # it holds the keystore and SCRAM passwords
             os.chmod(self.config_path, 0o600)
 

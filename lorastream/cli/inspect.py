@@ -1,8 +1,8 @@
 """The commands that show what the pipeline refused, and the topics' list and delete.
 
 ``lorastream dead-letters list|export``, ``lorastream quarantine list|retry`` and
-``lorastream topics list|delete``. The reading is in :mod:`lorastream.inspect`
-and :mod:`lorastream.admin`; these functions only print. ``lorastream.cli``
+``lorastream topics list|delete``. The reading is in :mod:`lorastream.ops.inspect`
+and :mod:`lorastream.ops.admin`; these functions only print. ``lorastream.cli``
 registers them, so each imports what it needs from it when it runs.
 """
 
@@ -20,7 +20,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from lorastream.inspect import DeadLetterEntry, QuarantineEntry
+    from lorastream.ops.inspect import DeadLetterEntry, QuarantineEntry
     from lorastream.settings import Settings
 
 __all__ = ["dead_letters_app", "quarantine_app", "topics_delete", "topics_list"]
@@ -113,7 +113,7 @@ def dead_letters_list(
     headers_unreadable, key and value (text when UTF-8, else base64, as *_encoding
     says), value_bytes, truncated and original (the sizes and sha256 of what was cut).
     """
-    from lorastream.inspect import read_dead_letters
+    from lorastream.ops.inspect import read_dead_letters
 
     out, err, settings_of = _cli()
     settings = settings_of(ctx)
@@ -156,7 +156,7 @@ def dead_letters_export(
     A dead letter whose value is not UTF-8, spans several lines, was cut or is missing
     is skipped and named with its position.
     """
-    from lorastream.inspect import export_dead_letters
+    from lorastream.ops.inspect import export_dead_letters
 
     out, err, settings_of = _cli()
     settings = settings_of(ctx)
@@ -224,7 +224,7 @@ def quarantine_list(ctx: typer.Context, json: JsonOption = False) -> None:
     events, tries, error, truncated, original_size, original_sha256, value_bytes,
     created_at and unreadable.
     """
-    from lorastream.inspect import read_quarantine
+    from lorastream.ops.inspect import read_quarantine
 
     out, err, settings_of = _cli()
     settings = settings_of(ctx)
@@ -270,7 +270,7 @@ def quarantine_retry(
     that was itself quarantined (retry that record). A retry not yet trained is not
     detected; repeating it is harmless, as the trainer skips an id it holds or trained.
     """
-    from lorastream.inspect import InspectError, retry_quarantined
+    from lorastream.ops.inspect import InspectError, retry_quarantined
     from lorastream.stages import reader_verifier
 
     out, err, settings_of = _cli()
@@ -345,7 +345,7 @@ def topics_list(
     "retained" counts the offsets a topic holds now: its records, plus one commit
     marker per transaction on the topics written in transactions.
     """
-    from lorastream.admin import list_topics
+    from lorastream.ops.admin import list_topics
 
     out, _, settings_of = _cli()
     settings = settings_of(ctx)
@@ -384,8 +384,8 @@ def topics_delete(
 
     Without --yes it exits 1 having deleted nothing. An empty prefix is refused.
     """
-    from lorastream.admin import delete_topics, list_topics
-    from lorastream.inspect import InspectError
+    from lorastream.ops.admin import delete_topics, list_topics
+    from lorastream.ops.inspect import InspectError
 
     out, err, settings_of = _cli()
     if not prefix:

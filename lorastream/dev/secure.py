@@ -233,8 +233,8 @@ def _keytool() -> str:
 
 
 def _error(message: str) -> LorastreamError:
-    # BrokerError lives in lorastream.broker, which imports this module.
-    from lorastream.broker import BrokerError
+    # BrokerError lives in lorastream.dev.broker, which imports this module.
+    from lorastream.dev.broker import BrokerError
 
     return BrokerError(message)
 

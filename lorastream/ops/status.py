@@ -8,7 +8,7 @@ Per stage: the lag of
 its consumer group (the records of its input topic past the group's
 committed offsets). And the dead letters. Everything is read, nothing is
 written: no group's offsets move. :func:`read_status` returns data;
-``lorastream.cli_status`` prints it.
+``lorastream.cli.status`` prints it.
 """
 
 from __future__ import annotations

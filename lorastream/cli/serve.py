@@ -185,8 +185,8 @@ def serve(
 
     from prometheus_client import start_http_server
 
-    from lorastream.admin import require_topics
     from lorastream.cli import _client_logs_on, _logging, settings_of
+    from lorastream.ops.admin import require_topics
     from lorastream.serving import Serve, ServeMetrics
 
     kind = backend.lower()

@@ -1,4 +1,4 @@
-"""``lorastream status``: prints what :func:`lorastream.status.read_status` reads.
+"""``lorastream status``: prints what :func:`lorastream.ops.status.read_status` reads.
 
 ``lorastream.cli`` registers the command, so it imports ``out``, ``err`` and
 ``settings_of`` from there when it runs.
@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorastream.console import print_table
-from lorastream.status import GroupLag, Status
+from lorastream.cli.console import print_table
+from lorastream.ops.status import GroupLag, Status
 
 __all__ = ["status"]
 
@@ -78,9 +78,9 @@ def status(
     """Per adapter: the newest version and its age, the events waiting in its open window,
     the windows quarantined; the lag of the scorer's and the trainer's consumer groups;
     the dead letters. Reads Kafka only."""
-    from lorastream.admin import require_topics
     from lorastream.cli import err, out, settings_of
-    from lorastream.status import read_status
+    from lorastream.ops.admin import require_topics
+    from lorastream.ops.status import read_status
 
     settings = settings_of(ctx)
     topics = settings.topics
