@@ -33,6 +33,7 @@ from schemas.models import (
     LoraSpec,
     SourcePosition,
     WindowSpec,
+    window_text,
 )
 from schemas.quarantine import QuarantineRecord
 from schemas.resources import schema_document, schema_path
@@ -62,4 +63,5 @@ __all__ = [
     "read_dead_letter_headers",
     "schema_document",
     "schema_path",
+    "window_text",
 ]

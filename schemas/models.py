@@ -53,6 +53,7 @@ __all__ = [
     "LoraSpec",
     "SourcePosition",
     "WindowSpec",
+    "window_text",
 ]
 
 SCHEMA_VERSION = 1
@@ -233,6 +234,11 @@ class EvalSpec(_Document):
     events: Annotated[StrictInt, Field(ge=1)]
 
 
+def window_text(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
+    """How a window is written everywhere a person reads it: ``topic[p]@first..last``."""
+    return f"{topic}[{partition}]@{first_offset}..{last_offset}"
+
+
 class WindowSpec(_Document):
     """The learning events a version was trained on."""
 
@@ -250,6 +256,9 @@ class WindowSpec(_Document):
         if len(self.event_ids) != self.size:
             raise ValueError(f"size is {self.size} but event_ids holds {len(self.event_ids)} ids")
         return self
+
+    def __str__(self) -> str:
+        return window_text(self.topic, self.partition, self.first_offset, self.last_offset)
 
 
 class AdapterUpdate(_Document):

@@ -372,7 +372,7 @@ class Trainer:
                 "%s v%d: %s (%d events) loss %.4f in %.3fs",
                 lineage.adapter,
                 lineage.version,
-                _where(window),
+                str(window),
                 len(window.events),
                 outcome.update.train_loss,
                 outcome.step_seconds,
@@ -383,7 +383,7 @@ class Trainer:
             log.error(
                 "%s: window %s quarantined after %d tries; the adapter stays at v%d",
                 lineage.adapter,
-                _where(window),
+                str(window),
                 outcome.tries,
                 lineage.version,
                 extra=_at(window.tp, window.last_offset),
@@ -470,10 +470,6 @@ class Trainer:
             clip(str(error), 300),
             extra=_at(tp, record.offset),
         )
-
-
-def _where(window: Window) -> str:
-    return f"{window.tp.topic}[{window.tp.partition}]@{window.first_offset}..{window.last_offset}"
 
 
 def _at(tp: TopicPartition, offset: int) -> dict[str, object]:

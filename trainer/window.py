@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
-from schemas import LearningEvent, WindowSpec
+from schemas import LearningEvent, WindowSpec, window_text
 from trainer.lineage import Lineage
 
 __all__ = ["PendingEvent", "Window", "Windows", "held_out"]
@@ -73,6 +73,9 @@ class Window:
 
     def examples(self) -> list[tuple[str, str]]:
         return [(pending.event.prompt, pending.event.response) for pending in self.events]
+
+    def __str__(self) -> str:
+        return window_text(self.tp.topic, self.tp.partition, self.first_offset, self.last_offset)
 
     def spec(self) -> WindowSpec:
         return WindowSpec(

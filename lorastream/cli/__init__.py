@@ -646,7 +646,7 @@ def adapters_list(
                 u.adapter,
                 str(u.version),
                 str(u.parent_version or "-"),
-                f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}",
+                str(w),
                 str(w.size),
                 f"{u.train_loss:.4f}",
                 (f"{u.eval.loss:.2f} (base {u.eval.base_loss:.2f})" if u.eval else "-")
@@ -816,7 +816,7 @@ def adapters_follow(
             w = update.window
             out.print(
                 f"{update.adapter} v{update.version}  loss {update.train_loss:.4f}  "
-                f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset} ({w.size} events)  "
+                f"{w} ({w.size} events)  "
                 f"sha256 {update.sha256[:12]}  {update.uri}",
                 highlight=False,
             )

@@ -198,7 +198,7 @@ def _show_quarantined(out: Console, entry: QuarantineEntry) -> None:
         return
     if record.window is not None:
         w = record.window
-        what = f"window {w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}  {w.size} events"
+        what = f"window {w}  {w.size} events"
         if record.truncated:
             what += (
                 f" (truncated: left out of the record, which would have been "

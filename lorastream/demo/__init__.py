@@ -538,7 +538,7 @@ class _Run:
                 progress.console.print(
                     f"first version after {self.first_version:.1f}s: "
                     f"{update.adapter} v{update.version} = "
-                    f"window {w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset} "
+                    f"window {w} "
                     f"({w.size} events), loss {update.train_loss:.2f}, "
                     f"files in {update.uri.removeprefix('file://')}",
                     highlight=False,

@@ -41,6 +41,7 @@ from schemas import (
     Topics,
     decode,
     encode,
+    window_text,
 )
 from schemas.errors import LorastreamError
 from schemas.limits import clip
@@ -393,7 +394,7 @@ class Republished:
 
     @property
     def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.first_offset}..{self.last_offset}"
+        return window_text(self.topic, self.partition, self.first_offset, self.last_offset)
 
 
 @dataclass
@@ -410,7 +411,7 @@ def retry_transactional_id(topic_prefix: str, adapter: str) -> str:
 def _window_text(entry: QuarantineEntry) -> str:
     assert entry.record is not None and entry.record.window is not None
     w = entry.record.window
-    return f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}"
+    return str(w)
 
 
 def _quarantined_again(

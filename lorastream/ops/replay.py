@@ -344,18 +344,14 @@ def _print_report(report: ReplayReport, out: Console) -> None:
         w = u.window
         table.add_row(
             f"v{u.version}",
-            f"{w.topic}[{w.partition}]@{w.first_offset}..{w.last_offset}",
+            str(w),
             str(w.size),
             f"{u.train_loss:.4f}",
             f"{trained.step_seconds:.3f}",
         )
     for entry in report.quarantined:
         spec = entry.window
-        where = (
-            f"{spec.topic}[{spec.partition}]@{spec.first_offset}..{spec.last_offset}"
-            if spec
-            else "-"
-        )
+        where = str(spec) if spec else "-"
         table.add_row("quarantined", where, str(len(entry.events)), "-", "-")
     print_table(out, table)
     windows = len(report.trained) + len(report.quarantined)
