@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint format typecheck bench soak clean
+.PHONY: setup demo test unit lint format typecheck bench soak clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy schemas streams trainer lorastream
 
+# Most of the suite waits on the broker or on a subprocess, so it runs on $(TEST_WORKERS) xdist
+# workers sharing the one broker the controller starts; the tests marked `timed` (wall time,
+# memory) run one after another on one of them. Every run prints its 25 slowest tests.
+TEST_WORKERS ?= 4
 test: lint typecheck
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
+# The inner loop: every test that needs no broker and no S3Proxy, in one process.
+unit: setup
+	$(BIN)/python -m pytest -q -m "not integration" --durations=10
 
 format: setup
 	$(BIN)/ruff format .

@@ -1,4 +1,4 @@
-"""Session fixtures: one real Kafka broker per test session, uuid-named everything.
+"""Session fixtures: one real Kafka broker per test run, uuid-named everything.
 
 The broker, in order of preference:
 
@@ -7,31 +7,34 @@ The broker, in order of preference:
 3. the local KRaft broker that ``lorastream broker`` assembles from Maven
    Central, on free ports in a temporary home (the jar cache is shared).
 
-Never a mock broker. Each test gets its own topic prefix, so tests never
-see each other's records, groups or transactional ids.
+Never a mock broker. Under pytest-xdist the controller starts the one broker before the
+workers exist and hands it to them through ``KAFKA_BOOTSTRAP_SERVERS``; a run without
+xdist starts it on first use. Each test gets its own topic prefix, so tests never see
+each other's records, groups or transactional ids, whichever worker runs them.
+
+Every test that uses the broker or S3Proxy is marked ``integration`` from the fixtures it
+asks for, so ``pytest -m "not integration"`` (``make unit``) needs neither.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lorastream.dev.ports import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 KAFKA_IMAGE = "apache/kafka:4.1.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _docker_answers() -> bool:
@@ -48,7 +51,7 @@ def _container_broker() -> Iterator[str]:
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
-    port = _free_port()
+    port = free_port()
     container = (
         DockerContainer(KAFKA_IMAGE)
         .with_bind_ports(9092, port)
@@ -73,10 +76,11 @@ def _container_broker() -> Iterator[str]:
 
 
 def _local_broker(home: Path) -> Iterator[str]:
-    from lorastream.dev.broker import LocalBroker, default_home
+    from lorastream.dev.broker import LocalBroker
+    from lorastream.settings import default_home
 
-    port = _free_port()
-    controller = _free_port()
+    port = free_port()
+    controller = free_port()
     jars = default_home() / "jars"
     broker = LocalBroker(home, port=port, controller_port=controller, heap="512m", jars_dir=jars)
     broker.start(timeout=120)
@@ -86,16 +90,70 @@ def _local_broker(home: Path) -> Iterator[str]:
         broker.stop()
 
 
+def _start_broker(stack: ExitStack, home: Path) -> str:
+    """Start the run's broker (a container where Docker answers, else the local one); the
+    stack stops it."""
+    started = _container_broker() if _docker_answers() else _local_broker(home)
+    stack.callback(started.close)
+    return next(started)
+
+
+# The fixtures a test asks for (directly or through other fixtures) that need a server.
+SERVER_FIXTURES = frozenset({"kafka_bootstrap", "s3", "s3_env"})
+# Tests that assert on wall time or memory run one after another on one xdist worker.
+TIMED_GROUP = "timed"
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    workers = getattr(config.option, "numprocesses", None)
+    return bool(workers) and not hasattr(config, "workerinput")
+
+
+def _selects_integration(config: pytest.Config) -> bool:
+    return "not integration" not in (config.option.markexpr or "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, the controller starts the run's one broker before any worker exists,
+    so every worker inherits ``KAFKA_BOOTSTRAP_SERVERS``; pytest_unconfigure stops it."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or not _is_xdist_controller(config):
+        return
+    if not _selects_integration(config):
+        return
+    stack = ExitStack()
+    home = Path(tempfile.mkdtemp(prefix="lorastream-kafka-"))
+    stack.callback(shutil.rmtree, home, ignore_errors=True)
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = _start_broker(stack, home)
+    config.stash[_BROKER] = stack
+
+
+_BROKER = pytest.StashKey[ExitStack]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(_BROKER, None)
+    if stack is not None:
+        os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        stack.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("timed") is not None:
+            item.add_marker(pytest.mark.xdist_group(TIMED_GROUP))
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The bootstrap address of the session's real Kafka broker."""
+    """The bootstrap address of the run's real Kafka broker."""
     given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if given:
         yield given
-    elif _docker_answers():
-        yield from _container_broker()
-    else:
-        yield from _local_broker(tmp_path_factory.mktemp("kafka"))
+        return
+    with ExitStack() as stack:
+        yield _start_broker(stack, tmp_path_factory.mktemp("kafka"))
 
 
 @pytest.fixture(scope="session")
@@ -103,8 +161,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real S3-compatible server (S3Proxy from Maven Central) for the session, started
     the way the broker is; ``s3.bucket(name)`` makes a bucket, ``s3.environment()`` gives
     the AWS_* variables. Its jar is cached beside the broker's."""
-    from lorastream.dev.broker import default_home
     from lorastream.dev.s3proxy import LocalS3
+    from lorastream.settings import default_home
 
     server = LocalS3(tmp_path_factory.mktemp("s3"), jars=default_home() / "s3proxy")
     server.start()
