@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.broker import bench_bootstrap
 from bench.report import Row, write_json
 from bench.workers import bench_workers, peak_rss
-from lorastream.demo import TRAINING
+from lorastream.demo.data import TRAINING
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import Worker, worker_env
 from schemas import AdapterUpdate, KafkaPosition, Topics, decode
 from streams.scoring import Thresholds, process
-from tests.kafka_util import Worker, make_topics, worker_env
 
 TITLE = "Freshness: 16th event to AdapterUpdate visible"
 WINDOW = 16

@@ -59,16 +59,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
 from bench.workers import bench_workers
-from lorastream.demo import TRAINING
+from lorastream.demo.data import TRAINING
 from lorastream.demo.picture import Panel, draw_learning
-from lorastream.dev.broker import default_home, kafka_answers
+from lorastream.dev.broker import kafka_answers
+from lorastream.dev.topics import produce
+from lorastream.dev.workers import Worker, worker_env
 from lorastream.ops.admin import create_topics, topic_specs
 from lorastream.ops.follow import follow
-from lorastream.settings import load_settings
+from lorastream.settings import default_home, load_settings
 from lorastream.stages import lora_settings
 from schemas import AdapterUpdate, GenerationResult, KafkaPosition, Topics, encode
 from streams.scoring import Thresholds, process
-from tests.kafka_util import Worker, produce, worker_env
 from trainer.offline import fine_tune
 
 WINDOW = 16

@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, worker_env
 from lorastream.settings import load_settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import encode
-from tests.kafka_util import LORASTREAM, make_topics, produce, worker_env
-from tests.trainer.events import learning_event
 from trainer import Replay, WindowTrainer
 
 

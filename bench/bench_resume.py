@@ -132,7 +132,7 @@ def _timed(
 
 
 async def _snapshot_records(bootstrap: str, topic: str) -> int:
-    from trainer.history import read_committed_topic
+    from trainer.committed import read_committed_topic
 
     records, _ = await read_committed_topic(bootstrap, topic)
     return len(records)

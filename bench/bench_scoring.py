@@ -48,10 +48,11 @@ from bench.bench_rouge import make_pairs
 from bench.broker import bench_bootstrap
 from bench.report import Row, add_json_option, write_json
 from bench.workers import peak_rss
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import Worker, worker_env
 from schemas import KafkaPosition
 from streams.routing import SourceRecord, route
 from streams.scoring import Thresholds
-from tests.kafka_util import Worker, make_topics, produce, worker_env
 
 PARTITIONS = 3
 

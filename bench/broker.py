@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorastream.dev.broker import LocalBroker, default_home
+from lorastream.dev.broker import LocalBroker
+from lorastream.dev.ports import free_port
+from lorastream.settings import default_home
 
 __all__ = ["bench_bootstrap"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -28,8 +23,8 @@ def bench_bootstrap(tmp: Path) -> Iterator[str]:
         return
     broker = LocalBroker(
         tmp / "kafka",
-        port=_free_port(),
-        controller_port=_free_port(),
+        port=free_port(),
+        controller_port=free_port(),
         jars_dir=default_home() / "jars",
     )
     bootstrap = broker.start()

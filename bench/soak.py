@@ -3,8 +3,8 @@ accounted for and every lineage retrained bit for bit.
 
 Starts its own local broker (free ports, a temporary home, the shared jar cache), because it
 restarts it. Topics of 6 partitions. A steady producer writes valid GenerationResults for 12
-adapters (most qualifying, ids unique) with hostile records of ``tests.hostile`` mixed in,
-and a stream of hostile records straight into ``learning-events``. Two scorers and two
+adapters (most qualifying, ids unique) with hostile records of ``lorastream.dev.hostile``
+mixed in, and a stream of hostile records straight into ``learning-events``. Two scorers and two
 trainers (``a``, ``b``) run as real processes on one shared home and adapter directory. A
 chaos loop SIGKILLs random members (each restarted after a short random delay), some of them
 inside a trainer's transaction, between the send and the commit (the trainer is restarted
@@ -33,7 +33,7 @@ B. At half the run, a forged announcement: a plain producer (no transaction, no 
    (``lorastream.stages.announcement_verifier``), with its position and reason.
 
 Then the chaos and the producer stop, the survivors drain until the accounting settles, and
-the soak checks: every input offset in exactly one outcome (``tests.hostile``'s
+the soak checks: every input offset in exactly one outcome (``lorastream.dev.hostile``'s
 accountants); versions 1..n per adapter with the right parents; no event trained twice in a
 lineage; every file's sha256 as announced (the weights against the announcement, and every
 file against the version's manifest, itself against ``manifest_sha256``: the repaired
@@ -67,7 +67,6 @@ import random
 import re
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -85,9 +84,32 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from lorastream.dev.broker import LocalBroker, default_home
+from lorastream.dev.broker import LocalBroker
+from lorastream.dev.events import PAIRS
+from lorastream.dev.hostile import (
+    Accounting,
+    Hostile,
+    account_learning_events,
+    account_results,
+    dead_letter_sources,
+    hostile_records,
+    positions,
+)
+from lorastream.dev.lineage_checks import (
+    check_files,
+    check_trained_once,
+    check_versions,
+    check_windows,
+    events_by_partition,
+    first_of_each_version,
+    lineages_of,
+)
+from lorastream.dev.ports import free_port
+from lorastream.dev.process import run_group
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.ops.follow import follow
-from lorastream.settings import Settings, load_settings
+from lorastream.settings import Settings, default_home, load_settings
 from lorastream.stages import announcement_verifier
 from schemas import (
     AdapterUpdate,
@@ -98,27 +120,7 @@ from schemas import (
     decode,
     encode,
 )
-from tests.hostile import (
-    Accounting,
-    Hostile,
-    account_learning_events,
-    account_results,
-    dead_letter_sources,
-    hostile_records,
-    positions,
-)
-from tests.kafka_util import LORASTREAM, Worker, make_topics, worker_env
-from tests.lineage_checks import (
-    check_files,
-    check_trained_once,
-    check_versions,
-    check_windows,
-    events_by_partition,
-    first_of_each_version,
-    lineages_of,
-)
-from tests.trainer.events import PAIRS
-from trainer.history import read_committed_topic
+from trainer.committed import read_committed_topic
 from trainer.lineage import read_announcement
 from trainer.signing import Verifier
 
@@ -139,12 +141,6 @@ def _code_digest() -> str:
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _valid_result(rng: random.Random, n: int) -> Hostile:
@@ -402,8 +398,8 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.broker = LocalBroker(
             tmp / "kafka",
-            port=_free_port(),
-            controller_port=_free_port(),
+            port=free_port(),
+            controller_port=free_port(),
             jars_dir=default_home() / "jars",
         )
         self.bootstrap = self.broker.bootstrap
@@ -999,29 +995,10 @@ class Soak:
     async def command(self, name: str, *args: str, timeout: float = 300) -> Ran:
         """``lorastream ARGS`` as an operator runs it, with a member's environment (and,
         on S3, a cache of its own); its output also goes to ``logs/<name>.log``."""
-        import signal
-        import subprocess
-
         at, began = self.now(), time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            LORASTREAM,
-            *args,
-            env={**os.environ, **self.env(name)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        code, out, err = await run_group(
+            [LORASTREAM, *args], env={**os.environ, **self.env(name)}, timeout=timeout
         )
-        code: int | None = None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-            code = proc.returncode
-        except TimeoutError:
-            out, err = b"", b""
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
         ran = Ran(
             "lorastream " + " ".join(args),
             at,

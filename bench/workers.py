@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorastream.dev.workers import Worker
 from lorastream.ops.admin import delete_topics, list_topics
-from tests.kafka_util import Worker
 
 __all__ = ["bench_workers", "peak_rss"]
 

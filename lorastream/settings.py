@@ -76,7 +76,9 @@ def _setting(
     )
 
 
-def _default_home() -> Path:
+def default_home() -> Path:
+    """``$LORASTREAM_HOME``, else ``~/.cache/lorastream``: the one place it is read. The
+    CLI's broker lives in ``<it>/broker``, the jars Maven fetched in ``<it>/jars``."""
     return Path(os.environ.get("LORASTREAM_HOME") or Path.home() / ".cache" / "lorastream")
 
 
@@ -252,7 +254,7 @@ class Settings(BaseSettings):
         "LORASTREAM_HOME",
         "the local broker, its jars, the built-in model",
         shown="~/.cache/lorastream",
-        default_factory=_default_home,
+        default_factory=default_home,
     )
     hold_recheck_seconds: float = _setting(
         30.0,

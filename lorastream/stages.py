@@ -1,6 +1,6 @@
 """The one place that wires the stages: each stage's configuration, built from the settings.
 
-The stages (``streams``, ``trainer``) take plain, frozen configurations and
+The stages (``streams``, ``trainer``, ``lorastream.serving``) take plain, frozen configurations and
 never read the environment; the CLI, the demo and the tests build those
 configurations here and nowhere else. A new stage adds its builder here.
 """
@@ -18,10 +18,10 @@ from streams import ScoringConfig, Thresholds, process
 if TYPE_CHECKING:  # the trainer imports torch: the scorer must not pay for it
     from collections.abc import Callable
 
-    from trainer.config import ReplayConfig, TrainerConfig
-    from trainer.core import TrainingConfig
-    from trainer.history import Bound
+    from lorastream.serving import ServeConfig
+    from trainer.config import ReplayConfig, TrainerConfig, TrainingConfig
     from trainer.lora import LoraSettings
+    from trainer.ranges import Bound
     from trainer.replay import Decoder
     from trainer.signing import Verifier
 
@@ -32,6 +32,7 @@ __all__ = [
     "replay_decoder",
     "rescoring_decoder",
     "scoring_config",
+    "serve_config",
     "trainer_config",
     "training_config",
 ]
@@ -103,7 +104,7 @@ def base_model_of(settings: Settings) -> tuple[Path, str]:
 
 
 def training_config(settings: Settings) -> TrainingConfig:
-    from trainer.core import TrainingConfig
+    from trainer.config import TrainingConfig
 
     base_model, base_name = base_model_of(settings)
     return TrainingConfig(
@@ -162,6 +163,44 @@ def replay_config(
         start=start,
         end=end,
         resume=resume,
+        client_options=settings.kafka_client_options(),
+        verifier=announcement_verifier(settings),
+    )
+
+
+def serve_config(
+    settings: Settings,
+    *,
+    backend: str,
+    url: str,
+    keep: int,
+    drain: float,
+    adapters: list[str],
+    max_lora_rank: int,
+    served_base: str | None,
+    poll: float,
+    max_regression: float = 0.02,
+) -> ServeConfig:
+    """Serve's configuration: the settings for Kafka, the topic, the trust and the cache;
+    the rest comes from ``lorastream serve``'s flags."""
+    from lorastream.serving import ServeConfig
+
+    trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
+    return ServeConfig(
+        bootstrap_servers=settings.bootstrap_servers,
+        updates_topic=settings.topics.adapter_updates,
+        group_id=f"{settings.topic_prefix}lorastream-serve",
+        backend="vllm" if backend == "vllm" else "sglang",
+        url=url,
+        keep=keep,
+        drain_seconds=drain,
+        max_regression=max_regression,
+        adapters=frozenset(adapters),
+        max_lora_rank=max_lora_rank,
+        served_base=served_base,
+        trainer_base=trainer_base,
+        poll_seconds=poll,
+        cache_dir=settings.adapter_cache_dir,
         client_options=settings.kafka_client_options(),
         verifier=announcement_verifier(settings),
     )

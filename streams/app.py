@@ -32,7 +32,7 @@ from streams.metrics import ScoringMetrics
 from streams.routing import EventRecord, Output, Routing, SourceRecord, route
 from streams.scoring import Thresholds
 
-__all__ = ["ScoringConfig", "create_app"]
+__all__ = ["ScoringApp", "ScoringConfig", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,131 @@ def _broker_urls(bootstrap_servers: str) -> list[str]:
     ]
 
 
+class ScoringApp:
+    """The scoring worker, in parts: the Faust app and its agent (:meth:`score`), the routing
+    of a batch (:meth:`route`), the delivery of its outputs (:meth:`send`,
+    :meth:`finish`) and the metrics each part counts. :attr:`app` is what Faust runs."""
+
+    def __init__(self, config: ScoringConfig, metrics: ScoringMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ScoringMetrics()
+        self.app = _faust_app(config)
+        self.source = self.app.topic(
+            config.topics.generation_results, key_serializer="raw", value_serializer="raw"
+        )
+        self.writer = Writer(
+            self.send,
+            start=self.start,
+            events_topic=config.topics.learning_events,
+            policy=config.retry,
+            metrics=self.metrics,
+        )
+        self.app.agent(self.source, name="score")(self.score)
+
+    # ── delivery ─────────────────────────────────────────────────────────────
+
+    async def start(self, output: Output) -> Awaitable[object]:
+        """Hand ``output`` to the producer; the awaitable is the broker's acknowledgement."""
+        # Straight to the producer (Faust's ProducerT.send): the bytes are final, and a
+        # topic's send, with its channel, serializers and callbacks, cost as much per
+        # record as scoring it.
+        topics, producer = self.config.topics, self.app.producer
+        if isinstance(output, EventRecord):
+            return await producer.send(
+                topics.learning_events, output.key, output.value, None, None, None
+            )
+        return await producer.send(
+            topics.dead_letters, output.key, output.value, None, None, output.headers
+        )
+
+    async def send(self, output: Output) -> None:
+        await (await self.start(output))  # the broker's acknowledgement, or its refusal raised
+
+    async def finish(
+        self,
+        stream: faust.StreamT[Any],
+        events: list[Any],
+        items: list[tuple[SourceRecord, Output | None]],
+        routings: list[Routing],
+        deliveries: list[Delivery],
+    ) -> None:
+        """Once a batch's outputs are all written: count them, then ack its events."""
+        outputs = await self.writer.settle(items, deliveries)
+        for routing, written in zip(routings, outputs, strict=True):
+            self.count_written(routing, written)
+        for event in events:
+            await stream.ack(event)
+
+    # ── routing and metrics ──────────────────────────────────────────────────
+
+    def route(self, records: list[SourceRecord]) -> list[Routing]:
+        """What each record of a batch becomes; a scoring that raised is said once here."""
+        routings = [route(record, self.config.thresholds) for record in records]
+        for record, routing in zip(records, routings, strict=True):
+            if routing.failure is not None:
+                self.metrics.scoring_errors.inc()
+                log.error(
+                    "scoring %s raised %s; sent to the dead letters",
+                    record.position,
+                    routing.failure,
+                )
+            elif routing.outcome is not None and routing.outcome.error is None:
+                self.metrics.scored.inc()
+        return routings
+
+    def count_written(self, routing: Routing, written: Output | None) -> None:
+        """Count what was written for one record: a LearningEvent, or a dead letter."""
+        if isinstance(written, EventRecord):
+            self.metrics.qualified.inc()
+            if written.event.is_breakthrough:
+                self.metrics.breakthroughs.inc()
+        elif written is not None:
+            self.metrics.dead_letters.inc()
+            if routing.failure is None:  # else logged by route(), once
+                log.warning("dead letter: %s", written.reason)
+
+    # ── the agent ────────────────────────────────────────────────────────────
+
+    async def score(self, stream: faust.StreamT[Any]) -> None:
+        """The agent on ``generation-results``: batches routed, written, then acked."""
+        # Records come in batches, scored one after the other, their outputs handed to the
+        # producer at once. While one batch's deliveries are awaited, the next is read and
+        # scored; its outputs go to the producer only after the previous batch's, so each
+        # partition keeps its order. Acks are manual: Faust would ack an event in the
+        # `finally` of its stream iterator, also when this body raised or was cancelled (a
+        # rebalance, SIGTERM), and commit past it; here a batch's events are acked only
+        # once all its outputs are written, batch after batch in the order read.
+        batches = cast(faust.Stream[Any], stream).noack_take(
+            self.config.batch_size, within=self.config.batch_wait
+        )
+        settling: asyncio.Future[None] | None = None
+        try:
+            async for events in batches:
+                records = [_source_record(event.message) for event in events]
+                routings = self.route(records)
+                items = [(r, routing.output) for r, routing in zip(records, routings, strict=True)]
+                deliveries = await self.writer.start_many(items)
+                if settling is not None:
+                    await settling
+                settling = asyncio.ensure_future(
+                    self.finish(stream, list(events), items, routings, deliveries)
+                )
+            if settling is not None:
+                await settling
+        finally:
+            if settling is not None and not settling.done():
+                settling.cancel()  # its events stay unacked: read again by the next owner
+
+
 def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> faust.App:
     """A Faust app with the scoring agent on ``config.topics.generation_results``."""
-    metrics = metrics or ScoringMetrics()
+    return ScoringApp(config, metrics).app
+
+
+def _faust_app(config: ScoringConfig) -> faust.App:
+    """The Faust app, its options set for the scoring worker (no agent yet)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
-    app = faust.App(
+    return faust.App(
         config.app_id,
         broker=_broker_urls(config.bootstrap_servers),
         broker_credentials=config.credentials,
@@ -92,95 +212,6 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
         web_bind="127.0.0.1",
         **config.extra,
     )
-    source = app.topic(
-        config.topics.generation_results, key_serializer="raw", value_serializer="raw"
-    )
-    thresholds = config.thresholds
-    events_topic, dead_letters_topic = config.topics.learning_events, config.topics.dead_letters
-
-    async def start(output: Output) -> Awaitable[object]:
-        # Straight to the producer (Faust's ProducerT.send): the bytes are final, and a
-        # topic's send, with its channel, serializers and callbacks, cost as much per
-        # record as scoring it.
-        if isinstance(output, EventRecord):
-            return await app.producer.send(events_topic, output.key, output.value, None, None, None)
-        return await app.producer.send(
-            dead_letters_topic, output.key, output.value, None, None, output.headers
-        )
-
-    async def send(output: Output) -> None:
-        await (await start(output))  # the broker's acknowledgement, or its refusal raised
-
-    writer = Writer(
-        send,
-        start=start,
-        events_topic=config.topics.learning_events,
-        policy=config.retry,
-        metrics=metrics,
-    )
-
-    async def finish(
-        stream: faust.StreamT[Any],
-        events: list[Any],
-        items: list[tuple[SourceRecord, Output | None]],
-        routings: list[Routing],
-        deliveries: list[Delivery],
-    ) -> None:
-        """Once a batch's outputs are all written: count them, then ack its events."""
-        outputs = await writer.settle(items, deliveries)
-        for routing, written in zip(routings, outputs, strict=True):
-            if isinstance(written, EventRecord):
-                metrics.qualified.inc()
-                if written.event.is_breakthrough:
-                    metrics.breakthroughs.inc()
-            elif written is not None:
-                metrics.dead_letters.inc()
-                if routing.failure is None:  # else logged above, once
-                    log.warning("dead letter: %s", written.reason)
-        for event in events:
-            await stream.ack(event)
-
-    @app.agent(source, name="score")
-    async def score(stream: faust.StreamT[Any]) -> None:
-        # Records come in batches, scored one after the other, their outputs handed to the
-        # producer at once. While one batch's deliveries are awaited, the next is read and
-        # scored; its outputs go to the producer only after the previous batch's, so each
-        # partition keeps its order. Acks are manual: Faust would ack an event in the
-        # `finally` of its stream iterator, also when this body raised or was cancelled (a
-        # rebalance, SIGTERM), and commit past it; here a batch's events are acked only
-        # once all its outputs are written, batch after batch in the order read.
-        batches = cast(faust.Stream[Any], stream).noack_take(
-            config.batch_size, within=config.batch_wait
-        )
-        settling: asyncio.Future[None] | None = None
-        try:
-            async for events in batches:
-                records = [_source_record(event.message) for event in events]
-                routings = [route(record, thresholds) for record in records]
-                for record, routing in zip(records, routings, strict=True):
-                    if routing.failure is not None:
-                        metrics.scoring_errors.inc()
-                        log.error(
-                            "scoring %s raised %s; sent to the dead letters",
-                            record.position,
-                            routing.failure,
-                        )
-                    elif routing.outcome is not None and routing.outcome.error is None:
-                        metrics.scored.inc()
-                items = [(r, routing.output) for r, routing in zip(records, routings, strict=True)]
-                deliveries = await writer.start_many(items)
-                if settling is not None:
-                    await settling
-                settling = asyncio.ensure_future(
-                    finish(stream, list(events), items, routings, deliveries)
-                )
-            if settling is not None:
-                await settling
-        finally:
-            if settling is not None and not settling.done():
-                settling.cancel()  # its events stay unacked: read again by the next owner
-
-    return app
 
 
 def _source_record(message: Any) -> SourceRecord:

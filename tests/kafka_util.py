@@ -1,43 +1,24 @@
-"""Small helpers for tests against the real broker: topics, produce, read back, workers."""
+"""Small helpers for tests against the real broker: read a topic back, wait for a
+condition, and what a command said.
+
+Topics, producing and worker processes are shared with the benchmarks and the soak:
+:mod:`lorastream.dev.topics` and :mod:`lorastream.dev.workers`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import ConsumerRecord, RecordMetadata
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
-from lorastream.ops.admin import create_topics, topic_specs
-from schemas import Topics
-
-LORASTREAM = str(Path(sys.executable).with_name("lorastream"))
-
-
-async def make_topics(bootstrap: str, prefix: str, partitions: int = 1) -> Topics:
-    topics = Topics.named(prefix)
-    await create_topics(bootstrap, topic_specs(topics, partitions, 1))
-    return topics
-
-
-async def produce(
-    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
-) -> list[RecordMetadata]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
-        return [await f for f in futures]
-    finally:
-        await producer.stop()
+from trainer.committed import drain, topic_partitions
+from trainer.exceptions import TrainerError
+from trainer.kafka import reader
 
 
 async def read_all(
@@ -45,111 +26,70 @@ async def read_all(
     topic: str,
     expect: int,
     timeout: float = 60.0,
-    settle: float = 1.5,
+    settle: float = 0.0,
     isolation_level: str = "read_committed",
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic`` from the beginning: at least ``expect`` of them, waiting up to
-    ``timeout``; then ``settle`` seconds more, so that records beyond ``expect`` are seen too."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        deadline = time.monotonic() + 15
-        while not partitions and time.monotonic() < deadline:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        assert partitions, f"topic {topic} does not exist"
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    """Every record of ``topic`` from the beginning, partition by partition in offset order.
+
+    It reads to the partitions' end offsets as this reader sees them now (read_committed:
+    the last stable offsets, so every committed record and nothing of an open
+    transaction), and again to the new ends until it holds at least ``expect`` records
+    or ``timeout`` s have passed; then it returns, with no fixed wait. Records past
+    ``expect`` that were there are returned too. A caller that wants records written
+    *after* the first ``expect`` (a duplicate a worker might still write) passes
+    ``settle``: the reader waits that long once it has them, and reads to the ends again.
+
+    An open transaction (a worker paused or killed inside one) holds the end back; unlike
+    ``trainer.committed.read_committed_topic``, this reader does not wait for it to end.
+    """
+    async with reader(bootstrap, f"reading {topic}", isolation_level=isolation_level) as consumer:
+        tps = await _partitions(consumer, topic, bootstrap)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         records: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + timeout
-        settle_until: float | None = None
-        while True:
-            now = time.monotonic()
-            if len(records) >= expect and settle_until is None:
-                settle_until = now + settle
-            if settle_until is not None and now >= settle_until:
-                break
-            if now >= deadline:
-                break
-            batch = await consumer.getmany(timeout_ms=200)
-            for part in batch.values():
-                records.extend(part)
-        return records
-    finally:
-        await consumer.stop()
+        try:
+            async with asyncio.timeout(timeout):
+                await _read_to_ends(consumer, tps, records)
+                while len(records) < expect:
+                    await asyncio.sleep(0.2)
+                    await _read_to_ends(consumer, tps, records)
+            if settle > 0:
+                await asyncio.sleep(settle)
+                async with asyncio.timeout(timeout):
+                    await _read_to_ends(consumer, tps, records)
+        except TimeoutError:
+            pass  # fewer than expect: the caller's assertion says what is missing
+        return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
-class Worker:
-    """A ``lorastream`` command run as a real process, its output kept in a log file."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str], log: Path) -> None:
-        self.args = list(args)
-        self.env = {**os.environ, **env}
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        handle = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [LORASTREAM, *self.args],
-            env=self.env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        handle.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 30) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode if self.proc else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def said(self, text: str) -> Any:
-        """A predicate for :func:`wait_for`: has the worker written ``text`` yet?"""
-
-        async def check() -> bool:
-            return text in self.output()
-
-        return check
-
-    def __enter__(self) -> Worker:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.terminate()
+async def _partitions(
+    consumer: AIOKafkaConsumer, topic: str, bootstrap: str
+) -> list[TopicPartition]:
+    """The partitions of ``topic``, asked again for up to 15 s: a topic just created may
+    not be in the broker's metadata yet."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return await topic_partitions(consumer, topic, bootstrap)
+        except TrainerError:  # the topic is not there (yet)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"topic {topic} does not exist") from None
+            await asyncio.sleep(0.2)
 
 
-def worker_env(bootstrap: str, prefix: str, home: Path, **more: str) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "LORASTREAM_TOPIC_PREFIX": prefix,
-        "LORASTREAM_HOME": str(home),
-        # Tests that count windows and check lineages train every event; held-out
-        # evaluation is tested on its own (tests/trainer/test_eval.py).
-        "LORASTREAM_EVAL_FRACTION": "0",
-        **more,
-    }
+async def _read_to_ends(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    records: list[ConsumerRecord[bytes, bytes]],
+) -> None:
+    """Append to ``records`` every record from the reader's positions to the partitions'
+    end offsets as of now, and leave each position at its end: a fetch may bring records
+    past an end (committed since), and the next read starts there, not after them."""
+    ends = await consumer.end_offsets(tps)
+    async for batch in drain(consumer, ends):
+        records.extend(batch)
+    for tp in tps:
+        consumer.seek(tp, ends[tp])
 
 
 async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> None:

@@ -14,8 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
-from schemas import AdapterUpdate, LearningEvent, QuarantineRecord, decode
-from tests.hostile import (
+from lorastream.dev.hostile import (
     Accounting,
     Hostile,
     account_learning_events,
@@ -24,7 +23,10 @@ from tests.hostile import (
     hostile_records,
     positions,
 )
-from tests.kafka_util import Worker, make_topics, read_all, wait_for, worker_env
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import Worker, worker_env
+from schemas import AdapterUpdate, LearningEvent, QuarantineRecord, decode
+from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

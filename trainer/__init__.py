@@ -4,9 +4,10 @@ One core, two drivers. :class:`WindowTrainer` (``trainer.core``) trains one
 window into one lineage with no Kafka in it: step, retries, durable files,
 the AdapterUpdate or the quarantine record. :class:`Trainer`
 (``trainer.consumer``) is the live consumer-group loop; :class:`Replay`
-(``trainer.replay``) retrains a lineage from a range of the log. Both commit
-through one :class:`Committer` (``trainer.committer``) and group events with
-one rule (``trainer.window``). ``trainer.lora`` is the step, ``trainer.model``
+(``trainer.replay``) retrains a lineage from a range of the log. Both ask the
+core for a window's outcome, commit it through one :class:`Committer`
+(``trainer.committer``), then record it in the :class:`Lineage`, and group
+events with one rule (``trainer.window``). ``trainer.lora`` is the step, ``trainer.model``
 the base model, ``trainer.store`` the adapter files, ``trainer.lineage`` and
 ``trainer.history`` the history read back from Kafka. The stage takes its
 configuration as arguments and never reads the environment.
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.committer import CommitState, Committer, Outgoing
-    from trainer.config import ReplayConfig, TrainerConfig
+    from trainer.config import ReplayConfig, TrainerConfig, TrainingConfig
     from trainer.consumer import Trainer
-    from trainer.core import Outcome, Trained, TrainingConfig, WindowTrainer
+    from trainer.core import Outcome, Trained, WindowTrainer
     from trainer.exceptions import (
         AdapterStoreError,
         BaseModelError,
@@ -64,7 +65,7 @@ _WHERE = {
     "TrainerConfig": "trainer.config",
     "TrainerError": "trainer.exceptions",
     "TrainerMetrics": "trainer.metrics",
-    "TrainingConfig": "trainer.core",
+    "TrainingConfig": "trainer.config",
     "WindowTrainer": "trainer.core",
     "load_base_model": "trainer.model",
     "load_lineages": "trainer.history",

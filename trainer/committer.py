@@ -3,7 +3,10 @@
 Every announcement, quarantine record and offsets-only commit of the live
 trainer, and every announcement of a replay, goes through
 :meth:`Committer.commit`: the record (if any) and the consumer offsets (if
-any) in ONE Kafka transaction. Its :class:`CommitState` says whether it may
+any) in ONE Kafka transaction. It commits what the core produced
+(:func:`announce` makes its records) and knows nothing of training: a
+driver asks the core for a window's outcome, hands it here, and only once
+it is committed records it in the lineage. Its :class:`CommitState` says whether it may
 still commit: a committer that was fenced by a newer instance with the same
 transactional id, or whose driver failed after taking a window out of its
 buffer, commits nothing more, so that the window is read again rather than
@@ -17,7 +20,6 @@ therefore starts its committer before it reads the lineages back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -34,13 +36,12 @@ from aiokafka.errors import (
 )
 
 from schemas import QuarantineRecord, Topics, encode
-from trainer.core import Outcome, Trained, WindowTrainer
-from trainer.exceptions import ResourceError, TrainerError
+from trainer.core import Outcome, Trained
+from trainer.exceptions import TrainerError
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
 from trainer.signing import signed_headers
 from trainer.snapshot import snapshot_of
-from trainer.window import Window
 
 __all__ = [
     "CommitState",
@@ -48,7 +49,6 @@ __all__ = [
     "Outgoing",
     "announce",
     "quarantine",
-    "train_and_commit",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,58 +282,20 @@ class Committer:
             await self.commit((), moved)
 
 
-def announce(outcome: Outcome, topics: Topics) -> Outgoing:
-    """The record that commits ``outcome``: its AdapterUpdate, or its quarantine record."""
+def announce(outcome: Outcome, lineage: Lineage, topics: Topics) -> list[Outgoing]:
+    """The records that commit ``outcome`` of ``lineage``'s next window: its AdapterUpdate
+    and the lineage's new snapshot (one transaction keeps them together), or its
+    quarantine record. ``lineage`` itself is not changed."""
     if isinstance(outcome, Trained):
-        return Outgoing(topics.adapter_updates, outcome.update.adapter, encode(outcome.update))
-    return quarantine(outcome, topics)
+        snapshot = snapshot_of(lineage, outcome.update)
+        return [
+            Outgoing(topics.adapter_updates, outcome.update.adapter, encode(outcome.update)),
+            Outgoing(topics.adapter_latest, lineage.adapter, encode(snapshot)),
+        ]
+    return [quarantine(outcome, topics)]
 
 
 def quarantine(record: QuarantineRecord, topics: Topics) -> Outgoing:
     """A quarantine record, as large as the limits allow, with its bounded forms to fall to."""
     largest, *smaller = record.encodings()
     return Outgoing(topics.quarantine, record.adapter, largest, tuple(smaller))
-
-
-async def train_and_commit(
-    core: WindowTrainer,
-    committer: Committer,
-    topics: Topics,
-    window: Window,
-    lineage: Lineage,
-    offsets: dict[TopicPartition, int],
-    stopping: asyncio.Event | None = None,
-) -> Outcome:
-    """What both drivers do with a closed window: train it (in a worker thread), commit the
-    outcome with ``offsets`` in one transaction, and only then move the lineage on.
-
-    A resource that ran out (a full disk …) is not the window's fault: it is waited for,
-    with one line per try and a backoff up to a minute, until it is back or ``stopping``.
-    """
-    delay = 1.0
-    while True:
-        try:
-            outcome = await asyncio.to_thread(core.train, window, lineage)
-            break
-        except ResourceError as exc:
-            if stopping is not None and stopping.is_set():
-                raise
-            log.error("%s; trying again in %.0fs", exc, delay)
-            if stopping is None:
-                await asyncio.sleep(delay)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), delay)
-            delay = min(delay * 2, 60.0)
-    version = lineage.version + 1
-    records = [announce(outcome, topics)]
-    if isinstance(outcome, Trained):  # the adapter's newest state, in the same transaction
-        snapshot = snapshot_of(lineage, outcome.update)
-        records.append(Outgoing(topics.adapter_latest, lineage.adapter, encode(snapshot)))
-    await committer.commit(
-        records,
-        offsets,
-        inside=lambda: core.faults.at("commit-inside", lineage.adapter, version),
-    )
-    core.committed(lineage, outcome)
-    return outcome

@@ -9,13 +9,10 @@ window) in ONE transaction with the offsets up to which everything is
 handled. A crash before that commit repeats the window; after it, nothing
 can lose it.
 
-One adapter's fault stops only that adapter. When its newest version's files
-are not as announced, or a LoRA setting differs from its lineage's, the core
-raises :class:`~trainer.exceptions.AdapterHeld`: the trainer says so in one
-line, pins the window (nothing of that partition is committed past its first
-event, and the adapter takes no more events) and goes on with the others.
-Every ``hold_recheck_seconds`` it checks again; once the files check out
-(``lorastream adapters repair``) or the setting is back, it reads the
+One adapter's fault stops only that adapter (:mod:`trainer.held`): the
+trainer pins its window (nothing of that partition is committed past its
+first event) and goes on with the others; once the adapter checks out again
+(``lorastream adapters repair``, or the setting back), it reads the
 partitions again from their committed offsets, and the held windows train.
 """
 
@@ -24,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from functools import partial
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
@@ -39,14 +37,16 @@ from schemas import (
     decode,
 )
 from schemas.limits import clip
-from trainer.committer import Committer, Outgoing, quarantine, train_and_commit
+from trainer.committer import Committer, Outgoing, announce, quarantine
 from trainer.config import TrainerConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import AdapterHeld, TrainerError
+from trainer.held import Holds
 from trainer.history import LineageLog
 from trainer.kafka import kafka_errors
 from trainer.lineage import Lineage
 from trainer.metrics import TrainerMetrics
+from trainer.progress import Progress, at
 from trainer.snapshot import completion
 from trainer.window import Window, Windows
 
@@ -125,11 +125,8 @@ class Trainer:
         # Moves on every revocation and assignment: a batch fetched in an older generation
         # is dropped, its records are read again by whoever owns their partition now.
         self._generation = 0
-        self._pending: dict[str, int] = {}  # what the log last said waits in open windows
-        # Adapters on hold: the reason, and when it was last checked (see _recheck_holds).
-        self.holds: dict[str, str] = {}
-        self._holds_checked = 0.0
-        self._lag_labels: set[TopicPartition] = set()  # partitions the lag gauge shows
+        self.holds = Holds(self.metrics, config.hold_recheck_seconds)
+        self.progress = Progress(self.metrics, config.training.window_size, config.max_wait_seconds)
 
     # ── lifecycle ────────────────────────────────────────────────────────────
 
@@ -201,7 +198,7 @@ class Trainer:
             generation = self._generation
             with kafka_errors(self.config.bootstrap_servers, "reading learning events"):
                 batch = await consumer.getmany(timeout_ms=500, max_records=256)
-                await self._report_lag(consumer)
+                await self.progress.report_lag(consumer)
             if batch:
                 await self._ready.wait()
             if self._resume_error is not None:
@@ -221,49 +218,7 @@ class Trainer:
                 await self._commit_offsets()
                 await self._recheck_holds()
             if not batch:
-                self._report_pending()
-
-    async def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """The lag gauge of each assigned partition: its highwater (known once fetched from)
-        minus the fetch position. Partitions no longer assigned drop out of the gauge."""
-        assigned = consumer.assignment()
-        for tp in self._lag_labels - assigned:
-            self.metrics.lag.remove(tp.topic, str(tp.partition))
-        self._lag_labels &= assigned
-        for tp in assigned:
-            try:
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue
-                position = await consumer.position(tp)
-            except (AssertionError, IllegalStateError):
-                continue  # revoked meanwhile: the next poll sees the new assignment
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
-            self._lag_labels.add(tp)
-
-    def _report_pending(self) -> None:
-        """When the input goes quiet, say which events wait in open windows (once per
-        change), so a partial window is never invisible; the gauge follows every change."""
-        pending = self.windows.pending()
-        for adapter in self._pending.keys() - pending.keys():
-            self.metrics.pending.labels(adapter).set(0)
-        for adapter, count in pending.items():
-            self.metrics.pending.labels(adapter).set(count)
-        if pending == self._pending:
-            return
-        self._pending = pending
-        if not pending:
-            return
-        size = self.config.training.window_size
-        wait = self.config.max_wait_seconds
-        log.info(
-            "waiting for full windows of %d: %s; %s",
-            size,
-            ", ".join(f"{a} {n}/{size}" for a, n in sorted(pending.items())),
-            f"a partial window trains after {wait:g}s"
-            if wait
-            else "partial windows wait (LORASTREAM_MAX_WAIT_SECONDS to train them)",
-        )
+                self.progress.report_pending(self.windows.pending())
 
     async def _rewind(self) -> None:
         """Read every assigned partition again from its committed offset.
@@ -289,17 +244,28 @@ class Trainer:
 
     @property
     def lineages(self) -> dict[str, Lineage]:
+        """Every adapter's lineage: the history's, which alone holds them; what this
+        trainer commits, it records there (:meth:`_train`)."""
         return self.history.lineages
+
+    def _lineage(self, adapter: str) -> Lineage:
+        """``adapter``'s lineage (a new, empty one for an adapter never announced)."""
+        return self.lineages.setdefault(adapter, Lineage(adapter))
+
+    async def _refresh(self) -> None:
+        """Read what was committed since (by other instances, by a replay) into the
+        lineages; the core frees the states that no longer match them."""
+        await self.history.refresh()
+        assert self.core is not None
+        self.core.forget(self.lineages)
 
     async def resume(self) -> None:
         """Bring every adapter's lineage up to date from Kafka (on start and on every
         assignment): what other instances or a replay committed meanwhile counts."""
         self._ready.clear()
-        await self.history.refresh()
+        await self._refresh()
         if self.history.needs_snapshots and not self.committer.staged:
             await self._complete_snapshots()
-        assert self.core is not None
-        self.core.forget(self.lineages)
         for adapter, lineage in self.lineages.items():
             self.metrics.version.labels(adapter).set(lineage.version)
         if self.lineages:
@@ -337,37 +303,42 @@ class Trainer:
             else:
                 self._quarantine_record(tp, record, exc)
             return
-        lineage = self.lineages.setdefault(event.adapter, Lineage(event.adapter))
-        admitted, window = self.windows.offer(tp, record.offset, event, lineage)
+        admitted, window = self.windows.offer(
+            tp, record.offset, event, self._lineage(event.adapter)
+        )
         if not admitted:
             self.metrics.skipped.inc()
         if window is not None:
             await self._train(window)
 
     async def _train(self, window: Window) -> None:
+        """Ask the core for ``window``'s outcome, have the committer commit it with the
+        offsets, and only then record it in the lineage: a crash before the commit repeats
+        the window, and nothing is recorded that was not committed."""
         assert self.core is not None
-        lineage = self.lineages.setdefault(window.adapter, Lineage(window.adapter))
+        lineage = self._lineage(window.adapter)
         if lineage.is_empty:
             # A lineage this instance has not seen may have been started since its last
             # assignment (a replay into this name): catch up rather than announce a second v1.
-            await self.history.refresh()
-            self.core.forget(self.lineages)
-            lineage = self.lineages.setdefault(window.adapter, Lineage(window.adapter))
+            await self._refresh()
+            lineage = self._lineage(window.adapter)
         try:
-            outcome = await train_and_commit(
-                self.core,
-                self.committer,
-                self.config.topics,
-                window,
-                lineage,
-                self.windows.committable(),
-                self._stopping,
-            )
+            outcome = await self.core.train_waiting(window, lineage, self._stopping)
         except AdapterHeld as held:
             self._hold(window, held)
             return
+        version = lineage.version + 1  # the crash tests' commit-inside fault fires in it
+        await self.committer.commit(
+            announce(outcome, lineage, self.config.topics),
+            self.windows.committable(),
+            inside=partial(self.core.faults.at, "commit-inside", lineage.adapter, version),
+        )
         self.windows.settle(window)  # committed: its held-out events no longer hold offsets
         if isinstance(outcome, Trained):
+            lineage.record(outcome.update)
+            self.metrics.windows.inc()
+            self.metrics.version.labels(lineage.adapter).set(outcome.update.version)
+            self.metrics.loss.labels(lineage.adapter).set(outcome.update.train_loss)
             log.info(
                 "%s v%d: %s (%d events) loss %.4f in %.3fs",
                 lineage.adapter,
@@ -376,9 +347,11 @@ class Trainer:
                 len(window.events),
                 outcome.update.train_loss,
                 outcome.step_seconds,
-                extra=_at(window.tp, window.last_offset),
+                extra=at(window.tp, window.last_offset),
             )
         else:
+            lineage.record(outcome)
+            self.metrics.quarantined.inc()
             self.metrics.adapter_quarantined.labels(lineage.adapter).inc()
             log.error(
                 "%s: window %s quarantined after %d tries; the adapter stays at v%d",
@@ -386,54 +359,20 @@ class Trainer:
                 str(window),
                 outcome.tries,
                 lineage.version,
-                extra=_at(window.tp, window.last_offset),
+                extra=at(window.tp, window.last_offset),
             )
 
     def _hold(self, window: Window, held: AdapterHeld) -> None:
         """Put ``window``'s adapter on hold: its window waits, uncommitted; the rest go on."""
         self.windows.pin(window)
-        self.metrics.held.labels(held.adapter).set(1)
-        if self.holds.get(held.adapter) != held.reason:
-            log.error(
-                "%s is on hold, its windows wait (the other adapters go on): %s",
-                held.adapter,
-                held.reason,
-                extra=_at(window.tp, window.first_offset),
-            )
-        self.holds[held.adapter] = held.reason
-        self._holds_checked = asyncio.get_running_loop().time()
+        self.holds.hold(window, held)
 
     async def _recheck_holds(self) -> None:
-        """Every ``hold_recheck_seconds``, check each held adapter again; when one checks
-        out, read the assigned partitions again from their committed offsets (the pinned
-        window and the events after it were never committed)."""
-        if not self.holds:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - self._holds_checked < self.config.hold_recheck_seconds:
-            return
-        self._holds_checked = now
+        """When a held adapter checks out again, read the assigned partitions again from
+        their committed offsets (the pinned window and the events after it were never
+        committed)."""
         assert self.core is not None
-        released = []
-        for adapter in sorted(self.holds):
-            if adapter not in self.windows.pinned():
-                released.append(adapter)  # its partition moved to another trainer
-                continue
-            lineage = self.lineages.get(adapter, Lineage(adapter))
-            self.core.forget({a: lin for a, lin in self.lineages.items() if a != adapter})
-            try:
-                await asyncio.to_thread(self.core.state_of, lineage)
-            except AdapterHeld as held:
-                if held.reason != self.holds[adapter]:
-                    log.error("%s is still on hold: %s", adapter, held.reason)
-                    self.holds[adapter] = held.reason
-                continue
-            log.warning("%s: its files and settings check out again; the hold is lifted", adapter)
-            released.append(adapter)
-        for adapter in released:
-            del self.holds[adapter]
-            self.metrics.held.labels(adapter).set(0)
-        if released:
+        if await self.holds.release(self.core, self.lineages, self.windows):
             await self._rewind()
 
     async def _commit_offsets(self, force: bool = False, why: str = "") -> None:
@@ -468,10 +407,5 @@ class Trainer:
         log.error(
             "unreadable learning event quarantined: %s",
             clip(str(error), 300),
-            extra=_at(tp, record.offset),
+            extra=at(tp, record.offset),
         )
-
-
-def _at(tp: TopicPartition, offset: int) -> dict[str, object]:
-    """A log record's Kafka position, for ``--log-format json``."""
-    return {"topic": tp.topic, "partition": tp.partition, "offset": offset}

@@ -4,10 +4,15 @@
 and the :class:`~trainer.lineage.Lineage` it extends, and returns either a
 :class:`Trained` (the step succeeded, the version's files are durable, the
 AdapterUpdate is ready to announce) or a :class:`~schemas.QuarantineRecord`
-(every try failed). It never commits anything: the driver announces the
-outcome in its Kafka transaction, then calls :meth:`WindowTrainer.committed`
-so that the lineage and the cached state move on. A driver that crashes in
-between repeats the window, and the core rewrites the same files.
+(every try failed). It never commits anything and never changes the lineage:
+the driver hands the outcome to the :class:`~trainer.committer.Committer`,
+which announces it in its Kafka transaction, then records it in the lineage
+(:meth:`~trainer.lineage.Lineage.record`). A driver that crashes in between
+repeats the window, and the core rewrites the same files.
+
+The core only asks the lineage: the states it keeps in memory are keyed by
+the version they follow, so a lineage that moved on (by a commit, or by what
+other instances committed) is read afresh, never stepped on from a stale state.
 
 The version is named after the lineage, not after the events: a replay
 trains ``tutor``'s events into the lineage ``tutor-v2``.
@@ -28,18 +33,21 @@ changes nothing a step reads, so the weights are the same with or without it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 from schemas import AdapterUpdate, EvalSpec, LoraSpec, QuarantineRecord
+from trainer.config import TrainingConfig
 from trainer.evaluation import EvalExample, decode_eval_set, encode_eval_set, extend_eval_set
-from trainer.exceptions import AdapterHeld, AdapterStoreError, TrainerError
+from trainer.exceptions import AdapterHeld, AdapterStoreError, ResourceError, TrainerError
 from trainer.faults import Faults
+from trainer.hold_reasons import settings_differ
 from trainer.lineage import Lineage
-from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
+from trainer.lora import AdapterState, LoraStepper, StepResult
 from trainer.metrics import TrainerMetrics
 from trainer.model import BaseModel, load_base_model, resolve_device
 from trainer.store import EVAL_SET_FILE, AdapterStore, StoredVersion
@@ -48,52 +56,12 @@ from trainer.window import Window
 __all__ = [
     "Outcome",
     "Trained",
-    "TrainingConfig",
     "WindowTrainer",
-    "hold_reason",
-    "settings_differ",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """What training a window needs, whichever driver runs it."""
-
-    adapter_dir: Path | str  # a directory, or an object store's URL (s3://bucket/prefix)
-    base_model: Path
-    base_model_name: str
-    window_size: int = 16
-    max_tries: int = 3
-    seed: int = 0
-    device: str = "auto"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    faults: str | None = None
-    # Off unless asked for (the settings ask for 0.1): with 0, windows, files and
-    # announcements are exactly those of a trainer without evaluation.
-    eval_fraction: float = 0.0
-    eval_size: int = 256
-    # Where versions on an object store are kept locally (written, and fetched to resume).
-    cache_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.window_size < 1:
-            raise ValueError(
-                f"TrainingConfig.window_size must be at least 1, not {self.window_size}"
-            )
-        if self.max_tries < 1:
-            raise ValueError(f"TrainingConfig.max_tries must be at least 1, not {self.max_tries}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(
-                f"TrainingConfig.eval_fraction must be in [0, 1), not {self.eval_fraction}"
-            )
-        if self.eval_size < 1:
-            raise ValueError(f"TrainingConfig.eval_size must be at least 1, not {self.eval_size}")
-
-    @property
-    def evaluates(self) -> bool:
-        return self.eval_fraction > 0
+# The wait for a resource says so under the name it has always had in the trainer's log.
+_resource_log = logging.getLogger("trainer.committer")
 
 
 @dataclass(frozen=True)
@@ -199,7 +167,9 @@ class WindowTrainer:
         return examples
 
     def forget(self, lineages: dict[str, Lineage]) -> None:
-        """Drop cached states that no longer match the lineages (read again from Kafka)."""
+        """Free the cached states that no longer match ``lineages`` (read again from Kafka):
+        those of adapters gone elsewhere, or moved on meanwhile. Only memory: a state is
+        never used for a version other than its own."""
         for cache in (self._states, self._eval_sets):
             for adapter in list(cache):
                 lineage = lineages.get(adapter)
@@ -208,8 +178,32 @@ class WindowTrainer:
 
     # ── one window ───────────────────────────────────────────────────────────
 
+    async def train_waiting(
+        self, window: Window, lineage: Lineage, stopping: asyncio.Event | None = None
+    ) -> Outcome:
+        """:meth:`train` in a worker thread, as both drivers call it.
+
+        A resource that ran out (a full disk …) is not the window's fault: it is waited for,
+        with one line per try and a backoff up to a minute, until it is back or ``stopping``.
+        """
+        delay = 1.0
+        while True:
+            try:
+                return await asyncio.to_thread(self.train, window, lineage)
+            except ResourceError as exc:
+                if stopping is not None and stopping.is_set():
+                    raise
+                _resource_log.error("%s; trying again in %.0fs", exc, delay)
+                if stopping is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 60.0)
+
     def train(self, window: Window, lineage: Lineage) -> Outcome:
-        """Train ``window`` as the next version of ``lineage``; files durable, nothing announced."""
+        """Train ``window`` as the next version of ``lineage``; files durable, nothing
+        announced, the lineage unchanged (the driver records the outcome once committed)."""
         state = self.state_of(lineage)
         previous_eval = self.eval_set_of(lineage) if self.config.evaluates else []
         version = lineage.version + 1
@@ -223,27 +217,19 @@ class WindowTrainer:
                 self.metrics.step_failures.inc()
                 log.warning("%s v%d: step failed (%s)", lineage.adapter, version, errors[-1])
                 continue
-            if self.config.evaluates:
-                eval_set = extend_eval_set(
-                    previous_eval,
-                    (
-                        EvalExample.of(window.tp.topic, window.tp.partition, p)
-                        for p in window.held_out
-                    ),
-                    self.config.eval_size,
-                )
-                spec, seconds = self._evaluate(result.state, eval_set, lineage.adapter, version)
-                evaluation: _Evaluation | None = _Evaluation(eval_set, spec, seconds)
-            else:
-                evaluation = None
+            evaluation = self._evaluation(window, previous_eval, result, lineage.adapter, version)
             try:
                 stored = self._write(window, lineage.adapter, version, result, evaluation)
             except AdapterStoreError as exc:  # v<version> exists with other files
                 raise AdapterHeld(lineage.adapter, str(exc)) from exc
             self.faults.at("commit", lineage.adapter, version)
             update = self._update(window, version, stored, result, evaluation)
+            # Kept under the version it becomes: once the driver records the update, the
+            # next window steps on from it; until then (or if the commit fails) it is unused.
+            self._states[lineage.adapter] = (version, result.state)
             if evaluation is None:
                 return Trained(update, result.state, result.seconds, attempt)
+            self._eval_sets[lineage.adapter] = (version, evaluation.examples)
             return Trained(
                 update,
                 result.state,
@@ -260,20 +246,25 @@ class WindowTrainer:
             events=[pending.event for pending in window.events],
         )
 
-    def committed(self, lineage: Lineage, outcome: Outcome) -> None:
-        """The driver announced ``outcome``: the lineage and the cached state move on."""
-        if isinstance(outcome, Trained):
-            lineage.record_update(outcome.update)
-            self._states[lineage.adapter] = (outcome.update.version, outcome.state)
-            if outcome.eval_seconds is not None:
-                self._eval_sets[lineage.adapter] = (outcome.update.version, outcome.eval_set)
-            self.metrics.windows.inc()
-            self.metrics.version.labels(lineage.adapter).set(outcome.update.version)
-            self.metrics.loss.labels(lineage.adapter).set(outcome.update.train_loss)
-        else:
-            assert outcome.window is not None
-            lineage.record_quarantine(outcome.window)
-            self.metrics.quarantined.inc()
+    def _evaluation(
+        self,
+        window: Window,
+        previous: list[EvalExample],
+        result: StepResult,
+        adapter: str,
+        version: int,
+    ) -> _Evaluation | None:
+        """The new version's evaluation set (``previous`` plus the window's held-out
+        events) and its measure on it; None while evaluation is off."""
+        if not self.config.evaluates:
+            return None
+        eval_set = extend_eval_set(
+            previous,
+            (EvalExample.of(window.tp.topic, window.tp.partition, p) for p in window.held_out),
+            self.config.eval_size,
+        )
+        spec, seconds = self._evaluate(result.state, eval_set, adapter, version)
+        return _Evaluation(eval_set, spec, seconds)
 
     def _step(self, state: AdapterState, window: Window, adapter: str, version: int) -> StepResult:
         state = self.faults.poison(state, window.ids)
@@ -369,49 +360,6 @@ class WindowTrainer:
             created_at=datetime.now(tz=UTC),
             eval=evaluation.spec if evaluation is not None else None,
         )
-
-
-# The LoRA settings a lineage keeps for life, with the variable that sets each.
-_LINEAGE_SETTINGS = (
-    ("r", "LORASTREAM_LORA_R"),
-    ("alpha", "LORASTREAM_LORA_ALPHA"),
-    ("target_modules", "LORASTREAM_LORA_TARGET_MODULES"),
-    ("dropout", "LORASTREAM_LORA_DROPOUT"),
-)
-
-
-def settings_differ(lineage: LoraSpec, configured: LoraSpec) -> str | None:
-    """None when a trainer with ``configured`` may continue a lineage made with
-    ``lineage``; else one sentence naming the variable, the lineage's value and the new one.
-    (A lineage's settings are its first version's: every version carries them.)"""
-    for name, variable in _LINEAGE_SETTINGS:
-        theirs, ours = getattr(lineage, name), getattr(configured, name)
-        if name == "target_modules":
-            same = sorted(theirs) == sorted(ours)
-            theirs, ours = ",".join(theirs), ",".join(ours)
-        else:
-            same = float(theirs) == float(ours)
-        if not same:
-            return (
-                f"{variable} is {ours}, but the lineage was trained with {theirs}; a lineage "
-                f"keeps its LoRA settings: set {variable}={theirs} again, or train a new "
-                "lineage with the new value (lorastream replay --adapter NAME --into NEW)"
-            )
-    return None
-
-
-def hold_reason(store: AdapterStore, update: AdapterUpdate, configured: LoraSpec) -> str | None:
-    """Why a trainer with LoRA settings ``configured`` holds the adapter whose newest version
-    is ``update`` (a setting that differs, or a file not as announced), or None. What
-    ``status`` and ``adapters list`` show, by the trainer's own checks."""
-    differs = settings_differ(update.lora, configured)
-    if differs is not None:
-        return differs
-    try:
-        store.verify(update.adapter, update.version, update.manifest_sha256, update.sha256)
-    except AdapterStoreError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass(frozen=True)

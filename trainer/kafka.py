@@ -10,9 +10,11 @@ start (aiokafka warns about an unclosed client otherwise).
 
 A refused connection (wrong SASL credentials or mechanism, a TLS handshake that
 fails) reaches aiokafka's caller only as "Unable to bootstrap", the cause being in
-aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` (and the
-admin client in :mod:`lorastream.ops.admin`) raise it as one
-:class:`KafkaAuthenticationError`.
+aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` and
+:func:`admin_client` raise it as one :class:`KafkaAuthenticationError`.
+
+aiokafka's private client is reached here only (:func:`track_topics`,
+:func:`send_to_node`), where no public API serves.
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import errors as _errors
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from schemas.errors import KafkaUnavailableError, LorastreamError
 
-__all__ = ["KafkaAuthenticationError", "kafka_errors", "reader", "refusal", "stop_consumer"]
+__all__ = [
+    "KafkaAuthenticationError",
+    "admin_client",
+    "kafka_errors",
+    "reader",
+    "refusal",
+    "send_to_node",
+    "stop_consumer",
+    "track_topics",
+]
 
 _SASL_REFUSALS = (
     _errors.SaslAuthenticationFailed,
@@ -159,3 +171,46 @@ async def reader(
         raise KafkaUnavailableError(servers, doing, _reason(exc)) from exc
     finally:
         await stop_consumer(consumer)
+
+
+@asynccontextmanager
+async def admin_client(
+    servers: str, doing: str, client_options: dict[str, Any] | None = None, **options: Any
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on every path. A secured cluster that refuses it is a
+    :class:`KafkaAuthenticationError`; other Kafka errors pass, for the caller to name."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, **{**options, **(client_options or {})})
+    try:
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            refused = await refusal(servers, doing, client_options)
+            if refused is not None:
+                raise refused from exc
+            raise
+        yield admin
+    finally:
+        await admin.close()
+
+
+# ── aiokafka's private client, where no public API serves ──────────────────────
+
+
+async def track_topics(consumer: AIOKafkaConsumer, topics: list[str]) -> None:
+    """Make a started consumer learn ``topics``' metadata now.
+
+    A consumer knows only the topics it was asked about, and ``partitions_for_topic``
+    reads what it knows; ``topics()`` fetches metadata into a throw-away copy, so no
+    public call adds a topic to the consumer's own metadata and refreshes it."""
+    for topic in topics:
+        consumer._client.add_topic(topic)
+    await consumer._client.force_metadata_update()
+
+
+async def send_to_node(admin: AIOKafkaAdminClient, node_id: int, request: Any) -> Any:
+    """Send ``request`` to broker ``node_id`` and return its response.
+
+    The admin client has no ListOffsets call, and a consumer's ``end_offsets`` learns
+    each topic's metadata first (too slow across hundreds of topics): the request goes
+    to each leader as it is."""
+    return await admin._client.send(node_id, request)

@@ -69,6 +69,22 @@ class Lineage:
         """Nothing announced or quarantined yet."""
         return not self.updates and not self.quarantined
 
+    def record(self, committed: AdapterUpdate | QuarantineRecord) -> None:
+        """Move on by one committed record: an announced version, or a quarantined window.
+
+        The one way a lineage changes, whether the record was read back from Kafka
+        (:func:`apply_records`) or just committed by this process's driver: the core and
+        the windows only ask a lineage, never change it.
+        """
+        if isinstance(committed, AdapterUpdate):
+            self.record_update(committed)
+        elif committed.window is not None:
+            self.record_quarantine(committed.window)
+        else:
+            raise ValueError(
+                f"the quarantine record of an unreadable event is no window of {self.adapter}"
+            )
+
     def record_update(self, update: AdapterUpdate) -> None:
         if update.version != self.version + 1:
             raise TrainerError(
@@ -181,7 +197,7 @@ def apply_records(
         if problem is not None:
             verifier.reject(record, *problem)
         elif update.version > lineage.version:
-            lineage.record_update(update)
+            lineage.record(update)
             lineages[update.adapter] = lineage  # a rejected record makes no lineage
     for record in sorted(quarantined, key=lambda r: (r.partition, r.offset)):
         try:
@@ -193,4 +209,4 @@ def apply_records(
             unreadable[tp] = max(unreadable.get(tp, -1), entry.source.offset)
         if entry.adapter is None or entry.window is None:
             continue
-        lineages.setdefault(entry.adapter, Lineage(entry.adapter)).record_quarantine(entry.window)
+        lineages.setdefault(entry.adapter, Lineage(entry.adapter)).record(entry)

@@ -38,9 +38,10 @@ from schemas import AdapterUpdate, SchemaError
 from trainer.config import ReplayConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import AdapterStoreError, ReplayError
-from trainer.history import LineageLog, read_range, resolve_range
+from trainer.history import LineageLog
 from trainer.lineage import Lineage
 from trainer.objects import restore_version
+from trainer.ranges import read_range, resolve_range
 from trainer.replay import learning_event_decoder
 from trainer.store import AdapterStore
 from trainer.window import Windows
@@ -179,7 +180,7 @@ async def _rebuild(
                         )
                     _check_same(outcome.update, update, training.adapter_dir)
                     report.retrained += 1
-                    core.committed(shadow, outcome)
+                    shadow.record(outcome.update)
                     windows.settle(closed)
                     if version in bad:
                         rebuilt = Path(scratch) / lineage.adapter / f"v{version}"

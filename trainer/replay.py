@@ -3,8 +3,9 @@
 A replay reads one adapter's events from a range of a topic, groups them
 with the live trainer's own rule (:meth:`~trainer.window.Windows.offer`),
 trains every full window with the shared core
-(:class:`~trainer.core.WindowTrainer`) into a NEW lineage and announces each
-version through the same :class:`~trainer.committer.Committer`. It is a job:
+(:class:`~trainer.core.WindowTrainer`) into a NEW lineage, announces each
+version through the same :class:`~trainer.committer.Committer` and, once it
+is committed, records it in the lineage. It is a job:
 it runs to the end of the range and stops.
 
 Its progress is its lineage. The committed announcements of ``target`` say
@@ -29,6 +30,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -41,18 +43,14 @@ from schemas import (
     SchemaError,
     decode,
 )
-from trainer.committer import Committer, train_and_commit
+from trainer.committed import first_keyed
+from trainer.committer import Committer, announce
 from trainer.config import ReplayConfig
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
-from trainer.history import (
-    LineageLog,
-    PartitionRange,
-    first_keyed,
-    read_range,
-    resolve_range,
-)
+from trainer.history import LineageLog
 from trainer.lineage import Lineage
+from trainer.ranges import PartitionRange, read_range, resolve_range
 from trainer.window import Windows
 
 __all__ = [
@@ -318,13 +316,18 @@ class Replay:
                             on_event()
                     if closed is None:
                         continue
-                    outcome = await train_and_commit(
-                        core, committer, cfg.topics, closed, lineage, {}
+                    outcome = await core.train_waiting(closed, lineage)
+                    version = lineage.version + 1
+                    await committer.commit(
+                        announce(outcome, lineage, cfg.topics),
+                        inside=partial(core.faults.at, "commit-inside", lineage.adapter, version),
                     )
                     windows.settle(closed)
                     if isinstance(outcome, Trained):
+                        lineage.record(outcome.update)
                         report.trained.append(Replayed(outcome.update, outcome.step_seconds))
                     else:
+                        lineage.record(outcome)
                         report.quarantined.append(outcome)
                     if on_window is not None:
                         on_window(outcome)

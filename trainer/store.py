@@ -331,12 +331,3 @@ class AdapterStore:
             raise AdapterStoreError(
                 f"adapter {adapter} v{version}: cannot read {path}: {exc}"
             ) from exc
-
-    def read_metadata(self, adapter: str, version: int) -> dict[str, Any]:
-        self._fetch(adapter, version)
-        path = self._file(adapter, version, METADATA_FILE)
-        try:
-            document: dict[str, Any] = orjson.loads(path.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise AdapterStoreError(f"{path} is not valid JSON: {exc}") from exc
-        return document

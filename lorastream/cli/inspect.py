@@ -3,25 +3,25 @@
 ``lorastream dead-letters list|export``, ``lorastream quarantine list|retry`` and
 ``lorastream topics list|delete``. The reading is in :mod:`lorastream.ops.inspect`
 and :mod:`lorastream.ops.admin`; these functions only print. ``lorastream.cli``
-registers them, so each imports what it needs from it when it runs.
+registers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from lorastream.cli.common import err, out, say, settings_of
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from lorastream.ops.inspect import DeadLetterEntry, QuarantineEntry
-    from lorastream.settings import Settings
 
 __all__ = ["dead_letters_app", "quarantine_app", "topics_delete", "topics_list"]
 
@@ -35,16 +35,6 @@ quarantine_app = typer.Typer(
 _PREVIEW_CHARS = 120
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
-
-
-def _cli() -> tuple[Console, Console, Callable[..., Settings]]:
-    from lorastream.cli import err, out, settings_of
-
-    return out, err, settings_of
-
-
-def _say(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False)
 
 
 def _json_line(document: dict[str, Any]) -> None:
@@ -89,13 +79,13 @@ def _show_dead_letter(out: Console, entry: DeadLetterEntry) -> None:
             if size is not None
         ]
         head += f"  truncated ({', '.join(cut)})"
-    _say(out, head)
+    say(out, head)
     if entry.unreadable is not None:
-        _say(out, f"  headers unreadable: {entry.unreadable}")
+        say(out, f"  headers unreadable: {entry.unreadable}")
     else:
-        _say(out, f"  reason  {entry.reason}")
-        _say(out, f"  fields  {', '.join(entry.fields) or '-'}")
-    _say(out, f"  value   {_bytes_shown(entry.value)}")
+        say(out, f"  reason  {entry.reason}")
+        say(out, f"  fields  {', '.join(entry.fields) or '-'}")
+    say(out, f"  value   {_bytes_shown(entry.value)}")
 
 
 @dead_letters_app.command("list")
@@ -115,7 +105,6 @@ def dead_letters_list(
     """
     from lorastream.ops.inspect import read_dead_letters
 
-    out, err, settings_of = _cli()
     settings = settings_of(ctx)
     topic = settings.topics.dead_letters
 
@@ -139,9 +128,9 @@ def dead_letters_list(
     shown, more = asyncio.run(run())
     if more:
         first = "the first dead letter" if shown == 1 else f"the first {shown} dead letters"
-        _say(err, f"{first} of {topic}; more remain (raise --limit)")
+        say(err, f"{first} of {topic}; more remain (raise --limit)")
     else:
-        _say(err, f"{shown or 'no'} dead letter{'' if shown == 1 else 's'} in {topic}")
+        say(err, f"{shown or 'no'} dead letter{'' if shown == 1 else 's'} in {topic}")
 
 
 @dead_letters_app.command("export")
@@ -158,7 +147,6 @@ def dead_letters_export(
     """
     from lorastream.ops.inspect import export_dead_letters
 
-    out, err, settings_of = _cli()
     settings = settings_of(ctx)
     topic = settings.topics.dead_letters
     report = asyncio.run(
@@ -171,16 +159,16 @@ def dead_letters_export(
         )
     )
     for number, entry in enumerate(report.lines, start=1):
-        _say(out, f"{file}:{number}: from {entry.position}: {entry.reason or 'no reason'}")
+        say(out, f"{file}:{number}: from {entry.position}: {entry.reason or 'no reason'}")
     if report.skipped:
-        _say(err, f"skipped {len(report.skipped)} that cannot be a line of {file}:")
+        say(err, f"skipped {len(report.skipped)} that cannot be a line of {file}:")
         for entry, why in report.skipped:
-            _say(err, f"  {entry.position}: {why}")
+            say(err, f"  {entry.position}: {why}")
     if not report.lines:
-        _say(out, f"nothing to fix in {topic}: no dead letter could be written; {file} not written")
+        say(out, f"nothing to fix in {topic}: no dead letter could be written; {file} not written")
         return
-    _say(out, f"wrote {len(report.lines)} dead letter(s) to {file}, one per line, as refused")
-    _say(
+    say(out, f"wrote {len(report.lines)} dead letter(s) to {file}, one per line, as refused")
+    say(
         out,
         f"next: fix each line (its problem is above), then run `lorastream produce {file}`: "
         f"it checks every line, names the ones still bad by number and produces the good "
@@ -194,7 +182,7 @@ def dead_letters_export(
 def _show_quarantined(out: Console, entry: QuarantineEntry) -> None:
     record = entry.record
     if record is None:
-        _say(out, f"{entry.position}  not a quarantine record: {entry.unreadable}")
+        say(out, f"{entry.position}  not a quarantine record: {entry.unreadable}")
         return
     if record.window is not None:
         w = record.window
@@ -210,8 +198,8 @@ def _show_quarantined(out: Console, entry: QuarantineEntry) -> None:
         what = f"unreadable event {where}"
         if record.truncated:
             what += f" (value cut, {record.original_size} bytes originally)"
-    _say(out, f"{entry.position}  adapter {record.adapter or '-'}  {what}  tries {record.tries}")
-    _say(out, f"  error  {record.error}")
+    say(out, f"{entry.position}  adapter {record.adapter or '-'}  {what}  tries {record.tries}")
+    say(out, f"  error  {record.error}")
 
 
 @quarantine_app.command("list")
@@ -226,7 +214,6 @@ def quarantine_list(ctx: typer.Context, json: JsonOption = False) -> None:
     """
     from lorastream.ops.inspect import read_quarantine
 
-    out, err, settings_of = _cli()
     settings = settings_of(ctx)
     topic = settings.topics.quarantine
 
@@ -244,7 +231,7 @@ def quarantine_list(ctx: typer.Context, json: JsonOption = False) -> None:
         return count
 
     count = asyncio.run(run())
-    _say(err, f"{count or 'no'} quarantine record{'' if count == 1 else 's'} in {topic}")
+    say(err, f"{count or 'no'} quarantine record{'' if count == 1 else 's'} in {topic}")
 
 
 @quarantine_app.command("retry")
@@ -270,10 +257,10 @@ def quarantine_retry(
     that was itself quarantined (retry that record). A retry not yet trained is not
     detected; repeating it is harmless, as the trainer skips an id it holds or trained.
     """
-    from lorastream.ops.inspect import InspectError, retry_quarantined
+    from lorastream.ops.inspect import InspectError
+    from lorastream.ops.retry import retry_quarantined
     from lorastream.stages import reader_verifier
 
-    out, err, settings_of = _cli()
     if adapter is not None and (partition is not None or offset is not None):
         raise InspectError(
             "--adapter retries all of an adapter's windows; leave out --partition and --offset"
@@ -297,7 +284,7 @@ def quarantine_retry(
         )
     )
     for why in report.refused:
-        _say(err, f"skipped: {why}")
+        say(err, f"skipped: {why}")
     for done in report.republished:
         ids = done.event_ids
         span = ids[0] if len(ids) == 1 else f"{ids[0]} … {ids[-1]}"
@@ -306,13 +293,13 @@ def quarantine_retry(
             if done.already_trained
             else ""
         )
-        _say(
+        say(
             out,
             f"re-published {done.quarantined}: {len(ids)} events of {done.adapter} "
             f"({span}) to {done.where}{note}",
         )
     adapters = sorted({done.adapter for done in report.republished})
-    _say(
+    say(
         out,
         f"the trainer trains them as new events of {', '.join(adapters)}; "
         "`lorastream adapters follow` shows the version it announces",
@@ -328,9 +315,9 @@ def _retained(records: int | None) -> str:
 
 def _topic_table(out: Console, rows: list[tuple[str, str, str]]) -> None:
     width = max([len("topic"), *(len(name) for name, _, _ in rows)])
-    _say(out, f"{'topic':<{width}}  {'partitions':>10}  {'retained':>10}")
+    say(out, f"{'topic':<{width}}  {'partitions':>10}  {'retained':>10}")
     for name, partitions, retained in rows:
-        _say(out, f"{name:<{width}}  {partitions:>10}  {retained:>10}")
+        say(out, f"{name:<{width}}  {partitions:>10}  {retained:>10}")
 
 
 def topics_list(
@@ -347,7 +334,6 @@ def topics_list(
     """
     from lorastream.ops.admin import list_topics
 
-    out, _, settings_of = _cli()
     settings = settings_of(ctx)
     found = asyncio.run(
         list_topics(
@@ -367,7 +353,7 @@ def topics_list(
             rows.append((name, str(info.partitions), _retained(info.records)))
     _topic_table(out, rows)
     if not all_ and len(by_name.keys() & set(names)) < len(names):
-        _say(out, "(run `lorastream topics create` for the missing ones)")
+        say(out, "(run `lorastream topics create` for the missing ones)")
 
 
 def topics_delete(
@@ -387,7 +373,6 @@ def topics_delete(
     from lorastream.ops.admin import delete_topics, list_topics
     from lorastream.ops.inspect import InspectError
 
-    out, err, settings_of = _cli()
     if not prefix:
         raise InspectError(
             "--prefix is empty, which would delete every topic of the cluster; "
@@ -397,11 +382,11 @@ def topics_delete(
     servers, options = settings.bootstrap_servers, settings.kafka_client_options()
     found = asyncio.run(list_topics(servers, prefix, options))
     if not found:
-        _say(out, f"no topic on {servers} starts with {prefix!r}; nothing to delete")
+        say(out, f"no topic on {servers} starts with {prefix!r}; nothing to delete")
         return
     _topic_table(out, [(t.name, str(t.partitions), _retained(t.records)) for t in found])
     if not yes:
-        _say(err, f"{len(found)} topic(s) would be deleted; add --yes to delete them")
+        say(err, f"{len(found)} topic(s) would be deleted; add --yes to delete them")
         raise typer.Exit(1)
     deleted = asyncio.run(delete_topics(servers, [t.name for t in found], options))
-    _say(out, f"deleted {len(deleted)} topic(s) starting with {prefix!r}")
+    say(out, f"deleted {len(deleted)} topic(s) starting with {prefix!r}")

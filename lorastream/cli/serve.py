@@ -1,65 +1,24 @@
 """``lorastream serve``: every new adapter version goes live in an inference server.
 
 The loop is :class:`lorastream.serving.Serve`; the proxy (``--listen``) is
-:class:`lorastream.serving.proxy.Proxy`. ``lorastream.cli`` registers :func:`serve`,
-which imports what it needs from there when it runs (no import cycle).
+:class:`lorastream.serving.proxy.Proxy`; its configuration is
+:func:`lorastream.stages.serve_config`. ``lorastream.cli`` registers :func:`serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from lorastream.settings import help_for
+from schemas import ADAPTER_PATTERN
 
-if TYPE_CHECKING:
-    from lorastream.serving import ServeConfig
-    from lorastream.settings import Settings
-
-__all__ = ["serve", "serve_config"]
+__all__ = ["serve"]
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def serve_config(
-    settings: Settings,
-    *,
-    backend: str,
-    url: str,
-    keep: int,
-    drain: float,
-    adapters: list[str],
-    max_lora_rank: int,
-    served_base: str | None,
-    poll: float,
-    max_regression: float = 0.02,
-) -> ServeConfig:
-    from lorastream.serving import ServeConfig
-    from lorastream.stages import announcement_verifier
-
-    trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
-    return ServeConfig(
-        bootstrap_servers=settings.bootstrap_servers,
-        updates_topic=settings.topics.adapter_updates,
-        group_id=f"{settings.topic_prefix}lorastream-serve",
-        backend="vllm" if backend == "vllm" else "sglang",
-        url=url,
-        keep=keep,
-        drain_seconds=drain,
-        max_regression=max_regression,
-        adapters=frozenset(adapters),
-        max_lora_rank=max_lora_rank,
-        served_base=served_base,
-        trainer_base=trainer_base,
-        poll_seconds=poll,
-        cache_dir=settings.adapter_cache_dir,
-        client_options=settings.kafka_client_options(),
-        verifier=announcement_verifier(settings),
-    )
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -181,13 +140,10 @@ def serve(
     """Load every verified adapter version into vLLM or SGLang as <adapter>-v<N>, keep the
     newest K, unload older ones after the drain, reload after a server restart. A version
     whose eval loss regresses past --max-regression is refused."""
-    import signal
-
-    from prometheus_client import start_http_server
-
-    from lorastream.cli import _client_logs_on, _logging, settings_of
-    from lorastream.ops.admin import require_topics
+    from lorastream.cli.common import client_logs_on, settings_of
+    from lorastream.cli.stage import start_stage, stop_on_signals
     from lorastream.serving import Serve, ServeMetrics
+    from lorastream.stages import serve_config
 
     kind = backend.lower()
     if kind not in ("vllm", "sglang"):
@@ -198,7 +154,7 @@ def serve(
             param_hint="--max-lora-rank",
         )
     for name in adapter or []:
-        if not ADAPTER_NAME.match(name):
+        if not re.match(ADAPTER_PATTERN, name):
             raise typer.BadParameter(f"{name!r} is not an adapter name", param_hint="--adapter")
     address = _listen_address(listen) if listen else None
     settings = settings_of(
@@ -207,13 +163,6 @@ def serve(
         metrics_host=metrics_host,
         proxy_max_inflight_bytes=proxy_max_inflight_bytes,
         proxy_client_timeout=proxy_client_timeout,
-    )
-    asyncio.run(
-        require_topics(
-            settings.bootstrap_servers,
-            [settings.topics.adapter_updates],
-            settings.kafka_client_options(),
-        )
     )
     config = serve_config(
         settings,
@@ -227,18 +176,13 @@ def serve(
         poll=poll,
         max_regression=max_regression,
     )
-    _logging(log_format=settings.log_format)
     metrics = ServeMetrics()
-    if settings.metrics_port:
-        start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
-        )
+    start_stage(settings, metrics.registry, topics=[settings.topics.adapter_updates])
 
     async def run() -> None:
         loop = Serve(config, metrics)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, loop.request_stop)
-        _client_logs_on()
+        stop_on_signals(loop.request_stop)
+        client_logs_on()
         proxy = None
         if address is not None:
             from lorastream.serving.proxy import Proxy

@@ -1,7 +1,6 @@
 """``lorastream status``: prints what :func:`lorastream.ops.status.read_status` reads.
 
-``lorastream.cli`` registers the command, so it imports ``out``, ``err`` and
-``settings_of`` from there when it runs.
+``lorastream.cli`` registers the command.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lorastream.cli.common import err, out, say, settings_of
 from lorastream.cli.console import print_table
 from lorastream.ops.status import GroupLag, Status
 
@@ -42,8 +42,6 @@ def _when(moment: datetime | None) -> str:
 
 def render(status: Status) -> tuple[Table, list[str]]:
     """The adapters' table and the lines under it."""
-    from rich.table import Table
-
     table = Table("adapter", "version", "age", "created", "pending", "quarantined")
     for a in status.adapters:
         table.add_row(
@@ -78,7 +76,6 @@ def status(
     """Per adapter: the newest version and its age, the events waiting in its open window,
     the windows quarantined; the lag of the scorer's and the trainer's consumer groups;
     the dead letters. Reads Kafka only."""
-    from lorastream.cli import err, out, settings_of
     from lorastream.ops.admin import require_topics
     from lorastream.ops.status import read_status
 
@@ -110,4 +107,4 @@ def status(
     else:
         out.print("no adapter has events or versions yet")
     for line in lines:
-        out.print(line, markup=False, highlight=False)
+        say(out, line)

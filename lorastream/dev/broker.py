@@ -15,57 +15,34 @@ whose message says what failed and which log to read.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
-import struct
 import subprocess
-import tempfile
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastream.dev.secure import SecureFiles, client_exports, client_ssl_context, tls_socket
-from schemas.errors import LorastreamError
+from lorastream.dev.errors import BrokerError
+from lorastream.dev.files import locked, read_stripped, tail_text, write_atomic
+from lorastream.dev.jars import KAFKA_VERSION, fetch_kafka_jars
+from lorastream.dev.probe import answers_api_versions, kafka_answers
+from lorastream.dev.process import signal_pgid, start_group
+from lorastream.dev.secure import SecureFiles, client_exports, client_ssl_context
 
 __all__ = [
     "KAFKA_VERSION",
     "BrokerError",
     "BrokerStatus",
     "LocalBroker",
-    "default_home",
     "kafka_answers",
 ]
 
-_KAFKA_DIR = Path(__file__).parent / "kafka"
-_POM = _KAFKA_DIR / "pom.xml"
-_LOG4J2 = _KAFKA_DIR / "log4j2.properties"
+_LOG4J2 = Path(__file__).parent / "kafka" / "log4j2.properties"
 _HOST = "127.0.0.1"
-_MARKER = ".complete"
 _LOG_TAIL = 30
-
-
-def _pom_kafka_version(pom: Path) -> str:
-    root = ET.parse(pom).getroot()
-    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    node = root.find("m:properties/m:kafka.version", ns)
-    if node is None or not (node.text or "").strip():
-        raise RuntimeError(f"{pom} has no <kafka.version> property")
-    return (node.text or "").strip()
-
-
-KAFKA_VERSION: str = _pom_kafka_version(_POM)
-
-
-class BrokerError(LorastreamError):
-    """The local broker could not be assembled, started or stopped."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +54,6 @@ class BrokerStatus:
     bootstrap: str
     kafka_version: str
     log_path: Path
-
-
-def default_home() -> Path:
-    """``$LORASTREAM_HOME``, else ``~/.cache/lorastream``; the CLI's broker lives in ``<it>/broker``."""
-    return Path(os.environ.get("LORASTREAM_HOME") or Path.home() / ".cache" / "lorastream")
 
 
 class LocalBroker:
@@ -145,47 +117,7 @@ class LocalBroker:
         complete copy, so an interrupted download or a changed pom means a
         fresh copy; otherwise Maven is not run at all.
         """
-        want = _pom_digest()
-        if _read(self.jars_dir / _MARKER) == want:
-            return self.jars_dir
-        self.jars_dir.parent.mkdir(parents=True, exist_ok=True)
-        # The cache is shared between homes (and test sessions): one copier at a time.
-        with _flock(self.jars_dir.parent / f".{self.jars_dir.name}.lock"):
-            if _read(self.jars_dir / _MARKER) == want:
-                return self.jars_dir
-            mvn = shutil.which("mvn")
-            if mvn is None:
-                raise BrokerError("cannot assemble Kafka: Maven (mvn) is not on PATH")
-            self.home.mkdir(parents=True, exist_ok=True)
-            mvn_log = self.home / "mvn.log"
-            staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.jars_dir.name}.", dir=self.jars_dir.parent)
-            )
-            try:
-                # Maven gets a copy of the pom so it never writes into the package.
-                shutil.copy(_POM, staging / "pom.xml")
-                libs = staging / "libs"
-                cmd = [
-                    mvn, "-B", "-ntp", "-f", str(staging / "pom.xml"),
-                    "dependency:copy-dependencies", "-DincludeScope=runtime",
-                    f"-DoutputDirectory={libs}",
-                ]  # fmt: skip
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                mvn_log.write_text(done.stdout + done.stderr)
-                if done.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-                    raise BrokerError(
-                        f"cannot assemble Kafka {KAFKA_VERSION}: mvn exited {done.returncode} "
-                        f"(full output in {mvn_log}):\n{_tail_text(done.stdout + done.stderr, 40)}"
-                    )
-                (libs / _MARKER).write_text(want)
-                # A running JVM keeps its open jars after the swap (Linux unlink semantics).
-                if self.jars_dir.exists():
-                    old = staging / "old"
-                    self.jars_dir.rename(old)
-                libs.rename(self.jars_dir)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        return self.jars_dir
+        return fetch_kafka_jars(self.jars_dir, self.home / "mvn.log")
 
     # ── lifecycle ───────────────────────────────────────────────────────────
 
@@ -211,7 +143,7 @@ class LocalBroker:
         (it is then stopped, not left half-started).
         """
         self.home.mkdir(parents=True, exist_ok=True)
-        with _flock(self.home / ".lock"):
+        with locked(self.home / ".lock"):
             pid = self._find_pid()
             if pid is None:
                 self._check_ports_free()
@@ -233,7 +165,7 @@ class LocalBroker:
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after ``timeout``); True if it was running."""
         self.home.mkdir(parents=True, exist_ok=True)
-        with _flock(self.home / ".lock"):
+        with locked(self.home / ".lock"):
             pid = self._find_pid()
             if pid is None:
                 self.pid_path.unlink(missing_ok=True)
@@ -242,8 +174,9 @@ class LocalBroker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             if not self._wait_dead(pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)  # its own session: pgid == pid
+                # Known by its pid file only (maybe another process's child); it leads its
+                # own session, so its group is its pid.
+                signal_pgid(pid, signal.SIGKILL)
                 if not self._wait_dead(pid, 10.0):
                     raise BrokerError(
                         f"Kafka broker pid {pid} survived SIGKILL; see {self.log_path}"
@@ -275,7 +208,7 @@ class LocalBroker:
         return args[i + 1 : i + 2] == [str(self.config_path)]
 
     def _find_pid(self) -> int | None:
-        text = _read(self.pid_path)
+        text = read_stripped(self.pid_path)
         if text and text.isdigit() and self._is_ours(int(text)):
             return int(text)
         # A lost pid file must not make us start a second broker on the same data.
@@ -299,7 +232,7 @@ class LocalBroker:
                     ) from None
 
     def _check_running_port(self) -> None:
-        text = _read(self.config_path) or ""
+        text = read_stripped(self.config_path) or ""
         match = re.search(r"^advertised\.listeners=([A-Z_]+)://[^:]+:(\d+)$", text, re.M)
         if match and (match.group(1) == "SASL_SSL") != (self.secure is not None):
             raise BrokerError(
@@ -341,7 +274,7 @@ class LocalBroker:
         if self.secure is not None:
             settings.update(self.secure.server_settings(_HOST, self.port, self.controller_port))
         body = "".join(f"{k}={v}\n" for k, v in settings.items())
-        _write_atomic(self.config_path, f"# written by lorastream.dev.broker\n{body}")
+        write_atomic(self.config_path, f"# written by lorastream.dev.broker\n{body}")
         if self.secure is not None:  # it holds the keystore and SCRAM passwords
             os.chmod(self.config_path, 0o600)
 
@@ -360,7 +293,7 @@ class LocalBroker:
         if (self.data_dir / "meta.properties").exists():
             return
         cluster_file = self.home / "cluster.id"
-        cluster_id = _read(cluster_file)
+        cluster_id = read_stripped(cluster_file)
         if not cluster_id:
             # A Kafka uuid is 22 url-safe base64 characters alone on its line.
             found = re.findall(r"^[A-Za-z0-9_-]{22}$", self._run_tool(jars, "random-uuid"), re.M)
@@ -369,7 +302,7 @@ class LocalBroker:
                     f"Kafka StorageTool random-uuid printed no cluster id; see {self.log_path}"
                 )
             cluster_id = found[-1]
-            _write_atomic(cluster_file, cluster_id + "\n")
+            write_atomic(cluster_file, cluster_id + "\n")
         scram = ["--add-scram", self.secure.scram_argument()] if self.secure is not None else []
         self._run_tool(
             jars, "format", "-t", cluster_id, "-c", str(self.config_path), "--ignore-formatted",
@@ -385,7 +318,7 @@ class LocalBroker:
         if done.returncode != 0:
             raise BrokerError(
                 f"Kafka StorageTool {args[0]} failed with exit {done.returncode} in {self.home} "
-                f"(log: {self.log_path}):\n{_tail_text(done.stdout + done.stderr, _LOG_TAIL)}"
+                f"(log: {self.log_path}):\n{tail_text(done.stdout + done.stderr, _LOG_TAIL)}"
             )
         return done.stdout
 
@@ -399,17 +332,9 @@ class LocalBroker:
         with self.log_path.open("ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"\n=== lorastream: starting Kafka {KAFKA_VERSION} at {stamp} ===\n".encode())
-            log.flush()
-            # A new session: Ctrl-C in the starting terminal must not reach the broker.
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self.home,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _write_atomic(self.pid_path, f"{self._proc.pid}\n")
+        # A new session: Ctrl-C in the starting terminal must not reach the broker.
+        self._proc = start_group(cmd, log=self.log_path, cwd=self.home)
+        write_atomic(self.pid_path, f"{self._proc.pid}\n")
         return self._proc.pid
 
     def _wait_answering(self, pid: int, deadline: float, timeout: float) -> None:
@@ -426,7 +351,7 @@ class LocalBroker:
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
             context = client_ssl_context(self.secure) if self.secure is not None else None
-            if _answers_api_versions(_HOST, self.port, timeout=2.0, ssl_context=context):
+            if answers_api_versions(_HOST, self.port, timeout=2.0, ssl_context=context):
                 return
             if time.monotonic() >= deadline:
                 tail = self._log_tail()
@@ -451,87 +376,6 @@ class LocalBroker:
 
     def _log_tail(self) -> str:
         try:
-            return _tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
+            return tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
         except OSError:
             return "(no log)"
-
-
-def kafka_answers(
-    bootstrap_servers: str, timeout: float = 2.0, ssl_context: ssl.SSLContext | None = None
-) -> bool:
-    """True when the first of ``bootstrap_servers`` (``host:port,...``) answers as a Kafka
-    broker; over TLS when an ``ssl_context`` is given (an SSL or SASL_SSL listener)."""
-    host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
-    return port.isdigit() and _answers_api_versions(
-        host or _HOST, int(port), timeout, ssl_context=ssl_context
-    )
-
-
-def _answers_api_versions(
-    host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None = None
-) -> bool:
-    """True when ``host:port`` answers an ApiVersions v0 request without error.
-
-    v0 is the one version every broker keeps (clients open with it); Kafka
-    enables its listener only after the node has joined the quorum and been
-    unfenced, so an answer means clients can work. A SASL listener answers
-    ApiVersions before authentication, so the probe needs no credentials.
-    """
-    client_id = b"lorastream-probe"
-    request = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
-    try:
-        sock = (
-            tls_socket(ssl_context, host, port, timeout)
-            if ssl_context is not None
-            else socket.create_connection((host, port), timeout=timeout)
-        )
-        with sock:
-            sock.sendall(struct.pack(">i", len(request)) + request)
-            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-            if not 6 <= size <= 1 << 20:
-                return False
-            correlation_id, error_code = struct.unpack(">ih", _recv_exactly(sock, 6))
-    except OSError:
-        return False
-    return correlation_id == 1 and error_code == 0
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        buf += chunk
-    return buf
-
-
-def _pom_digest() -> str:
-    return f"kafka {KAFKA_VERSION} pom sha256 {hashlib.sha256(_POM.read_bytes()).hexdigest()}"
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _tail_text(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -5,6 +5,7 @@ stop reaches every process it started (a JVM, a Faust worker's children).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -38,8 +39,14 @@ def signal_group(proc: subprocess.Popen[bytes], signum: int) -> bool:
     False if it had already exited."""
     if proc.poll() is not None:
         return False
+    return signal_pgid(proc.pid, signum)
+
+
+def signal_pgid(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to the process group ``pgid``: for a session leader that this process
+    knows by its pid only (the broker's pid file); False if no such group is left."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signum)
+        os.killpg(pgid, signum)
         return True
     return False
 
@@ -61,3 +68,28 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int | No
         except subprocess.TimeoutExpired:
             return kill_group(proc)
     return proc.returncode
+
+
+async def run_group(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float
+) -> tuple[int | None, bytes, bytes]:
+    """Run ``argv`` in a new session with stdout and stderr captured, as an operator runs a
+    command; past ``timeout`` s its whole group is SIGKILLed. Its exit status (None when it
+    timed out, then with empty output), stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=None if env is None else dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        return proc.returncode, out, err
+    except TimeoutError:
+        return None, b"", b""
+    finally:
+        if proc.returncode is None:
+            signal_pgid(proc.pid, signal.SIGKILL)
+            await proc.wait()

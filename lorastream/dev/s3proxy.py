@@ -11,14 +11,16 @@ it. Requests are signed (AWS v2 or v4), as on S3.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from lorastream.dev.broker import BrokerError
+from lorastream.dev import maven
+from lorastream.dev.errors import BrokerError
+from lorastream.dev.ports import free_port
+from lorastream.dev.process import start_group, stop_group
 
 __all__ = ["S3PROXY_VERSION", "LocalS3"]
 
@@ -30,18 +32,12 @@ IDENTITY = "lorastream"
 CREDENTIAL = "lorastream-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
-
-
 class LocalS3:
     """One S3Proxy on 127.0.0.1, its jar and data under ``home``."""
 
     def __init__(self, home: Path, port: int | None = None, jars: Path | None = None) -> None:
         self.home = Path(home).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.jars = Path(jars) if jars is not None else self.home / "jars"
         self.data = self.home / "data"
         self.log_path = self.home / "s3proxy.log"
@@ -62,32 +58,24 @@ class LocalS3:
         }
 
     def ensure_jar(self) -> Path:
+        """The jar under ``jars``, fetched with Maven (once, locked and staged) if missing."""
         jar = self.jars / _JAR
         if jar.is_file():
             return jar
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise BrokerError("cannot fetch S3Proxy: Maven (mvn) is not on PATH")
-        self.jars.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [
-                mvn,
-                "-B",
-                "-ntp",
-                "-q",
-                "dependency:copy",
-                f"-Dartifact={_ARTIFACT}",
-                f"-DoutputDirectory={self.jars}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0 or not jar.is_file():
-            tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-            raise BrokerError(
-                f"cannot fetch {_ARTIFACT} with Maven (exit {done.returncode}):\n{tail}"
+        try:
+            maven.fetch(
+                self.jars,
+                ["-q", "dependency:copy", f"-Dartifact={_ARTIFACT}"],
+                stamp=_ARTIFACT,
+                expect=_JAR,
+                what="fetch S3Proxy",
+                timeout=600,
             )
+        except maven.MavenFailed as exc:
+            tail = "\n".join(exc.output.splitlines()[-20:])
+            raise BrokerError(
+                f"cannot fetch {_ARTIFACT} with Maven (exit {exc.returncode}):\n{tail}"
+            ) from None
         return jar
 
     def start(self, timeout: float = 60.0) -> str:
@@ -109,14 +97,9 @@ class LocalS3:
             + "\n"
         )
         java = shutil.which("java") or "java"
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [java, "-Xmx256m", "-jar", str(jar), "--properties", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self._proc = start_group(
+            [java, "-Xmx256m", "-jar", str(jar), "--properties", str(config)], log=self.log_path
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -137,12 +120,7 @@ class LocalS3:
         return f"s3://{name}"
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s; nothing if it does not run."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, timeout=15)

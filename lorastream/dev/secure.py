@@ -32,13 +32,13 @@ import os
 import secrets
 import shlex
 import shutil
-import socket
 import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.errors import LorastreamError
+from lorastream.dev.errors import BrokerError
+from lorastream.dev.files import read_stripped
 
 __all__ = [
     "MECHANISM",
@@ -87,7 +87,7 @@ class SecureFiles:
     def announce_key(self) -> str:
         """The announcement signing key; made (64 hex characters, written 0600) if missing.
         It outlives restarts: versions signed with it stay readable."""
-        text = _read(self.announce_key_file)
+        text = read_stripped(self.announce_key_file)
         if text:
             return text
         key = secrets.token_hex(32)
@@ -96,11 +96,11 @@ class SecureFiles:
 
     def sasl_password(self, *, create: bool = False) -> str:
         """The SCRAM user's password; made (and written 0600) when ``create`` and missing."""
-        text = _read(self.sasl_password_file)
+        text = read_stripped(self.sasl_password_file)
         if text:
             return text
         if not create:
-            raise _error(
+            raise BrokerError(
                 f"the secure broker's SASL password file {self.sasl_password_file} is missing; "
                 f"its data was formatted without it: remove {self.dir.parent} to start afresh"
             )
@@ -117,7 +117,7 @@ class SecureFiles:
         keytool = _keytool()
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        password = _read(self.store_password_file)
+        password = read_stripped(self.store_password_file)
         if not password:
             password = secrets.token_hex(16)
             _write_secret(self.store_password_file, password)
@@ -152,7 +152,7 @@ class SecureFiles:
                 [keytool, *args], capture_output=True, text=True, check=False, cwd=work
             )
             if done.returncode != 0:
-                raise _error(
+                raise BrokerError(
                     f"keytool {args[0]} failed with exit {done.returncode}: "
                     f"{(done.stdout + done.stderr).strip()}"
                 )
@@ -166,7 +166,7 @@ class SecureFiles:
 
     def server_settings(self, host: str, port: int, controller_port: int) -> dict[str, str]:
         """The listener and security lines of ``server.properties`` for the secure broker."""
-        password = _read(self.store_password_file) or ""
+        password = read_stripped(self.store_password_file) or ""
         jaas = (
             "org.apache.kafka.common.security.scram.ScramLoginModule required "
             f'username="{USERNAME}" password="{self.sasl_password()}";'
@@ -212,38 +212,14 @@ def client_exports(files: SecureFiles, bootstrap: str) -> str:
     return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items())
 
 
-def tls_socket(context: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSLSocket:
-    """A connected TLS socket to ``host:port`` (the handshake done), for the readiness probe."""
-    raw = socket.create_connection((host, port), timeout=timeout)
-    try:
-        return context.wrap_socket(raw, server_hostname=host)
-    except BaseException:
-        raw.close()
-        raise
-
-
 def _keytool() -> str:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "keytool").exists():
         return str(Path(java_home) / "bin" / "keytool")
     found = shutil.which("keytool")
     if found is None:
-        raise _error("cannot make the secure broker's certificates: no keytool (JDK) on PATH")
+        raise BrokerError("cannot make the secure broker's certificates: no keytool (JDK) on PATH")
     return found
-
-
-def _error(message: str) -> LorastreamError:
-    # BrokerError lives in lorastream.dev.broker, which imports this module.
-    from lorastream.dev.broker import BrokerError
-
-    return BrokerError(message)
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def _write_secret(path: Path, text: str) -> None:

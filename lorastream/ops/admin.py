@@ -12,11 +12,11 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
-from aiokafka.protocol.offset import OffsetRequest
 
 from schemas import Topics
 from schemas.errors import LorastreamError
-from trainer.kafka import refusal
+from trainer.committed import EARLIEST, LATEST, log_offsets, partition_leaders
+from trainer.kafka import admin_client, kafka_errors, stop_consumer, track_topics
 
 __all__ = [
     "KafkaSetupError",
@@ -157,24 +157,18 @@ def topic_specs(
 async def _admin(
     bootstrap_servers: str, doing: str, client_options: dict[str, Any] | None
 ) -> AsyncIterator[AIOKafkaAdminClient]:
-    """A started admin client, closed on every path; Kafka errors become KafkaSetupError."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=30_000, **(client_options or {})
-    )
+    """A started admin client, closed on every path; Kafka errors become KafkaSetupError
+    (a secured cluster that refused us, a KafkaAuthenticationError that says why)."""
     try:
-        await admin.start()
-        yield admin
+        async with admin_client(
+            bootstrap_servers, doing, client_options, request_timeout_ms=30_000
+        ) as admin:
+            yield admin
     except KafkaError as exc:
-        # A secured cluster that refused us: say why, not "Unable to bootstrap".
-        refused = await refusal(bootstrap_servers, doing, client_options)
-        if refused is not None:
-            raise refused from exc
         raise KafkaSetupError(
             f"could not {doing} on {bootstrap_servers}: {exc!r}. Is the broker running "
             "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"
         ) from exc
-    finally:
-        await admin.close()
 
 
 async def _wait_for_leaders(
@@ -184,13 +178,10 @@ async def _wait_for_leaders(
     right after creation would otherwise log NotLeaderForPartition retries."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        metadata = await admin._client.fetch_all_metadata()
+        # Every topic's metadata: asking for these names would create one that failed.
+        leaders = await partition_leaders(admin)
         ready = all(
-            (partitions := metadata.partitions_for_topic(name))
-            and all(
-                (metadata.leader_for_partition(TopicPartition(name, p)) or -1) >= 0
-                for p in partitions
-            )
+            (partitions := leaders.get(name)) and all(leader >= 0 for leader in partitions.values())
             for name in names
         )
         if ready or asyncio.get_running_loop().time() >= deadline:
@@ -211,8 +202,6 @@ async def _wait_until_served(
     """
     from aiokafka import AIOKafkaConsumer
 
-    from trainer.kafka import kafka_errors, stop_consumer
-
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -223,9 +212,7 @@ async def _wait_until_served(
         with kafka_errors(bootstrap, "waiting for the new topics' leaders"):
             await consumer.start()
             partitions = []
-            for name in names:
-                consumer._client.add_topic(name)
-            await consumer._client.force_metadata_update()
+            await track_topics(consumer, names)
             for name in names:
                 partitions += [
                     TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()
@@ -332,17 +319,17 @@ async def list_topics(
     hundreds of topics outlasts its request timeout.
     """
     async with _admin(bootstrap_servers, "list topics", client_options) as admin:
-        metadata = await admin._client.fetch_all_metadata()
-        partitions = {
-            name: [
-                TopicPartition(name, p) for p in sorted(metadata.partitions_for_topic(name) or ())
-            ]
-            for name in sorted(metadata.topics())
+        leaders = {
+            name: by_partition
+            for name, by_partition in sorted((await partition_leaders(admin)).items())
             if name.startswith(prefix) and not name.startswith("__")
         }
-        every = [tp for tps in partitions.values() for tp in tps]
-        starts = await _offsets(admin, metadata, every, _EARLIEST)
-        ends = await _offsets(admin, metadata, every, _LATEST)
+        every = {
+            tp: leader for by_partition in leaders.values() for tp, leader in by_partition.items()
+        }
+        starts = await log_offsets(admin, every, EARLIEST)
+        ends = await log_offsets(admin, every, LATEST)
+    partitions = {name: list(by_partition) for name, by_partition in leaders.items()}
     return [
         TopicInfo(
             name,
@@ -353,31 +340,6 @@ async def list_topics(
         )
         for name, tps in partitions.items()
     ]
-
-
-_EARLIEST, _LATEST = -2, -1
-
-
-async def _offsets(
-    admin: AIOKafkaAdminClient, metadata: Any, tps: list[TopicPartition], timestamp: int
-) -> dict[TopicPartition, int]:
-    """Each partition's earliest or latest offset, asked of its leader once; a partition
-    without a leader, or one its leader refuses, is left out (no retry)."""
-    by_leader: dict[int, dict[str, list[tuple[int, int]]]] = {}
-    for tp in tps:
-        leader = metadata.leader_for_partition(tp)
-        if leader is not None and leader >= 0:
-            topics = by_leader.setdefault(leader, {})
-            topics.setdefault(tp.topic, []).append((tp.partition, timestamp))
-    found: dict[TopicPartition, int] = {}
-    for leader, topics in by_leader.items():
-        response = await admin._client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
-        for topic, parts in response.topics:
-            for partition, error_code, *info in parts:
-                # v1 and later (Kafka 4 has no v0): (timestamp, offset, ...).
-                if error_code == 0 and len(info) >= 2:
-                    found[TopicPartition(topic, partition)] = int(info[1])
-    return found
 
 
 async def require_topics(

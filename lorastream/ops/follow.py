@@ -10,7 +10,7 @@ from aiokafka.errors import KafkaError
 
 from schemas import AdapterUpdate
 from schemas.errors import KafkaUnavailableError
-from trainer.history import topic_partitions
+from trainer.committed import topic_partitions
 from trainer.kafka import reader
 from trainer.lineage import order_problem, read_announcement
 from trainer.signing import Verifier
@@ -97,7 +97,7 @@ async def follow(
                 continue
             quiet_since = loop.time()
             try:
-                await asyncio.wait_for(consumer._client.fetch_all_metadata(), PROBE_TIMEOUT)
+                await asyncio.wait_for(consumer.topics(), PROBE_TIMEOUT)
             except (KafkaError, TimeoutError) as exc:
                 silent = loop.time() - answered
                 if silent >= give_up_after:

@@ -1,22 +1,13 @@
-"""What the pipeline refused, read back: dead letters, quarantine records, and retries.
+"""What the pipeline refused, read back: dead letters and quarantine records.
 
 Every read here is a group-less ``read_committed`` consumer that goes from the
 beginning of a topic to its end as it is now, partition by partition in offset
 order, and stops: nothing is followed and no group's offsets move. Functions
-return data and print nothing; ``lorastream.cli.inspect`` prints.
+return data and print nothing; ``lorastream.cli.inspect`` prints. Retrying a
+quarantined window is :mod:`lorastream.ops.retry`.
 
-Retrying a quarantined window (:func:`retry_quarantined`) re-publishes its
-learning events, keyed by adapter, in one transaction. The trainer trains them
-as new events: a quarantined window marks its offsets handled but not its event
-ids trained (``trainer.lineage.Lineage.record_quarantine``), and the events come
-back at new offsets. What it cannot do is refused, one line each: a truncated
-record (its events were left out), an unreadable event quarantined alone (no
-events), events that some version already trained (the trainer would skip them
-all), a window whose retry was quarantined again (retry that record instead).
-
-Kafka is reached through the trainer's readers (``trainer.kafka``, ``trainer.history``),
-which load no PyTorch: one place turns client errors into one line, and the lineages
-are read as the trainer reads them.
+Kafka is reached through the trainer's one committed reader (``trainer.committed``),
+which loads no PyTorch: one place turns client errors into one line.
 """
 
 from __future__ import annotations
@@ -25,55 +16,39 @@ import base64
 import binascii
 import os
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
     DeadLetterHeaders,
     KafkaPosition,
-    LearningEvent,
     QuarantineRecord,
     SchemaError,
-    Topics,
     decode,
-    encode,
-    window_text,
 )
 from schemas.errors import LorastreamError
 from schemas.limits import clip
+from trainer.committed import stream_committed
 from trainer.exceptions import TrainerError
-from trainer.history import load_lineages, topic_partitions
-from trainer.kafka import kafka_errors, reader
-from trainer.signing import Verifier
 
 __all__ = [
     "DeadLetterEntry",
     "ExportReport",
     "InspectError",
     "QuarantineEntry",
-    "Republished",
-    "RetryRefused",
-    "RetryReport",
     "export_dead_letters",
     "read_dead_letters",
     "read_quarantine",
     "read_topic",
-    "refusal",
-    "retry_quarantined",
-    "retry_transactional_id",
 ]
 
 
 class InspectError(LorastreamError):
     """A topic to read does not exist, or a request names nothing that is there."""
-
-
-class RetryRefused(InspectError):
-    """A quarantine record that cannot be retried; the message says why and what to do."""
 
 
 # ── reading ──────────────────────────────────────────────────────────────────
@@ -90,25 +65,17 @@ async def read_topic(
     if limit is not None and limit <= 0:
         return
     given = 0
-    async with reader(servers, f"reading {topic}", client_options) as consumer:
-        try:
-            tps = await topic_partitions(consumer, topic, servers)
-        except TrainerError as exc:  # the one it raises: no such topic
-            raise InspectError(f"{exc}, or check --topic-prefix (LORASTREAM_TOPIC_PREFIX)") from exc
-        # read_committed: the last stable offset; an open transaction is not waited for.
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=500, max_records=500)
-                for record in batch.get(tp, []):
-                    if record.offset >= ends[tp]:
-                        break
-                    yield record
-                    given += 1
-                    if limit is not None and given >= limit:
-                        return
+    # Up to the last stable offset: an open transaction is not waited for.
+    records = stream_committed(servers, topic, client_options, settle=False)
+    try:
+        async with aclosing(records):
+            async for record in records:
+                yield record
+                given += 1
+                if limit is not None and given >= limit:
+                    return
+    except TrainerError as exc:  # the one it raises: no such topic
+        raise InspectError(f"{exc}, or check --topic-prefix (LORASTREAM_TOPIC_PREFIX)") from exc
 
 
 def _position(record: ConsumerRecord[bytes, bytes]) -> KafkaPosition:
@@ -374,253 +341,3 @@ async def read_quarantine(
     """Every record of the quarantine topic as of now, decoded; never raises for content."""
     async for raw in read_topic(servers, topic, client_options):
         yield QuarantineEntry.of(raw)
-
-
-# ── retry ────────────────────────────────────────────────────────────────────
-
-
-@dataclass(frozen=True)
-class Republished:
-    """A quarantined window whose events went back to the learning events."""
-
-    quarantined: KafkaPosition
-    adapter: str
-    event_ids: list[str]
-    topic: str
-    partition: int
-    first_offset: int
-    last_offset: int
-    already_trained: int = 0
-
-    @property
-    def where(self) -> str:
-        return window_text(self.topic, self.partition, self.first_offset, self.last_offset)
-
-
-@dataclass
-class RetryReport:
-    republished: list[Republished] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-
-
-def retry_transactional_id(topic_prefix: str, adapter: str) -> str:
-    """One per adapter: a retry killed inside its transaction is aborted by the next one."""
-    return f"{topic_prefix}lorastream-retry-{adapter}"
-
-
-def _window_text(entry: QuarantineEntry) -> str:
-    assert entry.record is not None and entry.record.window is not None
-    w = entry.record.window
-    return str(w)
-
-
-def _quarantined_again(
-    entry: QuarantineEntry, entries: list[QuarantineEntry]
-) -> QuarantineEntry | None:
-    """A later quarantined window of the same adapter holding some of ``entry``'s events."""
-    assert entry.record is not None and entry.record.window is not None
-    ids = set(entry.record.window.event_ids)
-    for other in entries:
-        record = other.record
-        if (
-            other is entry
-            or record is None
-            or record.window is None
-            or record.truncated
-            or record.adapter != entry.record.adapter
-            or not ids.intersection(record.window.event_ids)
-        ):
-            continue
-        # The quarantine topic is keyed by adapter, so an adapter's records share a partition.
-        a, b = entry.position, other.position
-        later = (
-            b.offset > a.offset
-            if a.partition == b.partition
-            else (record.created_at > entry.record.created_at)
-        )
-        if later:
-            return other
-    return None
-
-
-def refusal(
-    entry: QuarantineEntry, trained: dict[str, int], entries: list[QuarantineEntry]
-) -> str | None:
-    """Why ``entry`` cannot be retried, in one line, or None.
-
-    ``trained`` maps each event id that some version of the adapter trained to that
-    version; ``entries`` are every quarantine record, to find a retry quarantined again.
-    """
-    where = str(entry.position)
-    record = entry.record
-    if record is None:
-        return (
-            f"{where} is not a quarantine record this version can read ({entry.unreadable}); "
-            "there are no events to re-publish"
-        )
-    if record.window is None:
-        source = record.source
-        return (
-            f"{where} is not a window of events but one unreadable learning event (read at "
-            f"{source.topic}[{source.partition}]@{source.offset}), quarantined alone: there "
-            "are no events to re-publish; its raw value is in value_base64 "
-            "(`lorastream quarantine list --json`)"
-            if source is not None
-            else f"{where} holds no window of events; there are no events to re-publish"
-        )
-    window = record.window
-    if record.truncated:
-        return (
-            f"{where} is truncated: its window's {window.size} events were left out (the whole "
-            f"record would have been {record.original_size} bytes); the events lie at "
-            f"{_window_text(entry)} while that topic retains them"
-        )
-    if record.adapter is None:
-        return f"{where} names no adapter; its events cannot be keyed"
-    again = _quarantined_again(entry, entries)
-    if again is not None:
-        return (
-            f"{where}: its events came back and were quarantined again at {again.position} "
-            f"({_window_text(again)}); retry that one instead"
-        )
-    ids = set(window.event_ids)
-    if ids and ids.issubset(trained):
-        shown = ", ".join(f"v{v}" for v in sorted({trained[i] for i in ids}))
-        return (
-            f"{where} needs no retry: all {len(ids)} of its events are trained, in "
-            f"{record.adapter} {shown} (retried already, or delivered again); the trainer "
-            "would skip them"
-        )
-    return None
-
-
-async def _trained_ids(
-    servers: str,
-    topic: str,
-    adapters: set[str],
-    client_options: dict[str, Any] | None,
-    verifier: Verifier | None = None,
-) -> dict[str, dict[str, int]]:
-    """Per adapter, the event ids its announced versions trained, each to its version, read
-    as the trainer reads its lineages (once every open transaction has ended, trusting
-    what ``verifier`` trusts)."""
-    lineages = await load_lineages(servers, topic, None, client_options, verifier=verifier)
-    return {
-        adapter: {
-            event_id: update.version
-            for update in lineages[adapter].updates
-            for event_id in update.window.event_ids
-        }
-        if adapter in lineages
-        else {}
-        for adapter in adapters
-    }
-
-
-async def _publish(
-    servers: str,
-    topic: str,
-    transactional_id: str,
-    windows: list[tuple[QuarantineEntry, list[LearningEvent], int]],
-    client_options: dict[str, Any] | None,
-) -> list[Republished]:
-    """Send every window's events keyed by adapter, all in one transaction."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
-        transactional_id=transactional_id,
-        enable_idempotence=True,
-        acks="all",
-        **(client_options or {}),
-    )
-    done: list[Republished] = []
-    try:
-        with kafka_errors(servers, f"re-publishing to {topic}"):
-            await producer.start()
-            sent = []
-            async with producer.transaction():
-                for _entry, events, _ in windows:
-                    futures = [
-                        await producer.send(topic, key=e.adapter.encode(), value=encode(e))
-                        for e in events
-                    ]
-                    sent.append(futures)
-            for (entry, events, already), futures in zip(windows, sent, strict=True):
-                metadata = [await f for f in futures]
-                done.append(
-                    Republished(
-                        entry.position,
-                        events[0].adapter,
-                        [e.id for e in events],
-                        topic,
-                        metadata[0].partition,
-                        min(m.offset for m in metadata),
-                        max(m.offset for m in metadata),
-                        already,
-                    )
-                )
-    finally:
-        await producer.stop()
-    return done
-
-
-async def retry_quarantined(
-    servers: str,
-    topics: Topics,
-    topic_prefix: str,
-    *,
-    position: tuple[int, int] | None = None,
-    adapter: str | None = None,
-    client_options: dict[str, Any] | None = None,
-    verifier: Verifier | None = None,
-) -> RetryReport:
-    """Re-publish the events of the quarantined window at ``position`` (partition, offset)
-    of the quarantine topic, or of every quarantined window of ``adapter``.
-
-    One record that cannot be retried raises :class:`RetryRefused`; for an adapter, those
-    that cannot are listed in the report's ``refused`` and the others go, unless none can.
-    """
-    if (position is None) == (adapter is None):
-        raise InspectError("name one quarantine record (--partition and --offset) or --adapter")
-    entries = [e async for e in read_quarantine(servers, topics.quarantine, client_options)]
-    if position is not None:
-        chosen = [
-            e for e in entries if (e.position.partition, e.position.offset) == tuple(position)
-        ]
-        if not chosen:
-            raise InspectError(
-                f"there is no quarantine record at {topics.quarantine}[{position[0]}]@"
-                f"{position[1]}; `lorastream quarantine list` shows them"
-            )
-    else:
-        chosen = [e for e in entries if e.adapter == adapter]
-        if not chosen:
-            raise InspectError(f"adapter {adapter} has nothing in {topics.quarantine}")
-    names = {e.adapter for e in chosen if e.adapter is not None}
-    trained = await _trained_ids(servers, topics.adapter_updates, names, client_options, verifier)
-    report = RetryReport()
-    ready: list[tuple[QuarantineEntry, list[LearningEvent], int]] = []
-    for entry in chosen:
-        why = refusal(entry, trained.get(entry.adapter or "", {}), entries)
-        if why is not None:
-            if position is not None:
-                raise RetryRefused(why)
-            report.refused.append(why)
-            continue
-        assert entry.record is not None and entry.adapter is not None
-        events = entry.record.events
-        ready.append((entry, events, sum(e.id in trained[entry.adapter] for e in events)))
-    if not ready:
-        raise RetryRefused(
-            f"none of the {len(chosen)} quarantine record(s) of adapter {adapter} can be "
-            "retried: " + "; ".join(report.refused)
-        )
-    owner = ready[0][0].adapter
-    assert owner is not None
-    report.republished = await _publish(
-        servers,
-        topics.learning_events,
-        retry_transactional_id(topic_prefix, owner),
-        ready,
-        client_options,
-    )
-    return report

@@ -1,46 +1,46 @@
-"""``lorastream replay``: the replay job as users run it — checks, progress bar, summary.
+"""The replay job: check the request, plan it, train it; what it shows is the caller's.
 
 The training itself is :class:`trainer.replay.Replay` (the live trainer's
 windows, core and committer). This module checks the request before anything
 is trained, each problem one :class:`~trainer.exceptions.ReplayError` line
 (an unknown adapter, an empty range, offsets the cluster no longer retains
-and why, a name already taken), shows a progress bar (events and windows,
-rate, time left) and ends with a table of the versions made.
+and why, a name already taken), and returns what it found: a
+:class:`~trainer.replay.Plan` for a dry run, a :class:`~trainer.replay.ReplayReport`
+for a run. It prints nothing: the progress it makes goes to a :class:`ReplayWatcher`,
+and ``lorastream replay`` (:mod:`lorastream.cli.replay`) renders all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
-
-from lorastream.cli.console import print_table
 from lorastream.ops.admin import describe_retention, require_topics
 from lorastream.settings import Settings
 from lorastream.stages import replay_config, replay_decoder
 from schemas import ADAPTER_PATTERN
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
-from trainer.history import Bound, PartitionRange
 from trainer.metrics import ReplayMetrics
-from trainer.replay import AdapterPlan, Plan, Replay, ReplayReport, Session
+from trainer.ranges import Bound, PartitionRange
+from trainer.replay import Plan, Replay, ReplayReport
 
-__all__ = ["ReplayRequest", "parse_bound", "run_replay"]
+__all__ = [
+    "Forgotten",
+    "NothingToTrain",
+    "PreparedReplay",
+    "ReplayRequest",
+    "ReplayTicks",
+    "ReplayWatcher",
+    "parse_bound",
+    "plan_replay",
+    "prepare_replay",
+    "train_replay",
+]
 
 _OFFSET = re.compile(r"^[0-9]+$")
 
@@ -138,15 +138,75 @@ def _bound(bound: Bound) -> str:
     return f"offset {bound}" if isinstance(bound, int) else bound.isoformat()
 
 
-def run_replay(
-    settings: Settings,
-    request: ReplayRequest,
-    out: Console,
-    err: Console,
-    metrics: ReplayMetrics | None = None,
-) -> None:
-    """Run (or, with ``dry_run``, plan) the replay; raise a LorastreamError on any problem.
-    ``metrics`` count the events read, the windows and the versions announced."""
+class ReplayTicks(Protocol):
+    """Told of each event read and each window done, while a replay trains."""
+
+    def event(self) -> None: ...
+
+    def window(self) -> None: ...
+
+
+class ReplayWatcher(Protocol):
+    """What the caller shows while a replay trains (the operation prints nothing)."""
+
+    def loading(self, base_model: str) -> AbstractContextManager[object]:
+        """Around the loading of the base model (seconds)."""
+        ...
+
+    def resuming(self, adapter: str, version: int) -> None:
+        """The lineage ``adapter`` exists at ``version`` (a --resume) and goes on from it."""
+        ...
+
+    def training(self, events: int, windows: int) -> AbstractContextManager[ReplayTicks]:
+        """Around the training of ``events`` in ``windows``; ticks once for each."""
+        ...
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """Offsets of the range that the cluster no longer retains, and why (its retention)."""
+
+    topic: str
+    ranges: list[PartitionRange]
+    why: str
+
+    def describe(self) -> str:
+        """``topic[p] offsets a..b (the log now starts at c)``, for each partition."""
+        return ", ".join(
+            f"{r.tp.topic}[{r.tp.partition}] offsets {r.gone[0]}..{r.gone[1]} (the log now starts at {r.log_start})"
+            for r in self.ranges
+            if r.gone is not None
+        )
+
+
+@dataclass(frozen=True)
+class PreparedReplay:
+    """A request checked against Kafka: ready to plan or to train.
+
+    ``forgotten`` is set when the oldest events are gone and no --from was given: the
+    replay starts at the oldest record kept, which the user should be told."""
+
+    settings: Settings
+    request: ReplayRequest
+    replay: Replay
+    topic: str
+    forgotten: Forgotten | None
+
+
+@dataclass(frozen=True)
+class NothingToTrain:
+    """No full window to train: the lineage ``target`` is at ``version`` (0: none yet),
+    and ``open_events`` of ``source`` wait in a partial window of ``window_size``."""
+
+    target: str
+    version: int
+    source: str
+    open_events: int
+    window_size: int
+
+
+def prepare_replay(settings: Settings, request: ReplayRequest) -> PreparedReplay:
+    """Resolve the request's range on Kafka; raise a LorastreamError on any problem."""
     config = replay_config(
         settings,
         source=request.source,
@@ -158,12 +218,23 @@ def run_replay(
     )
     replay = Replay(config, replay_decoder(settings, request.source, request.rescore))
     ranges = asyncio.run(replay.resolve())
-    asyncio.run(_check_retention(settings, request, config.topic, ranges, err))
-    if request.dry_run:
-        plan = asyncio.run(replay.plan())
-        _check_found(request, plan, config.topic)
-        _print_plan(plan, request, config.topic, settings.window_size, out)
-        return
+    forgotten = asyncio.run(_check_retention(settings, request, config.topic, ranges))
+    return PreparedReplay(settings, request, replay, config.topic, forgotten)
+
+
+def plan_replay(prepared: PreparedReplay) -> Plan:
+    """The dry run: the events and windows per adapter; nothing is trained."""
+    plan = asyncio.run(prepared.replay.plan())
+    _check_found(prepared.request, plan, prepared.topic)
+    return plan
+
+
+def train_replay(
+    prepared: PreparedReplay, watcher: ReplayWatcher, metrics: ReplayMetrics | None = None
+) -> ReplayReport | NothingToTrain:
+    """Train and announce the new lineage; raise a LorastreamError on any problem.
+    ``metrics`` count the events read, the windows and the versions announced."""
+    settings = prepared.settings
     topics = settings.topics
     asyncio.run(  # where the versions go: a missing one is one line, not a commit that hangs
         require_topics(
@@ -172,9 +243,7 @@ def run_replay(
             settings.kafka_client_options(),
         )
     )
-    report = asyncio.run(_train(settings, request, replay, err, metrics or ReplayMetrics()))
-    if report is not None:
-        _print_report(report, out)
+    return asyncio.run(_train(prepared, watcher, metrics or ReplayMetrics()))
 
 
 async def _check_retention(
@@ -182,32 +251,21 @@ async def _check_retention(
     request: ReplayRequest,
     topic: str,
     ranges: list[PartitionRange],
-    err: Console,
-) -> None:
+) -> Forgotten | None:
     gone = [r for r in ranges if r.gone is not None]
     if not gone:
-        return
+        return None
     retention = await describe_retention(
         settings.bootstrap_servers, [topic], settings.kafka_client_options()
     )
     why = retention[topic].describe() if topic in retention else "its retention"
-    parts = ", ".join(
-        f"{r.tp.topic}[{r.tp.partition}] offsets {r.gone[0]}..{r.gone[1]} (the log now starts at {r.log_start})"
-        for r in gone
-        if r.gone is not None
-    )
+    forgotten = Forgotten(topic, gone, why)
     if request.start is None:
-        err.print(
-            f"note: {parts} are no longer retained ({topic} has {why}); the replay starts at "
-            "the oldest record kept, so versions trained on the older events are not reproduced",
-            markup=False,
-            highlight=False,
-        )
-        return
+        return forgotten
     first = min(r.log_start for r in gone)
     raise ReplayError(
-        f"the range starts before what Kafka retains: {parts} are gone ({topic} has {why}); "
-        f"replay from --from {first} or later"
+        f"the range starts before what Kafka retains: {forgotten.describe()} are gone "
+        f"({topic} has {why}); replay from --from {first} or later"
     )
 
 
@@ -233,8 +291,9 @@ def _check_found(request: ReplayRequest, plan: Plan, topic: str) -> None:
 
 
 async def _train(
-    settings: Settings, request: ReplayRequest, replay: Replay, err: Console, metrics: ReplayMetrics
-) -> ReplayReport | None:
+    prepared: PreparedReplay, watcher: ReplayWatcher, metrics: ReplayMetrics
+) -> ReplayReport | NothingToTrain:
+    request, replay = prepared.request, prepared.replay
     config = replay.config
     assert request.source is not None
     async with replay.session() as session:
@@ -243,128 +302,30 @@ async def _train(
         _check_found(request, plan, config.topic)
         counts = plan.adapters[request.source]
         if counts.windows == 0:
-            done = (
-                f"{existing.adapter} is at v{existing.version}"
-                if existing.version
-                else "no full window"
+            return NothingToTrain(
+                existing.adapter,
+                existing.version,
+                request.source,
+                counts.open_events,
+                config.training.window_size,
             )
-            err.print(
-                f"nothing to train: {done}; {counts.open_events} event(s) of {request.source} "
-                f"wait in a partial window of {config.training.window_size}",
-                markup=False,
-                highlight=False,
-            )
-            return None
-        with err.status(f"loading the base model {config.training.base_model_name}…"):
+        with watcher.loading(config.training.base_model_name):
             core = await asyncio.to_thread(WindowTrainer.load, config.training)
         if existing.version:
-            err.print(f"resuming {existing.adapter} at v{existing.version}", highlight=False)
-        return await _run_with_progress(replay, core, session, counts, err, metrics)
+            watcher.resuming(existing.adapter, existing.version)
+        with watcher.training(counts.events, counts.windows) as ticks:
 
+            def on_event() -> None:
+                ticks.event()
+                metrics.events.inc()
 
-class _Rate(ProgressColumn):
-    """Items per second, e.g. ``41.2/s``."""
+            def on_window(outcome: Outcome) -> None:
+                ticks.window()
+                if isinstance(outcome, Trained):
+                    metrics.windows.labels("trained").inc()
+                    metrics.announced.inc()
+                    metrics.version.labels(outcome.update.adapter).set(outcome.update.version)
+                else:
+                    metrics.windows.labels("quarantined").inc()
 
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
-
-
-async def _run_with_progress(
-    replay: Replay,
-    core: WindowTrainer,
-    session: Session,
-    counts: AdapterPlan,
-    err: Console,
-    metrics: ReplayMetrics,
-) -> ReplayReport:
-    progress = Progress(
-        TextColumn("{task.description:>8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-    with progress:
-        events = progress.add_task("events", total=counts.events)
-        windows = progress.add_task("windows", total=counts.windows)
-
-        def on_event() -> None:
-            progress.advance(events)
-            metrics.events.inc()
-
-        def on_window(outcome: Outcome) -> None:
-            progress.advance(windows)
-            if isinstance(outcome, Trained):
-                metrics.windows.labels("trained").inc()
-                metrics.announced.inc()
-                metrics.version.labels(outcome.update.adapter).set(outcome.update.version)
-            else:
-                metrics.windows.labels("quarantined").inc()
-
-        return await replay.run(core, session, on_event=on_event, on_window=on_window)
-
-
-def _print_plan(plan: Plan, request: ReplayRequest, topic: str, window: int, out: Console) -> None:
-    table = Table(
-        "adapter",
-        "events",
-        "windows",
-        "left open",
-        "held out",
-        "skipped",
-        title=f"replay of {topic} ({request.describe_range()}), windows of {window}",
-    )
-    for name in sorted(plan.adapters):
-        counts = plan.adapters[name]
-        table.add_row(
-            name,
-            str(counts.events),
-            str(counts.windows),
-            str(counts.open_events),
-            str(counts.held_out),
-            str(counts.skipped),
-        )
-    print_table(out, table)
-    out.print(
-        f"{plan.records} records read, {plan.unreadable} unreadable; dry run: nothing trained",
-        highlight=False,
-    )
-
-
-def _print_report(report: ReplayReport, out: Console) -> None:
-    table = Table(
-        "version", "window", "events", "loss", "step s", title=f"{report.source} → {report.target}"
-    )
-    for trained in report.trained:
-        u = trained.update
-        w = u.window
-        table.add_row(
-            f"v{u.version}",
-            str(w),
-            str(w.size),
-            f"{u.train_loss:.4f}",
-            f"{trained.step_seconds:.3f}",
-        )
-    for entry in report.quarantined:
-        spec = entry.window
-        where = str(spec) if spec else "-"
-        table.add_row("quarantined", where, str(len(entry.events)), "-", "-")
-    print_table(out, table)
-    windows = len(report.trained) + len(report.quarantined)
-    seconds = max(report.seconds, 1e-9)
-    versions = (
-        f"v{report.trained[0].update.version}–v{report.trained[-1].update.version}"
-        if report.trained
-        else "no version"
-    )
-    out.print(
-        f"{report.target}: {versions} from {report.trained_events} events of {report.source} in "
-        f"{report.seconds:.1f}s ({report.events / seconds:.1f} events/s, "
-        f"{windows / seconds:.2f} windows/s); {len(report.quarantined)} window(s) quarantined; "
-        f"{report.open_events} event(s) left in a partial window",
-        highlight=False,
-    )
+            return await replay.run(core, session, on_event=on_event, on_window=on_window)

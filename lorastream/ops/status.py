@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import TopicPartition
-
 from schemas import AdapterUpdate, LoraSpec
-from trainer.history import group_offsets, load_lineages, pending_events, topic_partitions
-from trainer.kafka import reader
+from trainer.committed import topic_extent
+from trainer.history import load_lineages
+from trainer.ranges import pending_events
 
 if TYPE_CHECKING:
     from lorastream.settings import Settings
@@ -104,21 +103,11 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-async def _extent(
-    servers: str, topic: str, client_options: dict[str, Any] | None
-) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-    """Each partition's log start and end (the end a ``read_committed`` reader sees)."""
-    async with reader(servers, f"reading the offsets of {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, servers)
-        return await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-
-
 async def group_lag(
     servers: str, group: str, topic: str, client_options: dict[str, Any] | None = None
 ) -> GroupLag:
     """``group``'s lag on ``topic`` (see :class:`GroupLag`)."""
-    starts, ends = await _extent(servers, topic, client_options)
-    committed = await group_offsets(servers, group, topic, client_options)
+    starts, ends, committed = await topic_extent(servers, topic, client_options, group)
     return GroupLag(
         group,
         topic,
@@ -128,11 +117,11 @@ async def group_lag(
 
 def holds_of(settings: Settings, updates: list[AdapterUpdate]) -> dict[str, str]:
     """Per adapter whose newest version is in ``updates``: why the trainer holds it, if it
-    does (:func:`trainer.core.hold_reason`, with these settings' store and LoRA settings).
+    does (:func:`trainer.hold_reasons.hold_reason`, with these settings' store and LoRA settings).
     Reads every file of each newest version (fetched first from an object store)."""
     from lorastream.stages import lora_settings
-    from trainer.core import hold_reason
     from trainer.exceptions import TrainerError
+    from trainer.hold_reasons import hold_reason
     from trainer.store import AdapterStore
 
     lora = lora_settings(settings)
@@ -193,7 +182,7 @@ async def read_status(settings: Settings) -> Status:
         )
     scorer = await group_lag(servers, settings.scorer_app_id, topics.generation_results, options)
     trainer = await group_lag(servers, settings.trainer_group_id, topics.learning_events, options)
-    starts, ends = await _extent(servers, topics.dead_letters, options)
+    starts, ends, _ = await topic_extent(servers, topics.dead_letters, options)
     return Status(
         at=datetime.now(UTC),
         adapters=adapters,

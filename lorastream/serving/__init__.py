@@ -1,12 +1,15 @@
 """The serving stage: announced adapter versions → an inference server (vLLM, SGLang).
 
-:class:`Serve` (``serving.serve``) follows ``adapter-updates``, verifies each version
+:class:`Serve` (``serving.serve``) composes two tasks: the follower
+(``serving.follower``) reads ``adapter-updates`` into the announced versions
+(``serving.versions``); the reconciler (``serving.reconciler``) verifies each version
 (``serving.verify``) and keeps the newest K loaded under never-reused names through the
-server's runtime-LoRA API (``serving.backends``); ``serving.proxy`` is the
+server's runtime-LoRA API (``serving.backends``). ``serving.proxy`` is the
 OpenAI-compatible front that maps ``model: <adapter>`` to the live version.
 """
 
 from lorastream.serving.backends import Backend, SglangBackend, VllmBackend
+from lorastream.serving.config import ServeConfig
 from lorastream.serving.exceptions import (
     BackendError,
     BackendRefused,
@@ -14,7 +17,8 @@ from lorastream.serving.exceptions import (
     ServingError,
 )
 from lorastream.serving.metrics import ServeMetrics
-from lorastream.serving.serve import Serve, ServeConfig, version_name
+from lorastream.serving.serve import Serve
+from lorastream.serving.versions import version_name
 
 __all__ = [
     "Backend",

@@ -17,7 +17,8 @@ both in the OpenAI error shape, ``{"error": {"message", "type", "param",
 
 The proxy shares its process with the serve loop, so what clients can make it hold is
 bounded. Request bodies are read whole (the ``model`` may come last) and count against
-one bound on in-flight bytes, :class:`InFlight`, across all requests: a body reserves its
+one bound on in-flight bytes, :class:`~lorastream.serving.upload.InFlight`, across all
+requests (``serving.upload``): a body reserves its
 Content-Length before a byte of it is read, a chunked body reserves each piece as it
 arrives, and the reservation is given back once the body has gone upstream. A request
 that would pass the bound gets a 503 (try again shortly), one larger than the whole bound
@@ -29,7 +30,6 @@ client that goes away costs one log line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -38,12 +38,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.payload import Payload
 from multidict import CIMultiDict
 from yarl import URL
 
 from lorastream.serving.exceptions import ServingError
+from lorastream.serving.upload import InFlight, Share, SlicedBody, openai_error, receive
 
 __all__ = [
     "DEFAULT_CLIENT_TIMEOUT",
@@ -89,9 +88,6 @@ DEFAULT_CLIENT_TIMEOUT = 30.0
 # a large body from being copied just to look at its first byte.
 _JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 
-# How much of a body goes upstream per write; see _Body.
-_SLICE = 256 * 1024
-
 
 def sglang_model(base: str, name: str) -> str:
     """The ``model`` SGLang expects for LoRA adapter ``name`` on base model ``base``.
@@ -104,85 +100,6 @@ def sglang_model(base: str, name: str) -> str:
 
 def _never_known(_model: str) -> bool:
     return False
-
-
-def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return web.json_response(body, status=status)
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.3g} MiB"
-
-
-class InFlight:
-    """Request body bytes held by the proxy across all requests, and their bound.
-
-    Single-threaded (one event loop), so no lock: :meth:`take` either reserves ``size``
-    within ``limit`` or reserves nothing.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"the in-flight byte bound must be at least 1, not {limit}")
-        self.limit = limit
-        self.held = 0
-
-    def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
-            return False
-        self.held += size
-        return True
-
-    def give(self, size: int) -> None:
-        self.held -= size
-
-
-class _Share:
-    """One request's part of :class:`InFlight`, so that it is given back once, in full."""
-
-    def __init__(self, pool: InFlight) -> None:
-        self.pool = pool
-        self.size = 0
-
-    def take(self, size: int) -> bool:
-        if not self.pool.take(size):
-            return False
-        self.size += size
-        return True
-
-    def release(self) -> None:
-        self.pool.give(self.size)
-        self.size = 0
-
-
-class _Body(Payload):
-    """A request body that goes upstream in slices, each written once the last has drained.
-
-    aiohttp writes a bytes body in one piece, and asyncio's transport (Python 3.11) copies
-    whatever the socket did not take at once into its own buffer: a second copy of a
-    large body, outside the in-flight bound.
-    """
-
-    _autoclose = True  # nothing to close: the body is in memory
-
-    def __init__(self, value: bytes | bytearray) -> None:
-        super().__init__(value)
-        self._view = memoryview(value)
-        self._size = len(value)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return bytes(self._view).decode(encoding, errors)
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        view = self._view if content_length is None else self._view[:content_length]
-        for start in range(0, len(view), _SLICE):
-            await writer.write(view[start : start + _SLICE])
 
 
 def _forwardable(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -307,115 +224,6 @@ class Proxy:
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
-    def _busy(self, request: web.Request, wanted: int) -> web.Response:
-        log.info(
-            "%s %s from %s: 503, %d more bytes would pass the in-flight bound "
-            "(%d of %d bytes held)",
-            request.method,
-            request.path,
-            request.remote,
-            wanted,
-            self.inflight.held,
-            self.inflight.limit,
-        )
-        response = _error(
-            503,
-            f"The proxy is at its bound on in-flight request bytes "
-            f"({self.inflight.limit} bytes, {_mib(self.inflight.limit)}, across all "
-            "requests); retry shortly, or raise --proxy-max-inflight-bytes "
-            "(LORASTREAM_PROXY_MAX_INFLIGHT_BYTES).",
-            "proxy_busy",
-        )
-        response.headers["Retry-After"] = "1"
-        return response
-
-    def _too_large(self, request: web.Request, size: int) -> web.Response:
-        log.info(
-            "%s %s from %s: 413, a body of %d bytes or more is above the in-flight bound of "
-            "%d bytes",
-            request.method,
-            request.path,
-            request.remote,
-            size,
-            self.inflight.limit,
-        )
-        return _error(
-            413,
-            f"The request body ({size} bytes or more) is larger than the proxy's bound on "
-            f"in-flight request bytes ({self.inflight.limit} bytes, "
-            f"{_mib(self.inflight.limit)}); raise --proxy-max-inflight-bytes "
-            "(LORASTREAM_PROXY_MAX_INFLIGHT_BYTES) to send it.",
-            "request_too_large",
-        )
-
-    async def _receive(self, request: web.Request, share: _Share) -> bytearray | web.Response:
-        """The whole request body, held in ``share``; or the response that refuses it.
-
-        With a Content-Length the whole body is reserved before any of it is read (and
-        read into one buffer of that size); a chunked body reserves each piece as it
-        comes. Until then aiohttp reads no more than its small per-connection buffer.
-        """
-        length = request.content_length
-        if length is not None:
-            if length > self.inflight.limit:
-                return self._too_large(request, length)
-            if not share.take(length):
-                return self._busy(request, length)
-        body = bytearray(length or 0)
-        received = 0
-        try:
-            while True:
-                async with asyncio.timeout(self.client_timeout):
-                    chunk = await request.content.readany()
-                if not chunk:
-                    break
-                end = received + len(chunk)
-                if length is None:
-                    if end > self.inflight.limit:
-                        return self._too_large(request, end)
-                    if not share.take(len(chunk)):
-                        return self._busy(request, len(chunk))
-                body[received:end] = chunk
-                received = end
-        except TimeoutError:
-            log.info(
-                "client %s sent nothing of %s %s's body for %gs (%d of %s bytes received): "
-                "closing the connection",
-                request.remote,
-                request.method,
-                request.path,
-                self.client_timeout,
-                received,
-                "?" if length is None else length,
-            )
-            response = _error(
-                408,
-                f"The request body stalled: nothing arrived for {self.client_timeout:g}s "
-                "(--proxy-client-timeout, LORASTREAM_PROXY_CLIENT_TIMEOUT).",
-                "request_timeout",
-            )
-            # Sent and closed here: once the handler returns, aiohttp would linger for the
-            # rest of the body, which is just what this client is not sending.
-            with contextlib.suppress(ConnectionError):
-                await response.prepare(request)
-                await response.write_eof()
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        except ConnectionError:
-            log.info(
-                "client %s went away mid-upload of %s %s (%d of %s bytes received)",
-                request.remote,
-                request.method,
-                request.path,
-                received,
-                "?" if length is None else length,
-            )
-            # Nobody reads this; aiohttp drops it quietly on the closed connection.
-            return web.Response(status=400)
-        del body[received:]
-        return body
-
     def _map_body(self, body: bytearray) -> tuple[bytearray | bytes, str | None, str | None]:
         """Return (body to send, requested model, upstream model) for one request body.
 
@@ -437,14 +245,14 @@ class Proxy:
         return json.dumps(payload, ensure_ascii=False).encode(), model, target
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        share = _Share(self.inflight)
+        share = Share(self.inflight)
         try:
             return await self._forward(request, share)
         finally:
             share.release()
 
-    async def _forward(self, request: web.Request, share: _Share) -> web.StreamResponse:
-        received = await self._receive(request, share)
+    async def _forward(self, request: web.Request, share: Share) -> web.StreamResponse:
+        received = await receive(request, share, self.client_timeout)
         if isinstance(received, web.StreamResponse):
             return received
         body, model, target = self._map_body(received)
@@ -453,7 +261,7 @@ class Proxy:
             log.debug(
                 "%s %s: adapter %r has no live version: 503", request.method, request.path, model
             )
-            return _error(
+            return openai_error(
                 503,
                 f"The adapter {model!r} has no version loaded in the inference server yet; "
                 "retry once its first version has been announced and loaded.",
@@ -480,7 +288,7 @@ class Proxy:
                 request.method,
                 url,
                 headers=headers,
-                data=_Body(body) if body or request.can_read_body else None,
+                data=SlicedBody(body) if body or request.can_read_body else None,
                 skip_auto_headers=skip,
                 allow_redirects=False,
             )
@@ -492,7 +300,7 @@ class Proxy:
                 request.path,
                 exc,
             )
-            return _error(
+            return openai_error(
                 502,
                 f"The inference server at {self.upstream} cannot be reached ({exc!r}); "
                 "check that it is running and that the proxy's --url is right.",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from lorastream.dev.ports import free_port
 from lorastream.ops import admin
 from lorastream.ops.admin import (
     KafkaSetupError,
@@ -19,6 +19,7 @@ from lorastream.ops.admin import (
 )
 from lorastream.settings import SettingsError, load_settings
 from schemas import Topics
+from trainer import kafka
 
 # DescribeConfigs' config_source for a value set on the topic itself (KIP-226).
 _DYNAMIC_TOPIC_CONFIG = 1
@@ -109,7 +110,8 @@ async def test_describing_a_missing_topic_names_it(kafka_bootstrap: str, prefix:
 
 @pytest.fixture
 def admin_clients(monkeypatch: pytest.MonkeyPatch) -> list[AIOKafkaAdminClient]:
-    """Every admin client lorastream.ops.admin makes during the test, to check it was closed."""
+    """Every admin client made during the test, to check it was closed (lorastream.ops.admin
+    makes its own through trainer.kafka.admin_client)."""
     made: list[AIOKafkaAdminClient] = []
 
     class Recorded(AIOKafkaAdminClient):
@@ -117,7 +119,7 @@ def admin_clients(monkeypatch: pytest.MonkeyPatch) -> list[AIOKafkaAdminClient]:
             super().__init__(**kwargs)
             made.append(self)
 
-    monkeypatch.setattr(admin, "AIOKafkaAdminClient", Recorded)
+    monkeypatch.setattr(kafka, "AIOKafkaAdminClient", Recorded)
     return made
 
 
@@ -138,11 +140,9 @@ async def test_the_admin_client_is_closed_after_success_and_refusal(
 async def test_an_unreachable_cluster_is_a_setup_error_naming_the_servers(
     admin_clients: list[AIOKafkaAdminClient],
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        servers = f"127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
-        with pytest.raises(KafkaSetupError, match=servers):
-            await describe_retention(servers, ["learning-events"])
+    servers = f"127.0.0.1:{free_port()}"  # nothing listens there: refused
+    with pytest.raises(KafkaSetupError, match=servers):
+        await describe_retention(servers, ["learning-events"])
     assert len(admin_clients) == 1 and admin_clients[0]._closed
 
 

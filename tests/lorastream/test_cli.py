@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
+from lorastream.dev.workers import LORASTREAM
 from schemas import Topics
-from tests.kafka_util import LORASTREAM, read_all
+from tests.kafka_util import read_all
 
 
 def _run(
@@ -45,9 +46,21 @@ def _run(
     ids=lambda c: " ".join(c) or "root",
 )
 def test_every_command_has_help(command: list[str]) -> None:
-    result = _run(*command, "--help")
-    assert result.returncode == 0, result.stderr
+    from typer.testing import CliRunner
+
+    from lorastream.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], prog_name="lorastream")
+    assert result.exit_code == 0, result.output
     assert "Usage:" in result.stdout
+
+
+def test_the_installed_script_runs() -> None:
+    """The one help through the real entry point: the installed `lorastream` script."""
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: lorastream ")
+    assert "Continual LoRA fine-tuning on Apache Kafka." in result.stdout
 
 
 def _leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -1,33 +1,94 @@
-"""``lorastream demo``, the README's first command: what a first run shows, and what it leaves.
+"""``lorastream demo``, the README's first command: what a first run shows, what it makes
+while it runs, and what it leaves.
 
-The demo runs as a subprocess against the session's broker, once as a user runs it
-and once with ``--keep``. Each run takes about 20 s on two cores.
+The demo runs once for the whole module, as a user runs it (without ``--keep``), as a
+subprocess against the session's broker; it takes a minute or two on two cores. When it
+starts its fifth stage every version is announced and nothing is cleaned up yet: there
+the fixture stops the demo (SIGSTOP), records the topics, adapters, data and logs it
+made, and lets it go on (SIGCONT), so that the tests see both what a run makes and that
+none of it is left. ``--keep`` changes only where those go and the clean-up: its test
+runs the demo's own steps and clean-up in-process, without the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import difflib
+import io
 import os
 import re
+import signal
 import struct
 import subprocess
+import threading
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from lorastream.demo import BAD_LINES, TASKS, TRAINING, demo_records
+from lorastream.demo.cleanup import clean_up
+from lorastream.demo.data import BAD_LINES, TASKS, TRAINING, demo_records
+from lorastream.demo.run import Run
+from lorastream.demo.steps import prepare_kafka, produce
+from lorastream.dev.workers import LORASTREAM
 from lorastream.ops.admin import delete_topics, list_topics
+from lorastream.settings import load_settings
 from schemas import KafkaPosition, Topics
 from streams.scoring import Thresholds, process
-from tests.kafka_util import LORASTREAM
 from trainer.window import held_out
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The rule the demo prints as the picture's stage begins: every version is announced, the
+# run's topics, adapters, data and logs all exist, and the offline fine-tune takes seconds.
+ALL_MADE = "5. What the adapters learned"
 
 
-def _demo(kafka_bootstrap: str, tmp_path: Path, prefix: str, *flags: str) -> str:
+@dataclass(frozen=True)
+class Made:
+    """What a demo run had made when it reached :data:`ALL_MADE`."""
+
+    topics: set[str]  # under the run's prefix
+    adapter_files: Counter[str]  # adapter_model.safetensors per adapter
+    files: set[str]  # names in the run's temporary directory
+    logs: str  # the scorer's and the trainer's logs
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One ``lorastream demo``: its output, and what it had made on the way."""
+
+    output: str
+    tmp_path: Path  # its TMPDIR (tmp/), LORASTREAM_HOME (home/) and LORASTREAM_ADAPTER_DIR
+    prefix: str
+    made: Made
+
+
+def _topics(bootstrap: str, prefix: str) -> set[str]:
+    return {topic.name for topic in asyncio.run(list_topics(bootstrap, prefix))}
+
+
+def _made(bootstrap: str, tmp_path: Path, prefix: str) -> Made:
+    """What the paused demo has made: its topics, adapters, data and logs."""
+    (work,) = (tmp_path / "tmp").glob("lorastream-*")
+    return Made(
+        topics=_topics(bootstrap, prefix),
+        adapter_files=Counter(
+            path.parent.parent.name
+            for path in (work / "adapters").glob("*/v*/adapter_model.safetensors")
+        ),
+        files={path.name for path in work.iterdir()},
+        logs=(work / "scorer.log").read_text() + (work / "trainer.log").read_text(),
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    tmp_path = tmp_path_factory.mktemp("demo")
+    prefix = f"t{uuid.uuid4().hex[:10]}."
     (tmp_path / "tmp").mkdir()
     env = {
         **os.environ,
@@ -37,21 +98,41 @@ def _demo(kafka_bootstrap: str, tmp_path: Path, prefix: str, *flags: str) -> str
         "LORASTREAM_ADAPTER_DIR": str(tmp_path / "adapters"),
         "TMPDIR": str(tmp_path / "tmp"),
         "COLUMNS": "200",
+        "PYTHONUNBUFFERED": "1",  # each line as it is printed: the fixture acts on one
     }
-    done = subprocess.run(
-        [LORASTREAM, "demo", "--timeout", "200", *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    output = done.stdout + done.stderr
+    stderr = tmp_path / "stderr.txt"
+    made: Made | None = None
+    with stderr.open("w") as err:
+        done = subprocess.Popen(
+            [LORASTREAM, "demo", "--timeout", "200"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    watchdog = threading.Timer(280, done.kill)
+    watchdog.start()
+    stdout = []
+    try:
+        assert done.stdout is not None
+        for line in done.stdout:
+            stdout.append(line)
+            if ALL_MADE in line and made is None:
+                done.send_signal(signal.SIGSTOP)  # nothing moves while it is looked at
+                try:
+                    made = _made(kafka_bootstrap, tmp_path, prefix)
+                finally:
+                    done.send_signal(signal.SIGCONT)
+        done.wait()
+    finally:
+        watchdog.cancel()
+        if done.poll() is None:
+            done.kill()
+            done.wait()
+    output = "".join(stdout) + stderr.read_text()
     assert done.returncode == 0, output
-    return output
-
-
-def _topics(bootstrap: str, prefix: str) -> set[str]:
-    return {topic.name for topic in asyncio.run(list_topics(bootstrap, prefix))}
+    assert made is not None, output
+    yield DemoRun(output, tmp_path, prefix, made)
 
 
 def test_demo_data_gives_every_adapter_balanced_full_windows() -> None:
@@ -83,9 +164,9 @@ def test_demo_data_gives_every_adapter_balanced_full_windows() -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_demo_shows_reasons_loss_and_learning_then_leaves_no_topic_or_file(
-    kafka_bootstrap: str, tmp_path: Path, prefix: str
+    kafka_bootstrap: str, demo: DemoRun
 ) -> None:
-    output = _demo(kafka_bootstrap, tmp_path, prefix)
+    output, tmp_path, prefix = demo.output, demo.tmp_path, demo.prefix
     assert output.startswith("lorastream demo"), output  # said at once, before any heavy import
     assert f"using the Kafka broker that answers at {kafka_bootstrap}" in output
     # The bad lines by number, and each dead letter with its reason and its position.
@@ -161,28 +242,50 @@ def test_demo_shows_reasons_loss_and_learning_then_leaves_no_topic_or_file(
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+def test_demo_makes_topics_adapters_data_and_logs_while_it_runs(demo: DemoRun) -> None:
+    """What ``--keep`` would leave exists while the run goes on (and is gone after it:
+    the test above)."""
+    assert set(Topics.named(demo.prefix).all()) <= demo.made.topics
+    assert demo.made.adapter_files == Counter(dict.fromkeys(TASKS, TRAINING.versions))
+    assert demo.made.files >= {"generation-results.jsonl", "scorer.log", "trainer.log"}
+    png = demo.tmp_path / "home" / "demo" / demo.prefix.rstrip(".") / "loss.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    # Producers start only once each new partition is served by its leader.
+    assert "NotLeaderForPartition" not in demo.output + demo.made.logs
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_demo_keep_leaves_topics_adapters_and_logs_and_says_where(
     kafka_bootstrap: str, tmp_path: Path, prefix: str
 ) -> None:
+    """With ``--keep`` the run's files go under LORASTREAM_HOME/demo/<name> and its
+    adapters under LORASTREAM_ADAPTER_DIR/<name>, and the clean-up leaves them, and the
+    topics, and says where they are: the demo's own steps, without the workers."""
+    settings = load_settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=prefix,
+        home=tmp_path / "home",
+        adapter_dir=str(tmp_path / "adapters"),
+    )
+    printed = io.StringIO()
+    run = Run(settings, Console(file=printed, width=200), timeout=60.0, keep=True)
     try:
-        output = _demo(kafka_bootstrap, tmp_path, prefix, "--keep")
         name = prefix.rstrip(".")
-        assert set(Topics.named(prefix).all()) <= _topics(kafka_bootstrap, prefix)
         adapters = tmp_path / "adapters" / name
-        for adapter in TASKS:
-            files = list((adapters / adapter).glob("v*/adapter_model.safetensors"))
-            assert len(files) == TRAINING.versions, adapter
         kept = tmp_path / "home" / "demo" / name
-        assert {p.name for p in kept.iterdir()} >= {
-            "generation-results.jsonl",
-            "scorer.log",
-            "trainer.log",
-            "loss.png",
-        }
+        assert (run.adapters, run.logs, run.results, run.work) == (adapters, kept, kept, None)
+        prepare_kafka(run)
+        produce(run)
+        trained = adapters / "math-tutor" / "v1" / "adapter_model.safetensors"
+        trained.parent.mkdir(parents=True)
+        trained.write_bytes(b"weights")  # what the trainer writes
+        clean_up(run)
+        output = printed.getvalue()
+        assert set(Topics.named(prefix).all()) <= _topics(kafka_bootstrap, prefix)
+        assert trained.read_bytes() == b"weights"
+        assert (kept / "generation-results.jsonl").is_file()
         assert f"adapters  {adapters}/" in output
         assert f"lorastream topics delete --prefix {prefix} --yes" in output
-        # Producers start only once each new partition is served by its leader.
-        logs = output + (kept / "scorer.log").read_text() + (kept / "trainer.log").read_text()
-        assert "NotLeaderForPartition" not in logs
     finally:
         asyncio.run(delete_topics(kafka_bootstrap, sorted(_topics(kafka_bootstrap, prefix))))

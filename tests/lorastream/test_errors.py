@@ -1,13 +1,18 @@
 """Every command, on every bad setting and every broker that is not there or does not
 answer: one line naming the setting or the servers, a non-zero exit, in bounded time.
 
-The commands run as the user runs them (the installed script, a subprocess), several
-at a time: the slow case, a broker that accepts connections and never answers, costs
-one client request timeout however many commands try it.
+The walk over every command runs in this process, through :func:`lorastream.cli.main`,
+the one place where an error becomes its line; each kind of error is also run once as
+the user runs it (the installed script, a subprocess), so that the real process path
+stays covered. The slow case, a broker that accepts connections and never answers,
+runs as subprocesses, several at a time: it costs one client request timeout however
+many commands try it.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import socket
 import subprocess
@@ -15,11 +20,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from tests.kafka_util import LORASTREAM, Ran
+from lorastream.dev.ports import free_port
+from lorastream.dev.workers import LORASTREAM
+from tests.kafka_util import Ran
 
 # Every command that talks to Kafka, with the arguments it needs to get that far.
 KAFKA_COMMANDS = [
@@ -64,9 +72,38 @@ def _run(command: list[str], env: dict[str, str], timeout: float) -> Ran:
     return Ran(command, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
 
 
-def _run_all(commands: list[list[str]], env: dict[str, str], timeout: float) -> list[Ran]:
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda c: _run(c, env, timeout), commands))
+def _run_here(command: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Ran:
+    """``command`` through :func:`lorastream.cli.main` in this process, as the script runs
+    it: its environment set only for the call, its output captured, its exit status."""
+    from lorastream.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    client_level = logging.getLogger("aiokafka").level
+    started = time.monotonic()
+    code: int | str | None = 0
+    with monkeypatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                main(command)
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:  # what a command set up for its own process, taken back
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            logging.getLogger("aiokafka").setLevel(client_level)
+    returncode = code if isinstance(code, int) else 0 if code is None else 1
+    seconds = time.monotonic() - started
+    return Ran(command, returncode, out.getvalue(), err.getvalue(), seconds)
+
+
+def _run_all_here(
+    commands: list[list[str]], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> list[Ran]:
+    return [_run_here(command, env, monkeypatch) for command in commands]
 
 
 @pytest.fixture
@@ -92,35 +129,54 @@ def _isolated(tmp_path: Path, **more: str) -> dict[str, str]:
     return {**env, **more}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _is_one_setting_line(ran: Ran, variable: str, value: str) -> None:
+    assert ran.returncode == 1, ran
+    assert len(ran.lines) == 1, ran
+    assert ran.lines[0].startswith("SettingsError: "), ran
+    assert variable in ran.lines[0] and repr(value) in ran.lines[0], ran
+    assert ran.seconds < 20, ran
 
 
 @pytest.mark.parametrize(("variable", "value"), BAD_SETTINGS, ids=lambda v: str(v))
 def test_every_command_names_a_bad_setting_in_one_line(
-    variable: str, value: str, args: dict[str, str], tmp_path: Path
+    variable: str,
+    value: str,
+    args: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = _isolated(tmp_path, **{variable: value})
-    for ran in _run_all(_commands(KAFKA_COMMANDS + OTHER_COMMANDS, args), env, 60):
-        assert ran.returncode == 1, ran
-        assert len(ran.lines) == 1, ran
-        assert ran.lines[0].startswith("SettingsError: "), ran
-        assert variable in ran.lines[0] and repr(value) in ran.lines[0], ran
-        assert ran.seconds < 20, ran
+    commands = _commands(KAFKA_COMMANDS + OTHER_COMMANDS, args)
+    for ran in _run_all_here(commands, env, monkeypatch):
+        _is_one_setting_line(ran, variable, value)
+
+
+def test_the_script_names_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    variable, value = BAD_SETTINGS[0]
+    ran = _run(["score"], _isolated(tmp_path, **{variable: value}), 60)
+    _is_one_setting_line(ran, variable, value)
+
+
+def _is_one_no_broker_line(ran: Ran, servers: str) -> None:
+    assert ran.returncode == 1, ran
+    assert len(ran.lines) == 1, ran
+    assert servers in ran.lines[0] and "Traceback" not in ran.stderr, ran
+    assert ran.seconds < 60, ran
 
 
 def test_every_command_says_in_one_line_that_no_broker_answers(
-    args: dict[str, str], tmp_path: Path
+    args: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    servers = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    servers = f"127.0.0.1:{free_port()}"  # nothing listens there
     env = _isolated(tmp_path, KAFKA_BOOTSTRAP_SERVERS=servers)
-    for ran in _run_all(_commands(KAFKA_COMMANDS, args), env, 120):
-        assert ran.returncode == 1, ran
-        assert len(ran.lines) == 1, ran
-        assert servers in ran.lines[0] and "Traceback" not in ran.stderr, ran
-        assert ran.seconds < 60, ran
+    for ran in _run_all_here(_commands(KAFKA_COMMANDS, args), env, monkeypatch):
+        _is_one_no_broker_line(ran, servers)
+
+
+def test_the_script_says_in_one_line_that_no_broker_answers(tmp_path: Path) -> None:
+    servers = f"127.0.0.1:{free_port()}"  # nothing listens there
+    ran = _run(["topics", "list"], _isolated(tmp_path, KAFKA_BOOTSTRAP_SERVERS=servers), 120)
+    _is_one_no_broker_line(ran, servers)
 
 
 def test_a_broker_that_accepts_and_never_answers_is_one_line_in_bounded_time(
@@ -166,16 +222,25 @@ def test_a_broker_that_accepts_and_never_answers_is_one_line_in_bounded_time(
         assert ran.seconds < 100, ran
 
 
+def _is_one_missing_topics_line(ran: Ran, prefix: str) -> None:
+    assert ran.returncode == 1, ran
+    assert len(ran.lines) == 1, ran
+    assert f"{prefix}" in ran.lines[0] and "lorastream topics create" in ran.lines[0], ran
+
+
 @pytest.mark.integration
 def test_every_stage_on_missing_topics_says_to_create_them(
-    kafka_bootstrap: str, prefix: str, args: dict[str, str], tmp_path: Path
+    kafka_bootstrap: str,
+    prefix: str,
+    args: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """score used to log "Ignoring missing topic" and idle forever."""
     env = _isolated(
         tmp_path, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, LORASTREAM_TOPIC_PREFIX=prefix
     )
     commands = [["score"], ["train"], ["adapters", "follow"], ["adapters", "list"]]
-    for ran in _run_all(commands, env, 120):
-        assert ran.returncode == 1, ran
-        assert len(ran.lines) == 1, ran
-        assert f"{prefix}" in ran.lines[0] and "lorastream topics create" in ran.lines[0], ran
+    for ran in _run_all_here(commands, env, monkeypatch):
+        _is_one_missing_topics_line(ran, prefix)
+    _is_one_missing_topics_line(_run(["score"], env, 120), prefix)

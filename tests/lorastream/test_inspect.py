@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,8 +13,13 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.ports import free_port
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.ops.admin import list_topics
-from lorastream.ops.inspect import QuarantineEntry, refusal
+from lorastream.ops.inspect import QuarantineEntry
+from lorastream.ops.retry import refusal
 from schemas import (
     AdapterUpdate,
     DeadLetter,
@@ -30,16 +34,7 @@ from schemas import (
 )
 from streams.routing import SourceRecord, route
 from streams.scoring import Thresholds
-from tests.kafka_util import (
-    LORASTREAM,
-    Worker,
-    make_topics,
-    produce,
-    read_all,
-    wait_for,
-    worker_env,
-)
-from tests.trainer.events import learning_event
+from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -258,9 +253,7 @@ async def test_retry_refuses_truncated_lone_and_unreadable_records_in_one_line(
 
     missing = _one_error_line(_run(kafka_bootstrap, f"no{prefix}", "dead-letters", "list"))
     assert missing.startswith(f"InspectError: topic no{prefix}generation-results.dlq does not")
-    with socket.socket() as sock:  # a port where nothing listens
-        sock.bind(("127.0.0.1", 0))
-        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    closed = f"127.0.0.1:{free_port()}"  # a port where nothing listens
     down = _one_error_line(_run(closed, prefix, "quarantine", "list"))
     assert down.startswith("KafkaUnavailableError: reading ") and closed in down
 

@@ -4,7 +4,6 @@ processes work through a stream this test produces in two halves."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,19 +11,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kafka_util import Worker, make_topics, produce, wait_for, worker_env
+from lorastream.dev.ports import free_port
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import Worker, worker_env
+from tests.kafka_util import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docker" / "example-results.jsonl"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _scrape(port: int) -> Samples:
@@ -53,7 +49,7 @@ async def test_scorer_and_trainer_metrics_move_with_the_stream(
     topics = await make_topics(kafka_bootstrap, prefix)
     lines = [line.encode() for line in EXAMPLES.read_text().splitlines() if line.strip()]
     assert len(lines) == 40  # 18 of tutor and 17 of support qualify
-    scorer_port, trainer_port = _free_port(), _free_port()
+    scorer_port, trainer_port = free_port(), free_port()
     env = worker_env(
         kafka_bootstrap,
         prefix,

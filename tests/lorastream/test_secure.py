@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import stat
 import subprocess
 import time
@@ -22,18 +21,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
-from lorastream.dev.broker import LocalBroker, default_home, kafka_answers
+from lorastream.dev.broker import LocalBroker, kafka_answers
+from lorastream.dev.ports import free_port
 from lorastream.dev.secure import client_ssl_context
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
+from lorastream.settings import default_home
 from schemas import Topics
-from tests.kafka_util import LORASTREAM, Ran, Worker, wait_for, worker_env
+from tests.kafka_util import Ran, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -73,11 +69,11 @@ def _parse_exports(line: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     root = tmp_path_factory.mktemp("secure")
-    port = _free_port()
+    port = free_port()
     broker = LocalBroker(
         root / "broker-secure",
         port=port,
-        controller_port=_free_port(),
+        controller_port=free_port(),
         heap="512m",
         jars_dir=default_home() / "jars",
         secure=True,

@@ -11,10 +11,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM
 from lorastream.ops.status import AdapterStatus, GroupLag
 from schemas import AdapterUpdate, LoraSpec, QuarantineRecord, WindowSpec, encode
-from tests.kafka_util import LORASTREAM, make_topics, produce
-from tests.trainer.events import learning_event
 
 pytestmark = pytest.mark.timeout(90)
 

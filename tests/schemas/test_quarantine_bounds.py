@@ -9,10 +9,10 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from lorastream.dev.events import learning_event
 from schemas import QuarantineRecord, SourcePosition, WindowSpec, decode, encode
 from schemas.limits import KEPT_PAYLOAD_BYTES, MAX_OUTPUT_BYTES, MAX_REASON_CHARS
 from schemas.resources import SCHEMA_FILES, schema_document
-from tests.trainer.events import learning_event
 
 
 def _validator() -> Draft202012Validator:

@@ -43,9 +43,10 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     from aiokafka import TopicPartition
 
-    from tests.trainer.events import learning_event
+    from lorastream.dev.events import learning_event
+    from trainer.config import TrainingConfig
     from trainer.core import Trained as Outcome
-    from trainer.core import TrainingConfig, WindowTrainer
+    from trainer.core import WindowTrainer
     from trainer.lineage import Lineage
     from trainer.model import build_tiny_model_dir
     from trainer.window import Windows
@@ -69,7 +70,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         if window is not None:
             outcome = core.train(window, lineage)
             assert isinstance(outcome, Outcome)
-            core.committed(lineage, outcome)
+            lineage.record(outcome.update)
     assert [u.version for u in lineage.updates] == list(range(1, VERSIONS + 1))
     return Trained(model_dir, list(lineage.updates))
 
@@ -87,10 +88,11 @@ def worsened(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> list
 
     from aiokafka import TopicPartition
 
+    from lorastream.dev.events import learning_event
     from schemas import LearningEvent
-    from tests.trainer.events import learning_event
+    from trainer.config import TrainingConfig
     from trainer.core import Trained as Outcome
-    from trainer.core import TrainingConfig, WindowTrainer
+    from trainer.core import WindowTrainer
     from trainer.lineage import Lineage
     from trainer.lora import LoraSettings
     from trainer.window import Windows, held_out
@@ -122,7 +124,7 @@ def worsened(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> list
             if window is not None:
                 outcome = trainer.train(window, lineage)
                 assert isinstance(outcome, Outcome)
-                trainer.committed(lineage, outcome)
+                lineage.record(outcome.update)
                 windows.settle(window)
                 if lineage.version == until:
                     return  # the window just closed: none is open

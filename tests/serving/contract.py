@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,17 +46,13 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from lorastream.dev.ports import free_port
+
 Kind = Literal["vllm", "sglang"]
 
 __all__ = ["ContractServer", "Kind", "contract_server"]
 
 STREAM_DELAY = 0.02
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ContractServer:
@@ -69,7 +64,7 @@ class ContractServer:
         self.kind: Kind = kind
         self.base = base
         self.root = root if root is not None else base
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loaded: dict[str, str] = {}
         self.events: list[tuple[float, str, str]] = []

@@ -17,10 +17,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import LORASTREAM
 from lorastream.ops.status import read_status
 from lorastream.settings import load_settings
 from schemas import AdapterUpdate, Topics, encode
-from tests.kafka_util import LORASTREAM, make_topics, read_all
+from tests.kafka_util import read_all
 from tests.serving.conftest import Trained
 from tests.serving.contract import contract_server
 from tests.serving.helpers import config_for, eventually, running

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from lorastream.dev.topics import make_topics
 from lorastream.serving import Serve, ServeConfig
 from lorastream.serving.verify import check_regression
 from schemas import AdapterUpdate, EvalSpec, LoraSpec, WindowSpec
-from tests.kafka_util import make_topics
 from tests.serving.contract import ContractServer
 from tests.serving.helpers import announce, config_for, eventually, running
 
@@ -108,7 +108,7 @@ def _serve(keep: int = 2, max_regression: float = 0.02) -> Serve:
 
 
 def _verdicts(serve: Serve) -> dict[int, str | None]:
-    serve._judge("tutor")
+    serve.reconciler.judge("tutor")
     gate = serve.versions["tutor"].gate
     return {v: r.reason if r else None for v, r in sorted(gate.items())}
 
@@ -116,7 +116,7 @@ def _verdicts(serve: Serve) -> dict[int, str | None]:
 def test_later_versions_are_judged_against_the_best_of_the_newest_keep_let_through() -> None:
     serve = _serve(keep=2)
     for version, loss in [(1, 2.0), (2, 1.5), (3, 3.0), (4, 1.52), (5, None), (6, 1.545)]:
-        serve._announce(_update(version, loss))
+        serve.follower.announce(_update(version, loss))
     # v6 is compared with v4 and v5 (v3 was refused; v2 fell out of the newest two):
     # 1.545 is within 2% of v4's 1.52.
     assert _verdicts(serve) == {1: None, 2: None, 3: "regression", 4: None, 5: None, 6: None}
@@ -127,11 +127,11 @@ def test_the_verdicts_do_not_depend_on_how_the_announcements_were_batched() -> N
     losses = [(1, 2.0), (2, 1.5), (3, 3.0), (4, 1.52), (5, 1.7)]
     at_once = _serve()
     for version, loss in losses:
-        at_once._announce(_update(version, loss))
+        at_once.follower.announce(_update(version, loss))
     one_by_one = _serve()
     for version, loss in losses:
-        one_by_one._announce(_update(version, loss))
-        one_by_one._judge("tutor")
+        one_by_one.follower.announce(_update(version, loss))
+        one_by_one.reconciler.judge("tutor")
     assert _verdicts(at_once) == _verdicts(one_by_one)
     assert _verdicts(at_once)[5] == "regression"
 

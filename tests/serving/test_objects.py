@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from lorastream.dev.topics import make_topics
 from schemas import AdapterUpdate, Topics
-from tests.kafka_util import make_topics
 from tests.serving.contract import ContractServer
 from tests.serving.helpers import announce, config_for, eventually, running
 from trainer.objects import MANIFEST_FILE, upload_version
@@ -74,7 +74,7 @@ def test_adapters_fetch_gives_a_checked_local_copy_that_peft_loads(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.kafka_util import LORASTREAM
+    from lorastream.dev.workers import LORASTREAM
 
     s3 = s3_env
     url = f"{s3.bucket('fetching')}/{uuid.uuid4().hex[:6]}"

@@ -2,7 +2,8 @@
 
 Upstreams are the contract servers (``tests/serving/contract.py``), which answer with the
 model they actually used, and, for what they do not model (echoing headers and queries,
-odd status codes, slow streams), a small echo server defined here. No Kafka.
+odd status codes, slow streams), the small echo server ``tests.serving.helpers.Upstream``.
+No Kafka.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from lorastream.serving.exceptions import ServingError
 from lorastream.serving.proxy import Proxy, sglang_model
 from tests.serving.contract import contract_server
+from tests.serving.helpers import CHUNK_DELAY, CHUNKS, Upstream
 
 pytestmark = pytest.mark.timeout(30)
-
-CHUNKS = 5
-CHUNK_DELAY = 0.3
 
 
 @asynccontextmanager
@@ -43,96 +41,14 @@ async def running_proxy(
         await proxy.stop()
 
 
-class Echo:
-    """An upstream that says what it received, answers any status, and streams slowly."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.sent_at: list[float] = []
-        self.client_left = asyncio.Event()
-        self.app = web.Application()
-        self.app.router.add_route("*", "/status/{code}", self._status)
-        self.app.router.add_post("/v1/chat/completions", self._slow_stream)
-        self.app.router.add_post("/v1/completions", self._endless_stream)
-        self.app.router.add_post("/broken", self._broken_stream)
-        self.app.router.add_route("*", "/{tail:.*}", self._echo)
-        self.runner = web.AppRunner(self.app, access_log=None)
-        self.url = ""
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def _record(self, request: web.Request) -> dict[str, Any]:
-        body = await request.read()
-        seen = {
-            "method": request.method,
-            "path_qs": request.raw_path,
-            "headers": dict(request.headers),
-            "body": body.decode("latin-1"),
-        }
-        self.received.append(seen)
-        return seen
-
-    async def _echo(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._record(request))
-
-    async def _status(self, request: web.Request) -> web.Response:
-        await self._record(request)
-        return web.Response(
-            status=int(request.match_info["code"]),
-            text="short and stout",
-            content_type="text/plain",
-            headers={"X-Upstream": "teapot"},
-        )
-
-    async def _slow_stream(self, request: web.Request) -> web.StreamResponse:
-        seen = await self._record(request)
-        model = json.loads(seen["body"])["model"]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(CHUNKS):
-            if i:
-                await asyncio.sleep(CHUNK_DELAY)
-            self.sent_at.append(time.monotonic())
-            await response.write(f"data: {json.dumps({'model': model, 'i': i})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    async def _endless_stream(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            while True:
-                await response.write(b'data: {"text": "more"}\n\n')
-                await asyncio.sleep(0.05)
-        except ConnectionResetError:
-            self.client_left.set()
-        return response
-
-    async def _broken_stream(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"text": "half"}\n\n')
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.close()
-        return response
-
-
 @pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
-    server = Echo()
+async def echo() -> AsyncIterator[Upstream]:
+    server = Upstream()
     await server.start()
     try:
         yield server
     finally:
-        await server.runner.cleanup()
+        await server.stop()
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -243,7 +159,7 @@ async def test_unreachable_upstream_is_502_in_openai_shape() -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_method_path_query_headers_and_body_pass_through(echo: Echo) -> None:
+async def test_method_path_query_headers_and_body_pass_through(echo: Upstream) -> None:
     live = {"math-tutor": "math-tutor-v2"}
     raw = b"\x00not json \xff"
     async with running_proxy(echo.url, live.get) as proxy, aiohttp.ClientSession() as client:
@@ -269,7 +185,7 @@ async def test_method_path_query_headers_and_body_pass_through(echo: Echo) -> No
         assert json.loads(seen["body"].encode("latin-1")) == {**body, "model": "math-tutor-v2"}
 
 
-async def test_status_code_content_type_and_headers_come_back(echo: Echo) -> None:
+async def test_status_code_content_type_and_headers_come_back(echo: Upstream) -> None:
     async with (
         running_proxy(echo.url, lambda _m: None) as proxy,
         aiohttp.ClientSession(proxy.url) as client,
@@ -281,7 +197,7 @@ async def test_status_code_content_type_and_headers_come_back(echo: Echo) -> Non
         assert await resp.text() == "short and stout"
 
 
-async def test_stream_reaches_the_client_chunk_by_chunk(echo: Echo) -> None:
+async def test_stream_reaches_the_client_chunk_by_chunk(echo: Upstream) -> None:
     live = {"math-tutor": "math-tutor-v7"}
     arrivals: list[tuple[float, bytes]] = []
     async with running_proxy(echo.url, live.get) as proxy, aiohttp.ClientSession() as client:
@@ -309,7 +225,7 @@ async def test_stream_reaches_the_client_chunk_by_chunk(echo: Echo) -> None:
     ]
 
 
-async def test_client_leaving_mid_stream_ends_the_upstream_request(echo: Echo) -> None:
+async def test_client_leaving_mid_stream_ends_the_upstream_request(echo: Upstream) -> None:
     # vLLM and SGLang abort a generation when its connection closes; a proxy that kept
     # reading would keep the GPU busy for a client that is gone.
     async with running_proxy(echo.url, lambda _m: None) as proxy, aiohttp.ClientSession() as client:
@@ -319,7 +235,7 @@ async def test_client_leaving_mid_stream_ends_the_upstream_request(echo: Echo) -
         await asyncio.wait_for(echo.client_left.wait(), timeout=2)
 
 
-async def test_upstream_breaking_mid_stream_is_not_a_clean_end(echo: Echo) -> None:
+async def test_upstream_breaking_mid_stream_is_not_a_clean_end(echo: Upstream) -> None:
     async with (
         running_proxy(echo.url, lambda _m: None) as proxy,
         aiohttp.ClientSession(proxy.url) as client,
@@ -330,7 +246,7 @@ async def test_upstream_breaking_mid_stream_is_not_a_clean_end(echo: Echo) -> No
             await resp.read()
 
 
-async def test_a_port_in_use_is_a_serving_error_naming_it(echo: Echo) -> None:
+async def test_a_port_in_use_is_a_serving_error_naming_it(echo: Upstream) -> None:
     port = int(echo.url.rsplit(":", 1)[1])
     proxy = Proxy(echo.url, lambda _m: None)
     with pytest.raises(ServingError, match=rf"127\.0\.0\.1:{port}"):

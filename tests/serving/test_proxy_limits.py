@@ -2,16 +2,15 @@
 
 What a client can make the serve process hold is bounded: request bodies in flight (its
 peak RSS is read from ``/proc``), clients that stall (closed after the timeout), clients
-that go away (one log line each, never a traceback). The upstream is a small vLLM-shaped
-server defined here that takes its time over a body, so that requests overlap. Loopback
-only.
+that go away (one log line each, never a traceback). The upstream is the small
+vLLM-shaped ``tests.serving.helpers.Upstream``, holding each body a while, so that
+requests overlap. Loopback only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,67 +18,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.kafka_util import Worker, make_topics, worker_env
-from tests.serving.helpers import eventually
+from lorastream.dev.ports import free_port
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import Worker, worker_env
+from tests.serving.helpers import BASE, Upstream, eventually
 
 pytestmark = pytest.mark.timeout(90)
 
 MiB = 1024 * 1024
-BASE = "base-model"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Upstream:
-    """A vLLM-shaped server: lists its base model, reads a body slowly to its end and then
-    holds it ``hold`` seconds before answering, or streams without end on
-    ``/v1/completions``."""
-
-    def __init__(self, hold: float = 0.3) -> None:
-        self.hold = hold
-        self.bodies: list[int] = []
-        self.streams_ended = asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._endless)
-        self.runner = web.AppRunner(app, access_log=None)
-        self.url = ""
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def _models(self, _request: web.Request) -> web.Response:
-        card = {"id": BASE, "object": "model", "root": BASE, "parent": None}
-        return web.json_response({"object": "list", "data": [card]})
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-        self.bodies.append(size)
-        await asyncio.sleep(self.hold)
-        return web.json_response({"model": BASE, "received": size})
-
-    async def _endless(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            while True:
-                await response.write(b'data: {"text": "more"}\n\n')
-                await asyncio.sleep(0.05)
-        except ConnectionResetError:
-            self.streams_ended.set()
-        return response
 
 
 @asynccontextmanager
@@ -89,9 +36,9 @@ async def serving(
     """``lorastream serve --listen`` in its own process, with ``env`` added to its
     environment; yields the process, the proxy's URL and the upstream."""
     await make_topics(bootstrap, prefix)
-    upstream = Upstream()
+    upstream = Upstream(hold=0.3)
     await upstream.start()
-    port = _free_port()
+    port = free_port()
     args = ["serve", "--backend", "vllm", "--url", upstream.url, "--listen", f"127.0.0.1:{port}"]
     worker = Worker(args, worker_env(bootstrap, prefix, tmp_path / "home", **env), tmp_path / "log")
     try:
@@ -106,7 +53,7 @@ async def serving(
             assert "proxy listening" in worker.output()
             yield worker, f"http://127.0.0.1:{port}", upstream
     finally:
-        await upstream.runner.cleanup()
+        await upstream.stop()
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -220,7 +167,7 @@ async def test_a_client_that_goes_away_is_one_log_line_and_the_next_is_served(
             resp = await client.post(f"{url}/v1/completions", json={"stream": True})
             assert await resp.content.readline() == b'data: {"text": "more"}\n'
             resp.close()
-            await asyncio.wait_for(upstream.streams_ended.wait(), 5)
+            await asyncio.wait_for(upstream.client_left.wait(), 5)
             await eventually(lambda: "went away" in worker.output()[start:], 10, "one line")
             await asyncio.sleep(0.5)
             lines = _lines_since(worker, start)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lorastream.dev.topics import make_topics
 from lorastream.serving import Serve
 from schemas import AdapterUpdate
-from tests.kafka_util import make_topics
 from tests.serving.contract import ContractServer
 from tests.serving.helpers import announce, committed, config_for, eventually, running
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from lorastream.dev.ports import free_port
+from lorastream.dev.topics import make_topics
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from schemas import AdapterUpdate
-from tests.kafka_util import LORASTREAM, Worker, make_topics, worker_env
 from tests.serving.contract import contract_server
 from tests.serving.helpers import announce, eventually
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_serve_killed_and_started_again_loads_nothing_twice_and_its_proxy_follows(
@@ -32,7 +27,7 @@ async def test_serve_killed_and_started_again_loads_nothing_twice_and_its_proxy_
     topics = await make_topics(kafka_bootstrap, prefix)
     await announce(kafka_bootstrap, topics, versions[:2])
     base = versions[0].base_model
-    port = _free_port()
+    port = free_port()
     async with contract_server("vllm", base=base) as server:
         args = [
             "serve",

@@ -15,8 +15,10 @@ import orjson
 import pytest
 from rouge_score import rouge_scorer
 
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import Worker, worker_env
 from schemas import LearningEvent, decode, read_dead_letter_headers
-from tests.kafka_util import Worker, make_topics, produce, read_all, worker_env
+from tests.kafka_util import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
+from lorastream.dev.workers import Worker, worker_env
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import DeadLetterHeaders, LearningEvent, Topics, decode, read_dead_letter_headers
 from schemas.limits import (
@@ -32,7 +33,7 @@ from schemas.limits import (
     MAX_REASON_CHARS,
     TRUNCATION_MARKER,
 )
-from tests.kafka_util import Worker, read_all, wait_for, worker_env
+from tests.kafka_util import read_all, wait_for
 from tests.schemas.cases import nested
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

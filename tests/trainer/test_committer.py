@@ -8,7 +8,8 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.kafka_util import make_topics, read_all
+from lorastream.dev.topics import make_topics
+from tests.kafka_util import read_all
 from trainer.committer import CommitState, Committer, Outgoing
 from trainer.exceptions import TrainerError
 

@@ -9,13 +9,14 @@ import torch
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from lorastream.dev.events import learning_event
 from schemas import (
     AdapterUpdate,
     QuarantineRecord,
     encode,
 )
-from tests.trainer.events import learning_event
-from trainer.core import Trained, TrainingConfig, WindowTrainer
+from trainer.config import TrainingConfig
+from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import TrainerError
 from trainer.lineage import Lineage, apply_records, lineages_from
 from trainer.model import build_tiny_model_dir, load_base_model
@@ -66,7 +67,7 @@ def test_a_window_becomes_the_next_version_of_the_lineage_it_is_given(
     assert update.sha256 == sha256_file(directory / "adapter_model.safetensors")
     assert lineage.version == 0, "nothing is recorded before the driver commits"
 
-    core.committed(lineage, outcome)
+    lineage.record(outcome.update)
     assert lineage.version == 1 and lineage.trained_ids == set(first.ids)
     assert lineage.is_handled(TP, first.last_offset)
     again = core.train(second, lineage)
@@ -83,7 +84,8 @@ def test_the_same_windows_give_the_same_files_in_any_lineage(
         lineage = Lineage(name)
         for window in _windows("source", 2):
             outcome = core.train(window, lineage)
-            core.committed(lineage, outcome)
+            assert isinstance(outcome, Trained)
+            lineage.record(outcome.update)
         digests[name] = [u.sha256 for u in lineage.updates]
     assert digests["one"] == digests["two"]
     assert digests["one"][0] != digests["one"][1]
@@ -102,7 +104,7 @@ def test_a_window_that_fails_every_try_comes_back_as_a_quarantine_record(
     assert [e.id for e in outcome.events] == window.ids
     assert "NonFiniteLossError" in outcome.error and "try 2" in outcome.error
     assert not (tmp_path / "tutor" / "v1").exists()
-    core.committed(lineage, outcome)
+    lineage.record(outcome)
     assert lineage.version == 0 and lineage.quarantined == 1
     assert lineage.is_handled(TP, window.last_offset)
 
@@ -115,7 +117,7 @@ def test_a_lineage_on_another_base_model_is_refused_by_name(
     (window,) = _windows("tutor", 1)
     outcome = core.train(window, lineage)
     assert isinstance(outcome, Trained)
-    core.committed(lineage, outcome)
+    lineage.record(outcome.update)
 
     other_dir = build_tiny_model_dir(tmp_path / "other-base", seed=7)
     other = WindowTrainer(core.config, load_base_model(other_dir, torch.device("cpu"), "other"))
@@ -163,7 +165,7 @@ def test_lineages_are_rebuilt_once_whatever_is_read_twice(
     updates, quarantined = [], []
     for window in _windows("tutor", 3):
         outcome = core.train(window, lineage)
-        core.committed(lineage, outcome)
+        lineage.record(outcome.update if isinstance(outcome, Trained) else outcome)
         if isinstance(outcome, Trained):
             updates.append(_record("adapter-updates", len(updates), encode(outcome.update)))
         else:

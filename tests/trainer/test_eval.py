@@ -18,15 +18,18 @@ import pytest
 import torch
 from aiokafka import TopicPartition
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
 from schemas import LearningEvent, encode
-from tests.kafka_util import make_topics, produce, wait_for
-from tests.trainer.events import learning_event
-from trainer.core import Trained, TrainingConfig, WindowTrainer
+from tests.kafka_util import wait_for
+from trainer.committed import group_offsets
+from trainer.config import TrainingConfig
+from trainer.core import Trained, WindowTrainer
 from trainer.evaluation import EvalExample, extend_eval_set
-from trainer.history import group_offsets, pending_events
 from trainer.lineage import Lineage
 from trainer.lora import LoraSettings, LoraStepper
 from trainer.model import load_base_model
+from trainer.ranges import pending_events
 from trainer.store import EVAL_SET_FILE, AdapterStore
 from trainer.window import Windows, held_out
 
@@ -73,7 +76,7 @@ def _drive(
             continue
         offsets = windows.committable()  # what the driver commits with the outcome
         outcome = core.train(closed, lineage)
-        core.committed(lineage, outcome)
+        lineage.record(outcome.update if isinstance(outcome, Trained) else outcome)
         windows.settle(closed)
         committed = offsets[TP]
         if versions is not None and lineage.version >= versions:

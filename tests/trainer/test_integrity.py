@@ -15,17 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorastream.dev.events import PAIRS, learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from schemas import AdapterUpdate, Topics, decode, encode
-from tests.kafka_util import (
-    LORASTREAM,
-    Worker,
-    make_topics,
-    produce,
-    read_all,
-    wait_for,
-    worker_env,
-)
-from tests.trainer.events import PAIRS, learning_event
+from tests.kafka_util import read_all, wait_for
 from trainer import manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -177,7 +171,7 @@ def test_a_lora_setting_that_differs_from_the_lineage_is_one_line_naming_it(
     lineage = Lineage("tutor")
     outcome = old.train(first, lineage)
     assert isinstance(outcome, Trained)
-    old.committed(lineage, outcome)
+    lineage.record(outcome.update)
 
     new = _core(tiny_model_dir, tmp_path, lora=LoraSettings(**new_lora))  # type: ignore[arg-type]
     with pytest.raises(AdapterHeld) as info:

@@ -59,12 +59,24 @@ def test_the_loss_falls_from_window_to_window_on_a_learnable_task(base: BaseMode
 def test_a_step_leaves_the_callers_state_untouched_and_changes_the_weights(
     base: BaseModel,
 ) -> None:
-    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    """The first step is AdamW's first: every weight with a gradient moves by
+    ``lr * g / (|g| + eps)``, so by at most the learning rate and nearly by it. LoRA's B
+    starts at zero, so A has no gradient yet: only the B matrices move, every entry of them."""
+    settings = LoraSettings()
+    stepper = LoraStepper(base, settings, seed=0)
     state = stepper.initial_state()
     before = {k: t.clone() for k, t in state.weights.items()}
     result = stepper.step(state, WINDOW)
     assert all(torch.equal(state.weights[k], before[k]) for k in before)
-    assert any(not torch.equal(result.state.weights[k], before[k]) for k in before)
+    assert {k.rsplit(".", 2)[-2] for k in before} == {"lora_A", "lora_B"}
+    lr = settings.learning_rate
+    for key, old in before.items():
+        moved = (result.state.weights[key] - old).abs()
+        if ".lora_A." in key:
+            assert torch.equal(result.state.weights[key], old), key
+        else:
+            assert bool((moved > 0.5 * lr).all()), (key, float(moved.min()))
+            assert float(moved.max()) <= lr * (1 + 1e-5), (key, float(moved.max()))
     assert result.tokens == sum(len(r.encode()) + 1 for _, r in WINDOW)
 
 

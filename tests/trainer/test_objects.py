@@ -11,8 +11,9 @@ import obstore
 import pytest
 from aiokafka import TopicPartition
 
-from tests.trainer.events import learning_event
-from trainer.core import Trained, TrainingConfig, WindowTrainer
+from lorastream.dev.events import learning_event
+from trainer.config import TrainingConfig
+from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.lineage import Lineage
 from trainer.objects import MANIFEST_FILE, fetch_version
@@ -43,7 +44,7 @@ def _train(core: WindowTrainer, lineage: Lineage, first: int, count: int) -> lis
         if window is not None:
             outcome = core.train(window, lineage)
             assert isinstance(outcome, Trained)
-            core.committed(lineage, outcome)
+            lineage.record(outcome.update)
             out.append(outcome)
     return out
 
@@ -111,12 +112,9 @@ def test_an_unreachable_store_is_a_resource_to_wait_for(
     s3_env: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not the window's fault: the trainer waits and tries again (as for a full disk)."""
-    import socket
+    from lorastream.dev.ports import free_port
 
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     core = _core(tiny_model_dir, _url(s3_env), tmp_path / "cache")
     with pytest.raises(ResourceError, match="cannot upload"):
         _train(core, Lineage("tutor"), 0, 4)

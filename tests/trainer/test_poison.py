@@ -14,10 +14,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import Worker, worker_env
 from schemas import AdapterUpdate, QuarantineRecord, decode, encode
 from schemas.limits import KEPT_PAYLOAD_BYTES, MAX_OUTPUT_BYTES
-from tests.kafka_util import Worker, make_topics, produce, read_all, wait_for, worker_env
-from tests.trainer.events import learning_event
+from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

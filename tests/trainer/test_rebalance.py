@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.lineage_checks import check_trained_once, check_versions, check_windows
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import Worker, worker_env
 from schemas import AdapterUpdate, decode, encode
-from tests.kafka_util import Worker, make_topics, produce, read_all, wait_for, worker_env
-from tests.lineage_checks import check_trained_once, check_versions, check_windows
-from tests.trainer.events import learning_event
-from trainer.history import read_committed_topic
+from tests.kafka_util import read_all, wait_for
+from trainer.committed import read_committed_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

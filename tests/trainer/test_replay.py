@@ -25,18 +25,13 @@ import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.ports import free_port
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
-from tests.kafka_util import (
-    LORASTREAM,
-    Worker,
-    make_topics,
-    produce,
-    read_all,
-    wait_for,
-    worker_env,
-)
-from tests.trainer.events import learning_event
+from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -425,23 +420,19 @@ def test_a_replay_that_cannot_run_says_why_in_one_line(
 def test_with_the_broker_down_a_command_names_the_servers_in_one_line(
     tmp_path: Path, command: list[str]
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:  # bound, never listening: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        servers = f"127.0.0.1:{sock.getsockname()[1]}"
-        started = time.monotonic()
-        done = subprocess.run(
-            [LORASTREAM, *command],
-            env={
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": servers,
-                "LORASTREAM_HOME": str(tmp_path),
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    servers = f"127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
+    started = time.monotonic()
+    done = subprocess.run(
+        [LORASTREAM, *command],
+        env={
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": servers,
+            "LORASTREAM_HOME": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, worker_env
 from schemas import AdapterUpdate, Topics, decode, encode
-from tests.kafka_util import LORASTREAM, make_topics, produce, read_all, wait_for, worker_env
-from tests.trainer.events import learning_event
-from trainer.history import first_keyed
+from tests.kafka_util import read_all, wait_for
+from trainer.committed import first_keyed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
 from schemas import AdapterUpdate, LoraSpec, WindowSpec, encode
-from tests.kafka_util import make_topics, produce, read_all, wait_for
-from tests.trainer.events import learning_event
+from tests.kafka_util import read_all, wait_for
 from trainer.history import LineageLog, load_lineages
 from trainer.lineage import RECENT_WINDOWS, Lineage
 from trainer.snapshot import COMPLETE, lineage_of, snapshot_of

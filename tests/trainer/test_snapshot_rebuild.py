@@ -19,10 +19,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from lorastream.dev.events import learning_event
+from lorastream.dev.topics import make_topics, produce
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
-from tests.kafka_util import make_topics, produce, read_all, wait_for
-from tests.trainer.events import learning_event
+from tests.kafka_util import read_all, wait_for
 from tests.trainer.test_snapshot import _update as _update_at
 from trainer.history import LineageLog, _tail_doubt
 from trainer.lineage import Lineage

@@ -22,17 +22,11 @@ import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from safetensors.torch import load_file
 
+from lorastream.dev.events import PAIRS, learning_event
+from lorastream.dev.topics import make_topics, produce
+from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from schemas import AdapterUpdate, LearningEvent, Topics, decode, encode
-from tests.kafka_util import (
-    LORASTREAM,
-    Worker,
-    make_topics,
-    produce,
-    read_all,
-    wait_for,
-    worker_env,
-)
-from tests.trainer.events import PAIRS, learning_event
+from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -424,15 +418,14 @@ async def test_events_waiting_in_an_open_window_are_shown_in_the_log_list_and_me
     kafka_bootstrap: str, prefix: str, home: Path, tmp_path: Path
 ) -> None:
     """21 events with windows of 16: v1, and the other 5 are not invisible."""
-    import socket
     import urllib.request
+
+    from lorastream.dev.ports import free_port
 
     topics = await make_topics(kafka_bootstrap, prefix)
     events = [learning_event("tutor", n) for n in range(21)]
     await produce(kafka_bootstrap, topics.learning_events, [(b"tutor", encode(e)) for e in events])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = _env(
         kafka_bootstrap,
         prefix,

@@ -7,6 +7,8 @@ surrogates, invalid UTF-8, odd adapter names, null and binary keys, garbage
 headers, wrong types, unknown fields, tombstones; with valid records mixed
 in. The accountants then read what the stages wrote and put every input
 offset in exactly one outcome, or report it as lost.
+
+It serves the tests (``tests/test_storm.py``) and the soak; the product never imports it.
 """
 
 from __future__ import annotations

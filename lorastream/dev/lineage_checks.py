@@ -1,6 +1,7 @@
 """Checks of announced lineages, shared by the soak and the rebalance tests.
 
-Each returns a list of problems, one line each; an empty list is a pass.
+Each returns a list of problems, one line each; an empty list is a pass. It serves the
+tests and the soak; the product never imports it.
 """
 
 from __future__ import annotations

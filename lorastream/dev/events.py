@@ -1,4 +1,8 @@
-"""Learning events for the trainer's tests and benchmarks: a learnable task of four pairs."""
+"""Learning events for the trainer's tests, the benchmarks and the soak: a learnable task of
+four pairs.
+
+It serves the tests, ``bench/`` and the soak; the product never imports it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,305 @@
+"""``lorastream adapters list|repair|fetch|follow``: the announced adapter versions,
+as a table, as files on disk, or as they are announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from lorastream.cli.common import err, out, say, settings_of
+
+if TYPE_CHECKING:
+    from lorastream.settings import Settings
+    from trainer.lineage import Lineage
+
+__all__ = ["adapters_app"]
+
+adapters_app = typer.Typer(help="Announced adapter versions.", no_args_is_help=True)
+
+
+def _lineages(settings: Settings) -> dict[str, Lineage]:
+    """Every adapter's lineage, read in full from the announcements and the quarantine;
+    what LORASTREAM_ANNOUNCE_KEY and LORASTREAM_ADAPTER_DIR do not vouch for is skipped."""
+    from lorastream.stages import reader_verifier
+    from trainer.history import load_lineages
+
+    return asyncio.run(
+        load_lineages(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            settings.topics.quarantine,
+            settings.kafka_client_options(),
+            verifier=reader_verifier(settings),
+        )
+    )
+
+
+@adapters_app.command("list")
+def adapters_list(
+    ctx: typer.Context,
+    adapter: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="One AdapterUpdate JSON document per line.")
+    ] = False,
+    keep: Annotated[
+        int,
+        typer.Option(
+            "--keep", metavar="K", min=1, help="As serve's --keep, for the promotion gate's marks."
+        ),
+    ] = 2,
+    max_regression: Annotated[
+        float,
+        typer.Option(
+            "--max-regression",
+            metavar="FRACTION",
+            min=0,
+            help="As serve's --max-regression: versions the promotion gate refuses are marked.",
+        ),
+    ] = 0.02,
+) -> None:
+    """Print the lineage of every adapter: version, window, train loss, eval loss on the
+    held-out events (beside the base model's), time; and the events that wait in an open
+    window (a partial window trains when full, or after LORASTREAM_MAX_WAIT_SECONDS).
+
+    A version that `lorastream serve` with the same --keep and --max-regression refuses
+    for its eval loss is marked REFUSED, and why is said below the table."""
+    from rich.table import Table
+
+    from lorastream.cli.console import print_table
+    from lorastream.cli.status import hold_line
+    from lorastream.ops.status import holds_of
+    from lorastream.serving.verify import Refusal, judge_versions
+    from schemas import encode
+    from trainer.lineage import Lineage
+    from trainer.ranges import pending_events
+
+    settings = settings_of(ctx)
+    lineages = _lineages(settings)
+    chosen = [lineages[a] for a in sorted(lineages) if adapter in (None, a)]
+    if json:
+        for lineage in chosen:
+            for update in lineage.updates:
+                sys.stdout.write(encode(update).decode() + "\n")
+        return
+    pending = asyncio.run(
+        pending_events(
+            settings.bootstrap_servers,
+            settings.topics.learning_events,
+            settings.trainer_group_id,
+            lineages,
+            settings.kafka_client_options(),
+            settings.eval_fraction,
+        )
+    )
+    for name in sorted(pending.keys() - lineages.keys()):
+        if adapter in (None, name):
+            chosen.append(Lineage(name))
+    table = Table(
+        "adapter", "version", "parent", "window", "events", "loss", "eval", "created", "sha256"
+    )
+    refusals: list[tuple[str, int, Refusal]] = []
+    for lineage in chosen:
+        verdicts: dict[int, Refusal | None] = {}
+        judge_versions({u.version: u for u in lineage.updates}, verdicts, keep, max_regression)
+        for u in lineage.updates:
+            w = u.window
+            verdict = verdicts[u.version]
+            if verdict is not None:
+                refusals.append((u.adapter, u.version, verdict))
+            table.add_row(
+                u.adapter,
+                str(u.version),
+                str(u.parent_version or "-"),
+                str(w),
+                str(w.size),
+                f"{u.train_loss:.4f}",
+                (f"{u.eval.loss:.2f} (base {u.eval.base_loss:.2f})" if u.eval else "-")
+                + (" REFUSED" if verdict else ""),
+                u.created_at.isoformat(timespec="seconds"),
+                u.sha256[:12],
+            )
+        if pending.get(lineage.adapter):
+            table.add_row(
+                lineage.adapter,
+                "-",
+                "-",
+                f"open window: {pending[lineage.adapter]} event(s) waiting for "
+                f"{settings.window_size}",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
+        if lineage.quarantined:
+            table.add_row(
+                lineage.adapter,
+                "-",
+                "-",
+                f"{lineage.quarantined} window(s) quarantined",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
+    print_table(out, table)
+    for name, version, refusal in refusals:
+        out.print(
+            f"{name} v{version}: REFUSED by the promotion gate (serve --keep {keep} "
+            f"--max-regression {max_regression:g}): {refusal.detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    newest = [lin.latest for lin in chosen if lin.latest is not None]
+    for name, reason in sorted(holds_of(settings, newest).items()):
+        out.print(hold_line(name, reason), highlight=False, soft_wrap=True)
+
+
+@adapters_app.command("repair")
+def adapters_repair(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="The adapter whose files to repair.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only check and say what is wrong.")
+    ] = False,
+) -> None:
+    """Check every announced version of ADAPTER against its announcement, and rebuild the
+    bad ones from the log: the lineage is trained again from the base model with the
+    trainer's own rule, each version checked bit for bit against what was announced, and
+    only then put in place of the bad one (set aside as .v<N>.corrupt-<id>). Versions on
+    disk that were never announced are set aside (.v<N>.unannounced-<id>). A trainer that
+    holds the adapter goes on by itself (it checks every LORASTREAM_HOLD_RECHECK_SECONDS,
+    default 30). Run it with the settings the lineage
+    was trained with (seed, learning rate, evaluation); nothing changes unless every
+    rebuilt version matches."""
+    from lorastream.stages import replay_config
+    from trainer.repair import repair
+
+    settings = settings_of(ctx)
+    config = replay_config(settings, source=adapter, target=adapter)
+    report = asyncio.run(repair(config, adapter, dry_run=dry_run))
+    for fault in report.faults:
+        out.print(f"{adapter} v{fault.version}: {fault.reason}", highlight=False, soft_wrap=True)
+    for path in report.set_aside:
+        what = "would set aside" if dry_run else "set aside"
+        out.print(f"{what} {path} (never announced)", highlight=False, soft_wrap=True)
+    if not report.faults:
+        out.print(f"{adapter}: all {report.versions} version(s) are as announced")
+    elif dry_run:
+        out.print(f"{adapter}: {len(report.faults)} version(s) to rebuild (without --dry-run)")
+    else:
+        restored = ", ".join(f"v{v}" for v in report.restored)
+        out.print(
+            f"{adapter}: restored {restored} as announced ({report.retrained} window(s) "
+            "trained again from the log)"
+        )
+
+
+@adapters_app.command("fetch")
+def adapters_fetch(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="The adapter.")],
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="This version; default the newest.")
+    ] = None,
+) -> None:
+    """Print the local directory of an adapter version, ready for
+    ``PeftModel.from_pretrained(base, DIR)`` or a server's load call.
+
+    A version on an object store (s3://…) is fetched into LORASTREAM_ADAPTER_CACHE first
+    and every file checked against its manifest; a local one is checked against the
+    announced sha256. A version whose upload never finished (no manifest) is an error."""
+    from lorastream.serving.verify import check_files
+    from trainer.objects import fetch_version, is_remote
+
+    settings = settings_of(ctx)
+    lineages = _lineages(settings)
+    lineage = lineages.get(adapter)
+    if lineage is None or not lineage.updates:
+        err.print(
+            f"no version of adapter {adapter!r} is announced on {settings.topics.adapter_updates}"
+        )
+        raise typer.Exit(1)
+    chosen = [u for u in lineage.updates if version in (None, u.version)]
+    if not chosen:
+        newest = lineage.updates[-1].version
+        err.print(f"adapter {adapter} has no version {version} (the newest is v{newest})")
+        raise typer.Exit(1)
+    update = chosen[-1]
+    local = update.uri
+    if is_remote(update.uri):
+        local = str(fetch_version(update.uri, settings.adapter_cache_dir))
+    refusal = check_files(update.model_copy(update={"uri": local}), max_rank=1 << 30)
+    if refusal is not None:
+        err.print(f"{adapter} v{update.version}: {refusal.detail}")
+        raise typer.Exit(1)
+    out.print(local, highlight=False)
+
+
+@adapters_app.command("follow")
+def adapters_follow(
+    ctx: typer.Context,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="Print the announcements made so far first.")
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", help="Exit after this many announcements.")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Exit (status 1) if the count is not reached within this many seconds."),
+    ] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="Print each AdapterUpdate as one JSON line.")
+    ] = False,
+    give_up_after: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Exit (status 1) when Kafka has not answered for this many seconds."
+        ),
+    ] = 60.0,
+) -> None:
+    """Print each AdapterUpdate as it is committed (read_committed).
+
+    Starts at the end of the topic unless --from-beginning; says so on stderr.
+    """
+    from lorastream.ops.follow import follow
+    from lorastream.stages import reader_verifier
+
+    settings = settings_of(ctx)
+
+    def show(update: Any, raw: bytes) -> None:
+        if json:
+            sys.stdout.write(raw.decode() + "\n")
+            sys.stdout.flush()
+        else:
+            w = update.window
+            out.print(
+                f"{update.adapter} v{update.version}  loss {update.train_loss:.4f}  "
+                f"{w} ({w.size} events)  "
+                f"sha256 {update.sha256[:12]}  {update.uri}",
+                highlight=False,
+            )
+
+    seen = asyncio.run(
+        follow(
+            settings.bootstrap_servers,
+            settings.topics.adapter_updates,
+            show,
+            from_beginning=from_beginning,
+            count=count,
+            timeout=timeout,
+            client_options=settings.kafka_client_options(),
+            on_status=lambda line: say(err, line),
+            give_up_after=give_up_after,
+            verifier=reader_verifier(settings),
+        )
+    )
+    if count is not None and seen < count:
+        err.print(f"only {seen} of {count} announcements within {timeout}s")
+        raise typer.Exit(1)

@@ -1,0 +1,54 @@
+"""Serve's frozen configuration; :func:`lorastream.stages.serve_config` builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorastream.serving.backends import BackendKind
+from trainer.signing import Verifier
+
+__all__ = ["ServeConfig"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What serve needs; built from the settings by the wiring, never from the environment."""
+
+    bootstrap_servers: str
+    updates_topic: str
+    group_id: str
+    backend: BackendKind
+    url: str
+    keep: int = 2
+    drain_seconds: float = 30.0
+    max_regression: float = 0.02
+    """Refuse a version whose eval loss exceeds the best live one's by more than this fraction."""
+    adapters: frozenset[str] = frozenset()
+    """Only these adapters (all when empty)."""
+    max_lora_rank: int = 16
+    served_base: str | None = None
+    trainer_base: str | None = None
+    poll_seconds: float = 5.0
+    cache_dir: Path | None = None
+    """Where versions announced on an object store (s3://…) are fetched to, checked, and
+    loaded from (the server is given that local directory)."""
+    backoff_start: float = 1.0
+    backoff_max: float = 30.0
+    client_options: dict[str, Any] = field(default_factory=dict)
+    verifier: Verifier = field(default_factory=Verifier)
+    """What serve trusts: the announcement key, and the adapter location a version's files
+    must lie under (LORASTREAM_ADAPTER_DIR or its bucket); anything else is skipped."""
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError(f"keep must be at least 1, not {self.keep}")
+        if self.drain_seconds < 0:
+            raise ValueError(f"drain_seconds must be 0 or more, not {self.drain_seconds}")
+        if not self.max_regression >= 0:
+            raise ValueError(f"max_regression must be 0 or more, not {self.max_regression}")
+
+    def in_scope(self, adapter: str) -> bool:
+        """Whether serve follows ``adapter`` (``--adapter``; every adapter when none)."""
+        return not self.adapters or adapter in self.adapters
