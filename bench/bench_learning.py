@@ -70,6 +70,7 @@ from lorastream.settings import default_home, load_settings
 from lorastream.stages import lora_settings
 from schemas import AdapterUpdate, GenerationResult, KafkaPosition, Topics, encode
 from streams.scoring import Thresholds, process
+from trainer.kafka import KafkaConnection
 from trainer.offline import fine_tune
 
 WINDOW = 16
@@ -238,7 +239,7 @@ async def _follow_versions(
     updates: list[AdapterUpdate] = []
     following = asyncio.create_task(
         follow(
-            bootstrap,
+            KafkaConnection(bootstrap),
             topic,
             lambda update, _raw: updates.append(update),
             from_beginning=True,
@@ -280,7 +281,7 @@ def run(params: Params) -> None:
     png = default_home() / "bench" / f"learning-{prefix.rstrip('.')}.png"
     try:
         with _bootstrap(tmp) as bootstrap, bench_workers(bootstrap, prefix) as workers:
-            asyncio.run(create_topics(bootstrap, topic_specs(topics, 3, 1)))
+            asyncio.run(create_topics(KafkaConnection(bootstrap), topic_specs(topics, 3, 1)))
             clock.lap("broker and topics")
             _bench(
                 bootstrap,

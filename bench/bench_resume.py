@@ -41,6 +41,7 @@ from lorastream.dev.broker import kafka_answers
 from lorastream.ops.admin import create_topics, delete_topics, topic_specs
 from schemas import AdapterUpdate, LoraSpec, Topics, WindowSpec, encode
 from trainer.history import LineageLog, load_lineages
+from trainer.kafka import KafkaConnection
 from trainer.lineage import Lineage
 from trainer.snapshot import COMPLETE, snapshot_of
 
@@ -134,7 +135,7 @@ def _timed(
 async def _snapshot_records(bootstrap: str, topic: str) -> int:
     from trainer.committed import read_committed_topic
 
-    records, _ = await read_committed_topic(bootstrap, topic)
+    records, _ = await read_committed_topic(KafkaConnection(bootstrap), topic)
     return len(records)
 
 
@@ -148,7 +149,7 @@ def run(
         context = None if use_dev else bench_bootstrap(Path(tmp))
         bootstrap = "127.0.0.1:9092" if context is None else context.__enter__()
         try:
-            asyncio.run(create_topics(bootstrap, topic_specs(topics, 3, 1)))
+            asyncio.run(create_topics(KafkaConnection(bootstrap), topic_specs(topics, 3, 1)))
             started = time.perf_counter()
             size = asyncio.run(_write_history(bootstrap, topics, versions, adapters))
             wrote = time.perf_counter() - started
@@ -159,14 +160,16 @@ def run(
             full = _timed(
                 f"full read of the history ({versions:,} announcements)",
                 lambda: asyncio.run(
-                    load_lineages(bootstrap, topics.adapter_updates, topics.quarantine)
+                    load_lineages(
+                        KafkaConnection(bootstrap), topics.adapter_updates, topics.quarantine
+                    )
                 ),
                 versions,
             )
 
             def from_snapshots() -> dict[str, Lineage]:
                 log = LineageLog(
-                    bootstrap,
+                    KafkaConnection(bootstrap),
                     topics.adapter_updates,
                     topics.quarantine,
                     latest_topic=topics.adapter_latest,
@@ -205,7 +208,7 @@ def run(
                     compaction_wait,
                 )
         finally:
-            asyncio.run(delete_topics(bootstrap, list(topics.all())))
+            asyncio.run(delete_topics(KafkaConnection(bootstrap), list(topics.all())))
             if context is not None:
                 context.__exit__(None, None, None)
 

@@ -121,6 +121,7 @@ from schemas import (
     encode,
 )
 from trainer.committed import read_committed_topic
+from trainer.kafka import KafkaConnection
 from trainer.lineage import read_announcement
 from trainer.signing import Verifier
 
@@ -576,7 +577,7 @@ class Soak:
             try:
                 # The product's follower and verifier: a forged announcement is not a version.
                 await follow(
-                    self.bootstrap,
+                    KafkaConnection(self.bootstrap),
                     self.topics.adapter_updates,
                     seen,
                     from_beginning=True,
@@ -1015,7 +1016,7 @@ class Soak:
     # ── reading back and accounting ─────────────────────────────────────────
 
     async def read(self, topic: str) -> list[Any]:
-        records, _ = await read_committed_topic(self.bootstrap, topic)
+        records, _ = await read_committed_topic(KafkaConnection(self.bootstrap), topic)
         return records
 
     def trusted(self, records: list[Any]) -> tuple[list[AdapterUpdate], list[Skipped]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lorastream.dev.workers import Worker
 from lorastream.ops.admin import delete_topics, list_topics
+from trainer.kafka import KafkaConnection
 
 __all__ = ["bench_workers", "peak_rss"]
 
@@ -31,8 +32,8 @@ def bench_workers(bootstrap: str, prefix: str) -> Iterator[dict[str, Worker]]:
             worker.terminate()
 
         async def remove() -> list[str]:
-            found = await list_topics(bootstrap, prefix)
-            return await delete_topics(bootstrap, [t.name for t in found])
+            found = await list_topics(KafkaConnection(bootstrap), prefix)
+            return await delete_topics(KafkaConnection(bootstrap), [t.name for t in found])
 
         deleted = asyncio.run(remove())
         print(f"deleted {len(deleted)} topics {prefix}* on {bootstrap}")

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas import Topics
 from schemas.errors import LorastreamError
 from streams.scoring import Thresholds
+from trainer.kafka import KafkaConnection
 
 __all__ = [
     "Settings",
@@ -408,30 +409,35 @@ class Settings(BaseSettings):
         """The announcement signing key, or None (nothing signed, nothing checked)."""
         return self.announce_key.get_secret_value().encode() if self.announce_key else None
 
-    def kafka_client_options(self) -> dict[str, Any]:
-        """Security options in aiokafka's names, for every client we create."""
-        options: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.sasl_mechanism:
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
+    def kafka_connection(self) -> KafkaConnection:
+        """The servers and security options every client we create connects with; the
+        TLS context is built here, once per call."""
+        ssl_context = None
         if self.security_protocol.endswith("SSL"):
             from aiokafka.helpers import create_ssl_context
 
-            options["ssl_context"] = create_ssl_context(
+            ssl_context = create_ssl_context(
                 cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
                 certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
                 keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
             )
-        return options
+        sasl = bool(self.sasl_mechanism)
+        return KafkaConnection(
+            self.bootstrap_servers,
+            security_protocol=self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism if sasl else None,
+            sasl_username=self.sasl_username if sasl else None,
+            sasl_password=(
+                self.sasl_password.get_secret_value() if sasl and self.sasl_password else None
+            ),
+            ssl_context=ssl_context,
+        )
 
     def faust_credentials(self) -> Any:
         """The same security settings as Faust's credentials object, or None."""
         import faust
 
-        ssl_context = self.kafka_client_options().get("ssl_context")
+        ssl_context = self.kafka_connection().ssl_context
         if self.sasl_mechanism:
             return faust.SASLCredentials(
                 username=self.sasl_username,

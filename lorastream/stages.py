@@ -127,14 +127,13 @@ def trainer_config(settings: Settings) -> TrainerConfig:
     from trainer.config import TrainerConfig
 
     return TrainerConfig(
-        bootstrap_servers=settings.bootstrap_servers,
+        kafka=settings.kafka_connection(),
         topics=settings.topics,
         group_id=settings.trainer_group_id,
         transactional_id=settings.transactional_id,
         training=training_config(settings),
         max_wait_seconds=settings.max_wait_seconds,
         hold_recheck_seconds=settings.hold_recheck_seconds,
-        client_options=settings.kafka_client_options(),
         verifier=announcement_verifier(settings),
     )
 
@@ -153,7 +152,7 @@ def replay_config(
 
     topics = settings.topics
     return ReplayConfig(
-        bootstrap_servers=settings.bootstrap_servers,
+        kafka=settings.kafka_connection(),
         topics=topics,
         topic=topics.generation_results if rescore else topics.learning_events,
         source=source,
@@ -163,7 +162,6 @@ def replay_config(
         start=start,
         end=end,
         resume=resume,
-        client_options=settings.kafka_client_options(),
         verifier=announcement_verifier(settings),
     )
 
@@ -187,7 +185,7 @@ def serve_config(
 
     trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
     return ServeConfig(
-        bootstrap_servers=settings.bootstrap_servers,
+        kafka=settings.kafka_connection(),
         updates_topic=settings.topics.adapter_updates,
         group_id=f"{settings.topic_prefix}lorastream-serve",
         backend="vllm" if backend == "vllm" else "sglang",
@@ -201,7 +199,6 @@ def serve_config(
         trainer_base=trainer_base,
         poll_seconds=poll,
         cache_dir=settings.adapter_cache_dir,
-        client_options=settings.kafka_client_options(),
         verifier=announcement_verifier(settings),
     )
 

@@ -18,7 +18,7 @@ from aiokafka.structs import ConsumerRecord
 
 from trainer.committed import drain, topic_partitions
 from trainer.exceptions import TrainerError
-from trainer.kafka import reader
+from trainer.kafka import KafkaConnection, reader
 
 
 async def read_all(
@@ -42,7 +42,9 @@ async def read_all(
     An open transaction (a worker paused or killed inside one) holds the end back; unlike
     ``trainer.committed.read_committed_topic``, this reader does not wait for it to end.
     """
-    async with reader(bootstrap, f"reading {topic}", isolation_level=isolation_level) as consumer:
+    async with reader(
+        KafkaConnection(bootstrap), f"reading {topic}", isolation_level=isolation_level
+    ) as consumer:
         tps = await _partitions(consumer, topic, bootstrap)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

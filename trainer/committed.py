@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -32,7 +31,14 @@ from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.structs import ConsumerRecord
 
 from trainer.exceptions import TrainerError
-from trainer.kafka import admin_client, kafka_errors, reader, send_to_node, track_topics
+from trainer.kafka import (
+    KafkaConnection,
+    admin_client,
+    kafka_errors,
+    reader,
+    send_to_node,
+    track_topics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ EARLIEST, LATEST = -2, -1
 
 
 async def topic_partitions(
-    consumer: AIOKafkaConsumer, topic: str, bootstrap_servers: str
+    consumer: AIOKafkaConsumer, topic: str, servers: str
 ) -> list[TopicPartition]:
     """The partitions of ``topic``; a started consumer knows no topic until it asks for one."""
     partitions = consumer.partitions_for_topic(topic)
@@ -65,7 +71,7 @@ async def topic_partitions(
         partitions = consumer.partitions_for_topic(topic)
     if not partitions:
         raise TrainerError(
-            f"topic {topic} does not exist on {bootstrap_servers}; run `lorastream topics create`"
+            f"topic {topic} does not exist on {servers}; run `lorastream topics create`"
         )
     return [TopicPartition(topic, p) for p in sorted(partitions)]
 
@@ -89,8 +95,7 @@ async def drain(
 async def _settled_ends(
     consumer: AIOKafkaConsumer,
     tps: list[TopicPartition],
-    bootstrap_servers: str,
-    client_options: dict[str, Any] | None,
+    kafka: KafkaConnection,
 ) -> dict[TopicPartition, int]:
     """The read_committed end of each partition once every transaction open now has ended.
 
@@ -104,9 +109,8 @@ async def _settled_ends(
     version it needs (a partition's versions come from its one owner).
     """
     async with reader(
-        bootstrap_servers,
+        kafka,
         f"reading {tps[0].topic}",
-        client_options,
         isolation_level="read_uncommitted",
     ) as plain:
         highwater = await plain.end_offsets(tps)
@@ -143,9 +147,8 @@ async def _seek(
 
 
 async def read_committed_topic(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     since: dict[TopicPartition, int] | None = None,
 ) -> tuple[list[ConsumerRecord[bytes, bytes]], dict[TopicPartition, int]]:
     """The committed records of ``topic`` as of now (from ``since``, else the beginning),
@@ -155,9 +158,9 @@ async def read_committed_topic(
     they have ended (see :func:`_settled_ends`).
     """
     since = since or {}
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
-        ends = await _settled_ends(consumer, tps, bootstrap_servers, client_options)
+    async with reader(kafka, f"reading {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, kafka.servers)
+        ends = await _settled_ends(consumer, tps, kafka)
         await _seek(consumer, tps, since)
         records: list[ConsumerRecord[bytes, bytes]] = []
         async for batch in drain(consumer, ends):
@@ -167,9 +170,8 @@ async def read_committed_topic(
 
 
 async def stream_committed(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     *,
     settle: bool = True,
 ) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
@@ -182,10 +184,10 @@ async def stream_committed(
     A topic that does not exist is the one :class:`~trainer.exceptions.TrainerError` it
     raises.
     """
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+    async with reader(kafka, f"reading {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, kafka.servers)
         if settle:
-            ends = await _settled_ends(consumer, tps, bootstrap_servers, client_options)
+            ends = await _settled_ends(consumer, tps, kafka)
         else:
             ends = await consumer.end_offsets(tps)
         await _seek(consumer, tps, {})
@@ -195,10 +197,9 @@ async def stream_committed(
 
 
 async def first_keyed(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
     key: str,
-    client_options: dict[str, Any] | None = None,
 ) -> ConsumerRecord[bytes, bytes] | None:
     """The first committed record of ``topic`` keyed ``key``, or None.
 
@@ -208,8 +209,8 @@ async def first_keyed(
     from aiokafka.partitioner import murmur2
 
     wanted = key.encode()
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+    async with reader(kafka, f"reading {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, kafka.servers)
         tp = tps[(murmur2(wanted) & 0x7FFFFFFF) % len(tps)]
         end = (await consumer.end_offsets([tp]))[tp]
         await _seek(consumer, [tp], {})
@@ -220,14 +221,12 @@ async def first_keyed(
         return None
 
 
-async def committed_ends(
-    bootstrap_servers: str, topic: str, client_options: dict[str, Any] | None = None
-) -> dict[TopicPartition, int]:
+async def committed_ends(kafka: KafkaConnection, topic: str) -> dict[TopicPartition, int]:
     """Where a read_committed reader of ``topic`` ends now, once the transactions open now
     have ended (see :func:`_settled_ends`)."""
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
-        return await _settled_ends(consumer, tps, bootstrap_servers, client_options)
+    async with reader(kafka, f"reading {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, kafka.servers)
+        return await _settled_ends(consumer, tps, kafka)
 
 
 # ── offsets and lag ──────────────────────────────────────────────────────────
@@ -300,10 +299,9 @@ async def _group_offsets(
 
 
 async def group_offsets(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     group_id: str,
     topic: str,
-    client_options: dict[str, Any] | None = None,
 ) -> dict[TopicPartition, int]:
     """The offsets ``group_id`` has committed on ``topic`` (none for a group never run).
 
@@ -311,15 +309,14 @@ async def group_offsets(
     makes Kafka create ``__consumer_offsets`` and answers "coordinator not available"
     until it has: that is waited out (up to 15 s), not reported as a failure."""
     doing = f"reading the offsets of group {group_id}"
-    with kafka_errors(bootstrap_servers, doing):
-        async with admin_client(bootstrap_servers, doing, client_options) as admin:
+    with kafka_errors(kafka.servers, doing):
+        async with admin_client(kafka, doing) as admin:
             return await _group_offsets(admin, group_id, topic)
 
 
 async def topic_extent(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     group_id: str | None = None,
 ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int], dict[TopicPartition, int]]:
     """Each partition's log start, its end as a ``read_committed`` reader sees it, and
@@ -327,12 +324,12 @@ async def topic_extent(
     :func:`group_offsets`). A partition whose offsets its leader does not give is a
     :class:`~schemas.errors.KafkaUnavailableError`."""
     doing = f"reading the offsets of {topic}"
-    with kafka_errors(bootstrap_servers, doing):
-        async with admin_client(bootstrap_servers, doing, client_options) as admin:
+    with kafka_errors(kafka.servers, doing):
+        async with admin_client(kafka, doing) as admin:
             leaders = (await partition_leaders(admin, [topic])).get(topic)
             if not leaders:
                 raise TrainerError(
-                    f"topic {topic} does not exist on {bootstrap_servers}; "
+                    f"topic {topic} does not exist on {kafka.servers}; "
                     "run `lorastream topics create`"
                 )
             starts = await log_offsets(admin, leaders, EARLIEST)
@@ -344,6 +341,6 @@ async def topic_extent(
                 )
             committed: dict[TopicPartition, int] = {}
             if group_id is not None:
-                with kafka_errors(bootstrap_servers, f"reading the offsets of group {group_id}"):
+                with kafka_errors(kafka.servers, f"reading the offsets of group {group_id}"):
                     committed = await _group_offsets(admin, group_id, topic)
     return starts, ends, committed

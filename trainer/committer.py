@@ -24,7 +24,6 @@ import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
@@ -38,7 +37,7 @@ from aiokafka.errors import (
 from schemas import QuarantineRecord, Topics, encode
 from trainer.core import Outcome, Trained
 from trainer.exceptions import TrainerError
-from trainer.kafka import kafka_errors
+from trainer.kafka import KafkaConnection, kafka_errors
 from trainer.lineage import Lineage
 from trainer.signing import signed_headers
 from trainer.snapshot import snapshot_of
@@ -101,19 +100,17 @@ class Committer:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaConnection,
         transactional_id: str,
         group_id: str | None = None,
-        client_options: dict[str, Any] | None = None,
         idle_commit_seconds: float = 5.0,
         announce_key: bytes | None = None,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self.transactional_id = transactional_id
         # Every record says who wrote it and, with a key, proves it (trainer.signing).
         self.announce_key = announce_key
         self.group_id = group_id
-        self.client_options = client_options or {}
         self.idle_commit_seconds = idle_commit_seconds
         self.state = CommitState.NEW
         self._producer: AIOKafkaProducer | None = None
@@ -135,7 +132,6 @@ class Committer:
 
     async def _new_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
             transactional_id=self.transactional_id,
             enable_idempotence=True,
             acks="all",
@@ -143,10 +139,10 @@ class Committer:
             # inside one keeps every read_committed reader (and so a resume) waiting until
             # the broker aborts it, after this long.
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-            **self.client_options,
+            **self.kafka.client_kwargs(),
         )
         try:
-            with kafka_errors(self.bootstrap_servers, f"starting {self.transactional_id}"):
+            with kafka_errors(self.kafka.servers, f"starting {self.transactional_id}"):
                 await producer.start()
         except BaseException:
             await producer.stop()

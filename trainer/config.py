@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from schemas import Topics
+from trainer.kafka import KafkaConnection
 from trainer.lora import LoraSettings
 from trainer.ranges import Bound
 from trainer.signing import Verifier
@@ -63,14 +63,13 @@ class TrainingConfig:
 class TrainerConfig:
     """The live trainer: a consumer group on ``learning-events``."""
 
-    bootstrap_servers: str
+    kafka: KafkaConnection
     topics: Topics
     group_id: str
     transactional_id: str
     training: TrainingConfig
     max_wait_seconds: float | None = None
     idle_commit_seconds: float = 5.0
-    client_options: dict[str, Any] = field(default_factory=dict)
     verifier: Verifier = field(default_factory=Verifier)
     """What the resume trusts of adapter-updates, and the key the committer signs with."""
     # How often an adapter on hold is checked again (its files repaired, its setting back).
@@ -85,7 +84,7 @@ class ReplayConfig:
     driver re-scores (its decoder then applies the scoring rule).
     """
 
-    bootstrap_servers: str
+    kafka: KafkaConnection
     topics: Topics
     topic: str
     source: str | None
@@ -95,6 +94,5 @@ class ReplayConfig:
     start: Bound | None = None
     end: Bound | None = None
     resume: bool = False
-    client_options: dict[str, Any] = field(default_factory=dict)
     verifier: Verifier = field(default_factory=Verifier)
     """What the replay trusts of adapter-updates, and the key its committer signs with."""

@@ -97,19 +97,17 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.windows = Windows(config.training.window_size, config.training.eval_fraction)
         self.history = LineageLog(
-            config.bootstrap_servers,
+            config.kafka,
             config.topics.adapter_updates,
             config.topics.quarantine,
-            config.client_options,
             latest_topic=config.topics.adapter_latest,
             verifier=config.verifier.counting(self.metrics.reject),
         )
         self.core: WindowTrainer | None = None
         self.committer = Committer(
-            config.bootstrap_servers,
+            config.kafka,
             config.transactional_id,
             config.group_id,
-            config.client_options,
             config.idle_commit_seconds,
             announce_key=config.verifier.key,
         )
@@ -136,16 +134,15 @@ class Trainer:
         # The committer first: it aborts a killed predecessor's open transaction.
         await self.committer.start()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers,
             group_id=cfg.group_id,
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
             max_poll_interval_ms=30 * 60 * 1000,
-            **cfg.client_options,
+            **cfg.kafka.client_kwargs(),
         )
         try:
-            with kafka_errors(cfg.bootstrap_servers, f"joining group {cfg.group_id}"):
+            with kafka_errors(cfg.kafka.servers, f"joining group {cfg.group_id}"):
                 await self._consumer.start()
         except BaseException:
             await self.stop()
@@ -196,7 +193,7 @@ class Trainer:
         consumer = self._consumer
         while not self._stopping.is_set():
             generation = self._generation
-            with kafka_errors(self.config.bootstrap_servers, "reading learning events"):
+            with kafka_errors(self.config.kafka.servers, "reading learning events"):
                 batch = await consumer.getmany(timeout_ms=500, max_records=256)
                 await self.progress.report_lag(consumer)
             if batch:
@@ -233,7 +230,7 @@ class Trainer:
         assigned = set(consumer.assignment())
         self.windows.keep_only(set())
         for tp in assigned:
-            with kafka_errors(self.config.bootstrap_servers, "reading the committed offsets"):
+            with kafka_errors(self.config.kafka.servers, "reading the committed offsets"):
                 committed = await consumer.committed(tp)
             if tp not in consumer.assignment():
                 continue  # revoked by a rebalance while we read: its new owner positions it

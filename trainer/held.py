@@ -35,6 +35,13 @@ class Holds:
         self.reasons: dict[str, str] = {}
         self._checked = 0.0  # when they were last checked (or one was last held)
 
+    def __len__(self) -> int:
+        """How many adapters are held: a trainer holding none is falsy."""
+        return len(self.reasons)
+
+    def __contains__(self, adapter: object) -> bool:
+        return adapter in self.reasons
+
     def hold(self, window: Window, held: AdapterHeld) -> None:
         """Hold ``held.adapter`` (``window`` is the one it could not train); said once per
         reason."""

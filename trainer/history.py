@@ -10,7 +10,6 @@ committed records only, up to the settled end, no group's offsets moved.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -18,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 from schemas import AdapterUpdate
 from schemas.limits import clip
 from trainer.committed import committed_ends, read_committed_topic
+from trainer.kafka import KafkaConnection
 from trainer.lineage import Lineage, apply_records, read_announcement
 from trainer.signing import WRITER_HEADER, Verifier, header
 from trainer.snapshot import (
@@ -57,20 +57,18 @@ class LineageLog:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaConnection,
         updates_topic: str,
         quarantine_topic: str | None = None,
-        client_options: dict[str, Any] | None = None,
         latest_topic: str | None = None,
         verifier: Verifier | None = None,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         # What is trusted of adapter-updates and its snapshots (trainer.signing).
         self.verifier = verifier or Verifier()
         self.updates_topic = updates_topic
         self.quarantine_topic = quarantine_topic
         self.latest_topic = latest_topic
-        self.client_options = client_options
         self.lineages: dict[str, Lineage] = {}
         # Per learning-events partition, the last offset quarantined as unreadable: unreadable
         # records are quarantined in offset order, so one at or below it is quarantined
@@ -165,8 +163,8 @@ class LineageLog:
         snapshot in one transaction) and every key's newest record are readable
         (:func:`~trainer.snapshot.read_snapshot`); an unreadable record that the completion
         names (under a key that is no adapter's) is known, and does not count."""
-        ends = await committed_ends(self.bootstrap_servers, self.updates_topic, self.client_options)
-        records, _ = await read_committed_topic(self.bootstrap_servers, topic, self.client_options)
+        ends = await committed_ends(self.kafka, self.updates_topic)
+        records, _ = await read_committed_topic(self.kafka, topic)
         newest: dict[bytes | None, ConsumerRecord[bytes, bytes]] = {}
         for record in records:  # in offset order per partition: the last one stands
             newest[record.key] = record
@@ -248,9 +246,7 @@ class LineageLog:
             )
 
     async def _read(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-        records, reached = await read_committed_topic(
-            self.bootstrap_servers, topic, self.client_options, self._reached.get(topic)
-        )
+        records, reached = await read_committed_topic(self.kafka, topic, self._reached.get(topic))
         self._reached[topic] = reached
         if topic in (self.updates_topic, self.quarantine_topic):
             for record in records:
@@ -301,14 +297,11 @@ def _tail_doubt(
 
 
 async def load_lineages(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     updates_topic: str,
     quarantine_topic: str | None = None,
-    client_options: dict[str, Any] | None = None,
     verifier: Verifier | None = None,
 ) -> dict[str, Lineage]:
     """Every adapter's lineage from the committed announcements (and quarantine records)
     that ``verifier`` trusts."""
-    return await LineageLog(
-        bootstrap_servers, updates_topic, quarantine_topic, client_options, verifier=verifier
-    ).refresh()
+    return await LineageLog(kafka, updates_topic, quarantine_topic, verifier=verifier).refresh()

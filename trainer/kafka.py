@@ -8,6 +8,10 @@ was being done, never as a traceback. :func:`reader` starts a group-less
 ``read_committed`` consumer and stops it on every path, including a failed
 start (aiokafka warns about an unclosed client otherwise).
 
+Every client is made from one :class:`KafkaConnection`: the servers and the
+security options together, frozen, turned into aiokafka's keyword arguments only
+where a client is built (:meth:`KafkaConnection.options`).
+
 A refused connection (wrong SASL credentials or mechanism, a TLS handshake that
 fails) reaches aiokafka's caller only as "Unable to bootstrap", the cause being in
 aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` and
@@ -23,6 +27,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -34,6 +39,7 @@ from schemas.errors import KafkaUnavailableError, LorastreamError
 
 __all__ = [
     "KafkaAuthenticationError",
+    "KafkaConnection",
     "admin_client",
     "kafka_errors",
     "reader",
@@ -50,6 +56,47 @@ _SASL_REFUSALS = (
     _errors.UnsupportedSaslMechanismError,
     _errors.IllegalSaslStateError,
 )
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where Kafka is and how to reach it: the bootstrap servers and the security options.
+
+    One object travels from the settings to every client instead of the servers and a
+    dict of options side by side; frozen so that nobody changes it on the way, the
+    password kept out of its repr. ``str()`` is the servers, as messages name them.
+    """
+
+    servers: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    # An SSLContext has no useful equality; two connections differ by their settings.
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.servers
+
+    @property
+    def secured(self) -> bool:
+        """Whether the cluster wants TLS or SASL (a refusal is then worth explaining)."""
+        return self.security_protocol != "PLAINTEXT"
+
+    def options(self) -> dict[str, Any]:
+        """The security options in aiokafka's keyword names, for a client or a connection."""
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        if self.ssl_context is not None:
+            options["ssl_context"] = self.ssl_context
+        return options
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """:meth:`options` with ``bootstrap_servers``: all a client's connection arguments."""
+        return {"bootstrap_servers": self.servers, **self.options()}
 
 
 class KafkaAuthenticationError(KafkaUnavailableError):
@@ -71,9 +118,7 @@ class KafkaAuthenticationError(KafkaUnavailableError):
         )
 
 
-async def refusal(
-    servers: str, doing: str, client_options: dict[str, Any] | None
-) -> KafkaAuthenticationError | None:
+async def refusal(kafka: KafkaConnection, doing: str) -> KafkaAuthenticationError | None:
     """Why a secured cluster refused us, after a client failed with "Unable to bootstrap".
 
     aiokafka logs the cause (a SASL or TLS failure) and raises only that. So, for a
@@ -82,27 +127,19 @@ async def refusal(
     """
     from aiokafka.conn import create_conn
 
-    options = dict(client_options or {})
-    if options.get("security_protocol", "PLAINTEXT") == "PLAINTEXT":
+    if not kafka.secured:
         return None
-    host, _, port = servers.split(",")[0].strip().rpartition(":")
-    keys = (
-        "security_protocol",
-        "ssl_context",
-        "sasl_mechanism",
-        "sasl_plain_username",
-        "sasl_plain_password",
-    )
+    host, _, port = kafka.servers.split(",")[0].strip().rpartition(":")
     try:
         conn = await asyncio.wait_for(
-            create_conn(host, int(port), **{k: options[k] for k in keys if k in options}),
+            create_conn(host, int(port), **kafka.options()),
             timeout=10,
         )
     except (*_SASL_REFUSALS, ssl.SSLError) as exc:
         tls = isinstance(exc, ssl.SSLError)
         # aiokafka's broker errors already name themselves: "[Error 58] SaslAuthenticationFailed: …"
         reason = _reason(exc) if tls else str(exc).strip() or type(exc).__name__
-        return KafkaAuthenticationError(servers, doing, reason, tls=tls)
+        return KafkaAuthenticationError(kafka.servers, doing, reason, tls=tls)
     except (OSError, KafkaError, TimeoutError, ValueError):
         return None
     conn.close()
@@ -144,16 +181,17 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
 
 @asynccontextmanager
 async def reader(
-    servers: str, doing: str, client_options: dict[str, Any] | None = None, **options: Any
+    kafka: KafkaConnection, doing: str, **options: Any
 ) -> AsyncIterator[AIOKafkaConsumer]:
     """A started consumer without a group (``read_committed`` unless ``options`` say
     otherwise, no auto commit)."""
+    servers = kafka.servers
     consumer = AIOKafkaConsumer(
         bootstrap_servers=servers,
         **{
             "enable_auto_commit": False,
             "isolation_level": "read_committed",
-            **(client_options or {}),
+            **kafka.options(),
             **options,
         },
     )
@@ -161,7 +199,7 @@ async def reader(
         try:
             await consumer.start()
         except KafkaError as exc:
-            refused = await refusal(servers, doing, client_options)
+            refused = await refusal(kafka, doing)
             if refused is not None:
                 raise refused from exc
             raise
@@ -175,16 +213,16 @@ async def reader(
 
 @asynccontextmanager
 async def admin_client(
-    servers: str, doing: str, client_options: dict[str, Any] | None = None, **options: Any
+    kafka: KafkaConnection, doing: str, **options: Any
 ) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on every path. A secured cluster that refuses it is a
     :class:`KafkaAuthenticationError`; other Kafka errors pass, for the caller to name."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers, **{**options, **(client_options or {})})
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.servers, **{**options, **kafka.options()})
     try:
         try:
             await admin.start()
         except KafkaError as exc:
-            refused = await refusal(servers, doing, client_options)
+            refused = await refusal(kafka, doing)
             if refused is not None:
                 raise refused from exc
             raise

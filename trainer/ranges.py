@@ -14,14 +14,13 @@ import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from schemas import LearningEvent, SchemaError, decode
 from trainer.committed import drain, group_offsets, read_committed_topic, topic_partitions
-from trainer.kafka import reader
+from trainer.kafka import KafkaConnection, reader
 from trainer.lineage import Lineage
 from trainer.window import held_out
 
@@ -63,11 +62,10 @@ async def _first_timestamp(consumer: AIOKafkaConsumer, tp: TopicPartition, offse
 
 
 async def resolve_range(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
     start: Bound | None = None,
     end: Bound | None = None,
-    client_options: dict[str, Any] | None = None,
 ) -> list[PartitionRange]:
     """Turn ``start``/``end`` (both inclusive; None = the log's ends) into offsets per partition.
 
@@ -76,8 +74,8 @@ async def resolve_range(
     by record timestamp. A range that reaches below what a partition still
     retains says so in :attr:`PartitionRange.gone`.
     """
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+    async with reader(kafka, f"reading {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, kafka.servers)
         firsts = await consumer.beginning_offsets(tps)
         lasts = await consumer.end_offsets(tps)
         at_start = await _offsets_at(consumer, tps, start, lasts)
@@ -121,9 +119,8 @@ async def _offsets_at(
 
 
 async def read_range(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     ranges: Sequence[PartitionRange],
-    client_options: dict[str, Any] | None = None,
     starts: dict[TopicPartition, int] | None = None,
 ) -> AsyncGenerator[list[ConsumerRecord[bytes, bytes]], None]:
     """Batches of the committed records in ``ranges``; each partition's in offset order.
@@ -135,7 +132,7 @@ async def read_range(
     if not wanted:
         return
     topic = wanted[0].tp.topic
-    async with reader(bootstrap_servers, f"reading {topic}", client_options) as consumer:
+    async with reader(kafka, f"reading {topic}") as consumer:
         consumer.assign([r.tp for r in wanted])
         ends = {}
         for r in wanted:
@@ -146,19 +143,18 @@ async def read_range(
 
 
 async def pending_events(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
     group_id: str,
     lineages: dict[str, Lineage],
-    client_options: dict[str, Any] | None = None,
     eval_fraction: float = 0.0,
 ) -> dict[str, int]:
     """Per adapter, the learning events that wait for a window: those in open windows and
     those the trainer has not read, less the ones it holds out for evaluation
     (``eval_fraction``, as the trainer's; they never train). Read from the trainer
     group's committed offsets, which never pass an open window's first event."""
-    since = await group_offsets(bootstrap_servers, group_id, topic, client_options)
-    records, _ = await read_committed_topic(bootstrap_servers, topic, client_options, since)
+    since = await group_offsets(kafka, group_id, topic)
+    records, _ = await read_committed_topic(kafka, topic, since)
     counted: dict[str, set[str]] = {}
     for record in records:
         try:

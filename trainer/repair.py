@@ -101,10 +101,9 @@ def _set_aside(directory: Path, why: str) -> Path:
 async def repair(config: ReplayConfig, adapter: str, dry_run: bool = False) -> RepairReport:
     """Check ``adapter``'s files and rebuild the bad ones (see the module docstring)."""
     history = LineageLog(
-        config.bootstrap_servers,
+        config.kafka,
         config.topics.adapter_updates,
         config.topics.quarantine,
-        config.client_options,
         verifier=config.verifier,  # only what the trainer's own readers trust
     )
     lineages = await history.refresh()
@@ -138,11 +137,9 @@ async def _rebuild(
         core = await asyncio.to_thread(WindowTrainer.load, training)
         shadow = Lineage(lineage.adapter)
         windows = Windows(training.window_size, training.eval_fraction)
-        ranges = await resolve_range(
-            config.bootstrap_servers, config.topic, client_options=config.client_options
-        )
+        ranges = await resolve_range(config.kafka, config.topic)
         decoder = learning_event_decoder(lineage.adapter)
-        batches = read_range(config.bootstrap_servers, ranges, config.client_options)
+        batches = read_range(config.kafka, ranges)
         async with aclosing(batches):
             async for batch in batches:
                 for record in batch:

@@ -153,9 +153,7 @@ class Replay:
     async def resolve(self) -> list[PartitionRange]:
         """The offsets to read per partition (``gone`` says what the log no longer holds)."""
         cfg = self.config
-        self.ranges = await resolve_range(
-            cfg.bootstrap_servers, cfg.topic, cfg.start, cfg.end, cfg.client_options
-        )
+        self.ranges = await resolve_range(cfg.kafka, cfg.topic, cfg.start, cfg.end)
         return self.ranges
 
     async def _events(
@@ -165,7 +163,7 @@ class Replay:
         in offset order. Unreadable records are counted in ``plan``, never trained."""
         cfg = self.config
         ranges = self.ranges if self.ranges is not None else await self.resolve()
-        batches = read_range(cfg.bootstrap_servers, ranges, cfg.client_options, starts)
+        batches = read_range(cfg.kafka, ranges, starts)
         async with aclosing(batches):
             async for batch in batches:
                 for record in batch:
@@ -220,20 +218,13 @@ class Replay:
         it aborts what a killed run left open, so the lineages hold exactly what that run
         committed); the target lineage is checked (:meth:`target_lineage`)."""
         cfg = self.config
-        committer = Committer(
-            cfg.bootstrap_servers,
-            cfg.transactional_id,
-            None,
-            cfg.client_options,
-            announce_key=cfg.verifier.key,
-        )
+        committer = Committer(cfg.kafka, cfg.transactional_id, None, announce_key=cfg.verifier.key)
         await committer.start()
         try:
             history = LineageLog(
-                cfg.bootstrap_servers,
+                cfg.kafka,
                 cfg.topics.adapter_updates,
                 cfg.topics.quarantine,
-                cfg.client_options,
                 verifier=cfg.verifier,
             )
             await history.refresh()
@@ -261,9 +252,7 @@ class Replay:
                 f"{cfg.topics.adapter_updates} were written by {', '.join(named)}, not by a "
                 f"replay into {target}; choose another --into"
             )
-        event = await first_keyed(
-            cfg.bootstrap_servers, cfg.topics.learning_events, target, cfg.client_options
-        )
+        event = await first_keyed(cfg.kafka, cfg.topics.learning_events, target)
         if event is not None:
             raise ReplayError(
                 f"--into {target} is an adapter the live pipeline owns: "

@@ -29,10 +29,9 @@ def _lineages(settings: Settings) -> dict[str, Lineage]:
 
     return asyncio.run(
         load_lineages(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             settings.topics.adapter_updates,
             settings.topics.quarantine,
-            settings.kafka_client_options(),
             verifier=reader_verifier(settings),
         )
     )
@@ -87,11 +86,10 @@ def adapters_list(
         return
     pending = asyncio.run(
         pending_events(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             settings.topics.learning_events,
             settings.trainer_group_id,
             lineages,
-            settings.kafka_client_options(),
             settings.eval_fraction,
         )
     )
@@ -288,13 +286,12 @@ def adapters_follow(
 
     seen = asyncio.run(
         follow(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             settings.topics.adapter_updates,
             show,
             from_beginning=from_beginning,
             count=count,
             timeout=timeout,
-            client_options=settings.kafka_client_options(),
             on_status=lambda line: say(err, line),
             give_up_after=give_up_after,
             verifier=reader_verifier(settings),

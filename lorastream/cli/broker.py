@@ -105,8 +105,6 @@ def topics_create(
     specs = topic_specs(
         settings.topics, partitions, replication_factor, settings.history_retention_ms
     )
-    outcome = asyncio.run(
-        create_topics(settings.bootstrap_servers, specs, settings.kafka_client_options())
-    )
+    outcome = asyncio.run(create_topics(settings.kafka_connection(), specs))
     for name, what in outcome.items():
         out.print(f"{what:8} {name}")

@@ -111,9 +111,7 @@ def dead_letters_list(
     async def run() -> tuple[int, bool]:
         shown = 0
         wanted = None if limit is None else limit + 1  # one more says whether more remain
-        letters = read_dead_letters(
-            settings.bootstrap_servers, topic, settings.kafka_client_options(), wanted
-        )
+        letters = read_dead_letters(settings.kafka_connection(), topic, wanted)
         async with aclosing(letters):
             async for entry in letters:
                 if limit is not None and shown == limit:
@@ -150,13 +148,7 @@ def dead_letters_export(
     settings = settings_of(ctx)
     topic = settings.topics.dead_letters
     report = asyncio.run(
-        export_dead_letters(
-            settings.bootstrap_servers,
-            topic,
-            file,
-            settings.kafka_client_options(),
-            overwrite=force,
-        )
+        export_dead_letters(settings.kafka_connection(), topic, file, overwrite=force)
     )
     for number, entry in enumerate(report.lines, start=1):
         say(out, f"{file}:{number}: from {entry.position}: {entry.reason or 'no reason'}")
@@ -219,9 +211,7 @@ def quarantine_list(ctx: typer.Context, json: JsonOption = False) -> None:
 
     async def run() -> int:
         count = 0
-        records = read_quarantine(
-            settings.bootstrap_servers, topic, settings.kafka_client_options()
-        )
+        records = read_quarantine(settings.kafka_connection(), topic)
         async for entry in records:
             if json:
                 _json_line(entry.to_json())
@@ -274,12 +264,11 @@ def quarantine_retry(
     position = None if partition is None or offset is None else (partition, offset)
     report = asyncio.run(
         retry_quarantined(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             settings.topics,
             settings.topic_prefix,
             position=position,
             adapter=adapter,
-            client_options=settings.kafka_client_options(),
             verifier=reader_verifier(settings),
         )
     )
@@ -336,11 +325,7 @@ def topics_list(
 
     settings = settings_of(ctx)
     found = asyncio.run(
-        list_topics(
-            settings.bootstrap_servers,
-            "" if all_ else settings.topic_prefix,
-            settings.kafka_client_options(),
-        )
+        list_topics(settings.kafka_connection(), "" if all_ else settings.topic_prefix)
     )
     by_name = {info.name: info for info in found}
     names = sorted(by_name) if all_ else settings.topics.all()
@@ -379,14 +364,14 @@ def topics_delete(
             "give the prefix of the topics to delete"
         )
     settings = settings_of(ctx)
-    servers, options = settings.bootstrap_servers, settings.kafka_client_options()
-    found = asyncio.run(list_topics(servers, prefix, options))
+    kafka = settings.kafka_connection()
+    found = asyncio.run(list_topics(kafka, prefix))
     if not found:
-        say(out, f"no topic on {servers} starts with {prefix!r}; nothing to delete")
+        say(out, f"no topic on {kafka.servers} starts with {prefix!r}; nothing to delete")
         return
     _topic_table(out, [(t.name, str(t.partitions), _retained(t.records)) for t in found])
     if not yes:
         say(err, f"{len(found)} topic(s) would be deleted; add --yes to delete them")
         raise typer.Exit(1)
-    deleted = asyncio.run(delete_topics(servers, [t.name for t in found], options))
+    deleted = asyncio.run(delete_topics(kafka, [t.name for t in found]))
     say(out, f"deleted {len(deleted)} topic(s) starting with {prefix!r}")

@@ -121,9 +121,8 @@ def produce(
         sent = asyncio.run(
             produce_file(
                 file,
-                settings.bootstrap_servers,
+                settings.kafka_connection(),
                 topic,
-                settings.kafka_client_options(),
                 on_sent=lambda n: progress.advance(task, n),
             )
         )

@@ -45,11 +45,7 @@ def start_stage(
     if topics:
         from lorastream.ops.admin import require_topics
 
-        asyncio.run(
-            require_topics(
-                settings.bootstrap_servers, list(topics), settings.kafka_client_options()
-            )
-        )
+        asyncio.run(require_topics(settings.kafka_connection(), list(topics)))
     if logs:
         setup_logging(quiet=quiet, log_format=settings.log_format)
     if metrics and settings.metrics_port:

@@ -83,7 +83,7 @@ def status(
     topics = settings.topics
     asyncio.run(
         require_topics(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             [
                 topics.generation_results,
                 topics.learning_events,
@@ -91,7 +91,6 @@ def status(
                 topics.quarantine,
                 topics.dead_letters,
             ],
-            settings.kafka_client_options(),
         )
     )
     with err.status("reading the pipeline's topics…") if err.is_terminal else nullcontext():

@@ -82,8 +82,8 @@ def _delete_topics(run: Run) -> None:
     async def delete() -> list[str]:
         # The prefix was checked to be unused before the run, so every topic under it is
         # the run's: its five, and any the scorer's Faust app made for itself.
-        found = await list_topics(run.bootstrap, run.prefix, run.options)
-        return await delete_topics(run.bootstrap, [t.name for t in found], run.options)
+        found = await list_topics(run.kafka, run.prefix)
+        return await delete_topics(run.kafka, [t.name for t in found])
 
     deleted = asyncio.run(delete())
     run.say(f"deleted {len(deleted)} topics {escape(run.prefix)}* on {run.bootstrap}")

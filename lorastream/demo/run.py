@@ -21,6 +21,7 @@ from rich.console import Console
 from lorastream.settings import Settings
 from schemas import AdapterUpdate
 from schemas.errors import LorastreamError
+from trainer.kafka import KafkaConnection
 
 __all__ = ["DemoError", "Run"]
 
@@ -77,5 +78,7 @@ class Run:
         return f"{time.monotonic() - self.started:.1f}s"
 
     @property
-    def options(self) -> dict[str, Any]:
-        return self.settings.kafka_client_options()
+    def kafka(self) -> KafkaConnection:
+        """The run's broker (:attr:`bootstrap`, once :func:`prepare_kafka` set it) and the
+        settings' security options."""
+        return self.settings.kafka_connection()

@@ -77,14 +77,14 @@ def prepare_kafka(run: Run) -> None:
 async def _create_topics(run: Run) -> None:
     from lorastream.ops.admin import create_topics, list_topics, topic_specs
 
-    existing = await list_topics(run.bootstrap, run.prefix, run.options)
+    existing = await list_topics(run.kafka, run.prefix)
     if existing:
         raise DemoError(
             f"{len(existing)} topics starting with {run.prefix!r} exist already, e.g. "
             f"{existing[0].name}; the demo needs a prefix of its own, so unset "
             "LORASTREAM_TOPIC_PREFIX (a fresh demo-… prefix is made) or give a new --topic-prefix"
         )
-    await create_topics(run.bootstrap, topic_specs(run.topics, 3, 1), run.options)
+    await create_topics(run.kafka, topic_specs(run.topics, 3, 1))
 
 
 def produce(run: Run) -> list[bytes]:
@@ -105,9 +105,7 @@ def produce(run: Run) -> list[bytes]:
     for error in report.bad:
         run.plain(f"  {error.at_line_of(data.name)}")
     with run.console.status(f"producing to {run.topics.generation_results}…"):
-        sent = asyncio.run(
-            produce_file(data, run.bootstrap, run.topics.generation_results, run.options)
-        )
+        sent = asyncio.run(produce_file(data, run.kafka, run.topics.generation_results))
         asyncio.run(_produce_raw(run, BAD_RECORDS))
     run.say(
         f"produced {sent} results to {run.topics.generation_results}, keyed by adapter; "
@@ -120,7 +118,7 @@ def produce(run: Run) -> list[bytes]:
 async def _produce_raw(run: Run, records: list[tuple[bytes, bytes]]) -> None:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=run.bootstrap, acks="all", **run.options)
+    producer = AIOKafkaProducer(acks="all", **run.kafka.client_kwargs())
     await producer.start()
     try:
         for key, value in records:
@@ -270,13 +268,12 @@ async def _follow(run: Run, total: int, progress: Progress, tasks: dict[str, Tas
 
     following = asyncio.create_task(
         follow_topic(
-            run.bootstrap,
+            run.kafka,
             run.topics.adapter_updates,
             seen,
             from_beginning=True,
             count=total,
             timeout=run.timeout,
-            client_options=run.options,
         )
     )
     while not following.done():
@@ -329,7 +326,7 @@ async def _read_dead_letters(
 
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        records, _ = await read_committed_topic(run.bootstrap, run.topics.dead_letters, run.options)
+        records, _ = await read_committed_topic(run.kafka, run.topics.dead_letters)
         if len(records) >= expected or asyncio.get_running_loop().time() >= deadline:
             return records
         await asyncio.sleep(0.3)

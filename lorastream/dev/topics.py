@@ -12,14 +12,16 @@ from aiokafka.structs import RecordMetadata
 
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import Topics
+from trainer.kafka import KafkaConnection
 
 __all__ = ["make_topics", "produce"]
 
 
 async def make_topics(bootstrap: str, prefix: str, partitions: int = 1) -> Topics:
-    """Every pipeline topic named under ``prefix``, created with ``partitions`` each."""
+    """Every pipeline topic named under ``prefix``, created with ``partitions`` each (on a
+    plaintext broker, as every broker of the tests and the benchmarks is)."""
     topics = Topics.named(prefix)
-    await create_topics(bootstrap, topic_specs(topics, partitions, 1))
+    await create_topics(KafkaConnection(bootstrap), topic_specs(topics, partitions, 1))
     return topics
 
 

@@ -16,7 +16,13 @@ from aiokafka.errors import KafkaError, for_code
 from schemas import Topics
 from schemas.errors import LorastreamError
 from trainer.committed import EARLIEST, LATEST, log_offsets, partition_leaders
-from trainer.kafka import admin_client, kafka_errors, stop_consumer, track_topics
+from trainer.kafka import (
+    KafkaConnection,
+    admin_client,
+    kafka_errors,
+    stop_consumer,
+    track_topics,
+)
 
 __all__ = [
     "KafkaSetupError",
@@ -154,19 +160,15 @@ def topic_specs(
 
 
 @asynccontextmanager
-async def _admin(
-    bootstrap_servers: str, doing: str, client_options: dict[str, Any] | None
-) -> AsyncIterator[AIOKafkaAdminClient]:
+async def _admin(kafka: KafkaConnection, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on every path; Kafka errors become KafkaSetupError
     (a secured cluster that refused us, a KafkaAuthenticationError that says why)."""
     try:
-        async with admin_client(
-            bootstrap_servers, doing, client_options, request_timeout_ms=30_000
-        ) as admin:
+        async with admin_client(kafka, doing, request_timeout_ms=30_000) as admin:
             yield admin
     except KafkaError as exc:
         raise KafkaSetupError(
-            f"could not {doing} on {bootstrap_servers}: {exc!r}. Is the broker running "
+            f"could not {doing} on {kafka.servers}: {exc!r}. Is the broker running "
             "(`lorastream broker status`) and KAFKA_BOOTSTRAP_SERVERS right?"
         ) from exc
 
@@ -190,7 +192,7 @@ async def _wait_for_leaders(
 
 
 async def _wait_until_served(
-    bootstrap: str, names: list[str], options: dict[str, Any] | None, timeout: float = 30.0
+    kafka: KafkaConnection, names: list[str], timeout: float = 30.0
 ) -> None:
     """Return once every partition of ``names`` is served by its leader.
 
@@ -203,13 +205,10 @@ async def _wait_until_served(
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        retry_backoff_ms=20,
-        **(options or {}),
+        enable_auto_commit=False, retry_backoff_ms=20, **kafka.client_kwargs()
     )
     try:
-        with kafka_errors(bootstrap, "waiting for the new topics' leaders"):
+        with kafka_errors(kafka.servers, "waiting for the new topics' leaders"):
             await consumer.start()
             partitions = []
             await track_topics(consumer, names)
@@ -223,17 +222,16 @@ async def _wait_until_served(
 
 
 async def create_topics(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     specs: list[NewTopic],
-    client_options: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Create each topic unless it exists; return ``{name: "created" | "exists"}``."""
-    async with _admin(bootstrap_servers, "create topics", client_options) as admin:
+    async with _admin(kafka, "create topics") as admin:
         response = await admin.create_topics(specs)
         await _wait_for_leaders(admin, [spec.name for spec in specs])
     # The metadata names a new leader a moment before it acts as one: a producer right
     # after `topics create` would log NotLeaderForPartitionError retries.
-    await _wait_until_served(bootstrap_servers, [spec.name for spec in specs], client_options)
+    await _wait_until_served(kafka, [spec.name for spec in specs])
     outcome: dict[str, str] = {}
     for topic, code, *rest in response.topic_errors:
         if code == 0:
@@ -247,9 +245,8 @@ async def create_topics(
 
 
 async def describe_retention(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topics: list[str],
-    client_options: dict[str, Any] | None = None,
 ) -> dict[str, TopicRetention]:
     """Each topic's retention as the cluster reports it, in the order given.
 
@@ -261,13 +258,13 @@ async def describe_retention(
         return {}
     wanted = dict.fromkeys(_RETENTION_KEYS)
     resources = [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in names]
-    async with _admin(bootstrap_servers, "describe topic configs", client_options) as admin:
+    async with _admin(kafka, "describe topic configs") as admin:
         responses = await admin.describe_configs(resources)
     found = _retention_by_topic(responses)
     missing = [name for name in names if name not in found]
     if missing:
         raise KafkaSetupError(
-            f"{bootstrap_servers} did not report the configuration of {', '.join(missing)}"
+            f"{kafka.servers} did not report the configuration of {', '.join(missing)}"
         )
     return {name: found[name] for name in names}
 
@@ -307,9 +304,8 @@ class TopicInfo:
 
 
 async def list_topics(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     prefix: str = "",
-    client_options: dict[str, Any] | None = None,
 ) -> list[TopicInfo]:
     """The cluster's topics whose name starts with ``prefix`` (internal ones left out),
     sorted by name, with their partitions and the offsets they retain.
@@ -318,7 +314,7 @@ async def list_topics(
     learn each topic's metadata in a round trip of its own, which on a cluster of
     hundreds of topics outlasts its request timeout.
     """
-    async with _admin(bootstrap_servers, "list topics", client_options) as admin:
+    async with _admin(kafka, "list topics") as admin:
         leaders = {
             name: by_partition
             for name, by_partition in sorted((await partition_leaders(admin)).items())
@@ -343,32 +339,30 @@ async def list_topics(
 
 
 async def require_topics(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     names: list[str],
-    client_options: dict[str, Any] | None = None,
 ) -> None:
     """Check the cluster answers and has every topic in ``names``; a KafkaSetupError
     naming the missing ones (and the command that makes them) otherwise."""
-    async with _admin(bootstrap_servers, "list topics", client_options) as admin:
+    async with _admin(kafka, "list topics") as admin:
         existing = set(await admin.list_topics())
     missing = [name for name in names if name not in existing]
     if missing:
         raise KafkaSetupError(
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"{'do' if len(missing) > 1 else 'does'} not exist on {bootstrap_servers}; "
+            f"{'do' if len(missing) > 1 else 'does'} not exist on {kafka.servers}; "
             "run `lorastream topics create`"
         )
 
 
 async def delete_topics(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     names: list[str],
-    client_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Delete the named topics; return those deleted (a topic already gone is skipped)."""
     if not names:
         return []
-    async with _admin(bootstrap_servers, "delete topics", client_options) as admin:
+    async with _admin(kafka, "delete topics") as admin:
         existing = set(await admin.list_topics())
         doomed = [n for n in names if n in existing]
         if not doomed:

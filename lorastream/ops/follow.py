@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 from aiokafka.errors import KafkaError
 
 from schemas import AdapterUpdate
 from schemas.errors import KafkaUnavailableError
 from trainer.committed import topic_partitions
-from trainer.kafka import reader
+from trainer.kafka import KafkaConnection, reader
 from trainer.lineage import order_problem, read_announcement
 from trainer.signing import Verifier
 
@@ -22,14 +21,13 @@ PROBE_TIMEOUT = 10.0
 
 
 async def follow(
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
     on_update: Callable[[AdapterUpdate, bytes], None],
     *,
     from_beginning: bool = False,
     count: int | None = None,
     timeout: float | None = None,
-    client_options: dict[str, Any] | None = None,
     on_status: Callable[[str], None] | None = None,
     give_up_after: float = 60.0,
     verifier: Verifier | None = None,
@@ -53,16 +51,17 @@ async def follow(
     lineages: dict[str, dict[int, AdapterUpdate]] = {}
     seen = 0
     loop = asyncio.get_running_loop()
-    async with reader(bootstrap_servers, f"following {topic}", client_options) as consumer:
-        tps = await topic_partitions(consumer, topic, bootstrap_servers)
+    servers = kafka.servers
+    async with reader(kafka, f"following {topic}") as consumer:
+        tps = await topic_partitions(consumer, topic, servers)
         consumer.assign(tps)
         silent_until = {} if from_beginning else await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
         if from_beginning:
-            say(f"following {topic} on {bootstrap_servers} from the beginning")
+            say(f"following {topic} on {servers} from the beginning")
         else:
             say(
-                f"following {topic} on {bootstrap_servers} from now: new announcements only "
+                f"following {topic} on {servers} from now: new announcements only "
                 "(--from-beginning for those made so far; `adapters list` for the lineage)"
             )
         deadline = None if timeout is None else loop.time() + timeout
@@ -102,19 +101,19 @@ async def follow(
                 silent = loop.time() - answered
                 if silent >= give_up_after:
                     raise KafkaUnavailableError(
-                        bootstrap_servers,
+                        servers,
                         f"following {topic}",
                         f"no answer for {silent:.0f}s ({type(exc).__name__})",
                     ) from exc
                 if not lost:
                     lost = True
                     say(
-                        f"Kafka at {bootstrap_servers} does not answer ({type(exc).__name__}); "
+                        f"Kafka at {servers} does not answer ({type(exc).__name__}); "
                         f"retrying for up to {give_up_after:.0f}s"
                     )
             else:
                 answered = loop.time()
                 if lost:
                     lost = False
-                    say(f"Kafka at {bootstrap_servers} answers again; following {topic}")
+                    say(f"Kafka at {servers} answers again; following {topic}")
     return seen

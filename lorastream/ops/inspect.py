@@ -34,6 +34,7 @@ from schemas.errors import LorastreamError
 from schemas.limits import clip
 from trainer.committed import stream_committed
 from trainer.exceptions import TrainerError
+from trainer.kafka import KafkaConnection
 
 __all__ = [
     "DeadLetterEntry",
@@ -55,9 +56,8 @@ class InspectError(LorastreamError):
 
 
 async def read_topic(
-    servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     limit: int | None = None,
 ) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
     """The committed records of ``topic`` as of now (at most ``limit``), partition by
@@ -66,7 +66,7 @@ async def read_topic(
         return
     given = 0
     # Up to the last stable offset: an open transaction is not waited for.
-    records = stream_committed(servers, topic, client_options, settle=False)
+    records = stream_committed(kafka, topic, settle=False)
     try:
         async with aclosing(records):
             async for record in records:
@@ -212,14 +212,13 @@ class DeadLetterEntry:
 
 
 async def read_dead_letters(
-    servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     limit: int | None = None,
 ) -> AsyncGenerator[DeadLetterEntry, None]:
     """Every dead letter of ``topic`` as of now (at most ``limit``), decoded; never raises
     for a record's content."""
-    async for record in read_topic(servers, topic, client_options, limit):
+    async for record in read_topic(kafka, topic, limit):
         yield DeadLetterEntry.of(record)
 
 
@@ -233,10 +232,9 @@ class ExportReport:
 
 
 async def export_dead_letters(
-    servers: str,
+    kafka: KafkaConnection,
     topic: str,
     path: Path,
-    client_options: dict[str, Any] | None = None,
     *,
     overwrite: bool = False,
 ) -> ExportReport:
@@ -252,7 +250,7 @@ async def export_dead_letters(
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("w", encoding="utf-8", newline="\n") as handle:
-            async for entry in read_dead_letters(servers, topic, client_options):
+            async for entry in read_dead_letters(kafka, topic):
                 why = entry.why_not_a_line()
                 if why is not None:
                     report.skipped.append((entry, why))
@@ -336,8 +334,8 @@ def _kept_bytes(record: QuarantineRecord | None) -> int | None:
 
 
 async def read_quarantine(
-    servers: str, topic: str, client_options: dict[str, Any] | None = None
+    kafka: KafkaConnection, topic: str
 ) -> AsyncGenerator[QuarantineEntry, None]:
     """Every record of the quarantine topic as of now, decoded; never raises for content."""
-    async for raw in read_topic(servers, topic, client_options):
+    async for raw in read_topic(kafka, topic):
         yield QuarantineEntry.of(raw)

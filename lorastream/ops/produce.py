@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import GenerationResult, SchemaError, decode
 from schemas.errors import LorastreamError
+from trainer.kafka import KafkaConnection, refusal
 
 __all__ = ["ProduceError", "ValidationReport", "iter_lines", "produce_file", "validate_file"]
 
@@ -67,18 +67,13 @@ def validate_file(path: Path) -> ValidationReport:
 
 async def produce_file(
     path: Path,
-    bootstrap_servers: str,
+    kafka: KafkaConnection,
     topic: str,
-    client_options: dict[str, Any] | None = None,
     on_sent: Callable[[int], None] | None = None,
 ) -> int:
     """Produce the valid lines of ``path`` to ``topic``; return how many were acknowledged."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        **(client_options or {}),
+        acks="all", enable_idempotence=True, linger_ms=5, **kafka.client_kwargs()
     )
     sent = 0
     try:
@@ -105,13 +100,11 @@ async def produce_file(
         if on_sent:
             on_sent(len(pending))
     except KafkaError as exc:
-        from trainer.kafka import refusal
-
-        refused = await refusal(bootstrap_servers, f"producing {path} to {topic}", client_options)
+        refused = await refusal(kafka, f"producing {path} to {topic}")
         if refused is not None:  # a secured cluster said no: say why, not "Unable to bootstrap"
             raise refused from exc
         raise ProduceError(
-            f"producing {path} to {topic} on {bootstrap_servers} failed after {sent} records "
+            f"producing {path} to {topic} on {kafka.servers} failed after {sent} records "
             f"were acknowledged: {exc!r}"
         ) from exc
     finally:

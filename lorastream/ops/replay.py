@@ -238,9 +238,8 @@ def train_replay(
     topics = settings.topics
     asyncio.run(  # where the versions go: a missing one is one line, not a commit that hangs
         require_topics(
-            settings.bootstrap_servers,
+            settings.kafka_connection(),
             [topics.adapter_updates, topics.adapter_latest, topics.quarantine],
-            settings.kafka_client_options(),
         )
     )
     return asyncio.run(_train(prepared, watcher, metrics or ReplayMetrics()))
@@ -255,9 +254,7 @@ async def _check_retention(
     gone = [r for r in ranges if r.gone is not None]
     if not gone:
         return None
-    retention = await describe_retention(
-        settings.bootstrap_servers, [topic], settings.kafka_client_options()
-    )
+    retention = await describe_retention(settings.kafka_connection(), [topic])
     why = retention[topic].describe() if topic in retention else "its retention"
     forgotten = Forgotten(topic, gone, why)
     if request.start is None:

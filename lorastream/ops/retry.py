@@ -16,14 +16,13 @@ return data and print nothing; ``lorastream.cli.inspect`` prints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from lorastream.ops.inspect import InspectError, QuarantineEntry, read_quarantine
 from schemas import KafkaPosition, LearningEvent, Topics, encode, window_text
 from trainer.history import load_lineages
-from trainer.kafka import kafka_errors
+from trainer.kafka import KafkaConnection, kafka_errors
 from trainer.signing import Verifier
 
 __all__ = [
@@ -156,16 +155,15 @@ def refusal(
 
 
 async def _trained_ids(
-    servers: str,
+    kafka: KafkaConnection,
     topic: str,
     adapters: set[str],
-    client_options: dict[str, Any] | None,
     verifier: Verifier | None = None,
 ) -> dict[str, dict[str, int]]:
     """Per adapter, the event ids its announced versions trained, each to its version, read
     as the trainer reads its lineages (once every open transaction has ended, trusting
     what ``verifier`` trusts)."""
-    lineages = await load_lineages(servers, topic, None, client_options, verifier=verifier)
+    lineages = await load_lineages(kafka, topic, None, verifier=verifier)
     return {
         adapter: {
             event_id: update.version
@@ -179,23 +177,21 @@ async def _trained_ids(
 
 
 async def _publish(
-    servers: str,
+    kafka: KafkaConnection,
     topic: str,
     transactional_id: str,
     windows: list[tuple[QuarantineEntry, list[LearningEvent], int]],
-    client_options: dict[str, Any] | None,
 ) -> list[Republished]:
     """Send every window's events keyed by adapter, all in one transaction."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
         transactional_id=transactional_id,
         enable_idempotence=True,
         acks="all",
-        **(client_options or {}),
+        **kafka.client_kwargs(),
     )
     done: list[Republished] = []
     try:
-        with kafka_errors(servers, f"re-publishing to {topic}"):
+        with kafka_errors(kafka.servers, f"re-publishing to {topic}"):
             await producer.start()
             sent = []
             async with producer.transaction():
@@ -225,13 +221,12 @@ async def _publish(
 
 
 async def retry_quarantined(
-    servers: str,
+    kafka: KafkaConnection,
     topics: Topics,
     topic_prefix: str,
     *,
     position: tuple[int, int] | None = None,
     adapter: str | None = None,
-    client_options: dict[str, Any] | None = None,
     verifier: Verifier | None = None,
 ) -> RetryReport:
     """Re-publish the events of the quarantined window at ``position`` (partition, offset)
@@ -242,7 +237,7 @@ async def retry_quarantined(
     """
     if (position is None) == (adapter is None):
         raise InspectError("name one quarantine record (--partition and --offset) or --adapter")
-    entries = [e async for e in read_quarantine(servers, topics.quarantine, client_options)]
+    entries = [e async for e in read_quarantine(kafka, topics.quarantine)]
     if position is not None:
         chosen = [
             e for e in entries if (e.position.partition, e.position.offset) == tuple(position)
@@ -257,7 +252,7 @@ async def retry_quarantined(
         if not chosen:
             raise InspectError(f"adapter {adapter} has nothing in {topics.quarantine}")
     names = {e.adapter for e in chosen if e.adapter is not None}
-    trained = await _trained_ids(servers, topics.adapter_updates, names, client_options, verifier)
+    trained = await _trained_ids(kafka, topics.adapter_updates, names, verifier)
     report = RetryReport()
     ready: list[tuple[QuarantineEntry, list[LearningEvent], int]] = []
     for entry in chosen:
@@ -278,10 +273,6 @@ async def retry_quarantined(
     owner = ready[0][0].adapter
     assert owner is not None
     report.republished = await _publish(
-        servers,
-        topics.learning_events,
-        retry_transactional_id(topic_prefix, owner),
-        ready,
-        client_options,
+        kafka, topics.learning_events, retry_transactional_id(topic_prefix, owner), ready
     )
     return report

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from schemas import AdapterUpdate, LoraSpec
 from trainer.committed import topic_extent
 from trainer.history import load_lineages
+from trainer.kafka import KafkaConnection
 from trainer.ranges import pending_events
 
 if TYPE_CHECKING:
@@ -103,11 +104,9 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-async def group_lag(
-    servers: str, group: str, topic: str, client_options: dict[str, Any] | None = None
-) -> GroupLag:
+async def group_lag(kafka: KafkaConnection, group: str, topic: str) -> GroupLag:
     """``group``'s lag on ``topic`` (see :class:`GroupLag`)."""
-    starts, ends, committed = await topic_extent(servers, topic, client_options, group)
+    starts, ends, committed = await topic_extent(kafka, topic, group)
     return GroupLag(
         group,
         topic,
@@ -145,23 +144,20 @@ def holds_of(settings: Settings, updates: list[AdapterUpdate]) -> dict[str, str]
 
 async def read_status(settings: Settings) -> Status:
     """Everything ``lorastream status`` shows. The caller checks the topics exist."""
-    servers, topics = settings.bootstrap_servers, settings.topics
-    options = settings.kafka_client_options()
+    kafka, topics = settings.kafka_connection(), settings.topics
     from lorastream.stages import reader_verifier
 
     lineages = await load_lineages(
-        servers,
+        kafka,
         topics.adapter_updates,
         topics.quarantine,
-        options,
         verifier=reader_verifier(settings),
     )
     pending = await pending_events(
-        servers,
+        kafka,
         topics.learning_events,
         settings.trainer_group_id,
         lineages,
-        options,
         settings.eval_fraction,
     )
     newest = [lin.latest for lin in lineages.values() if lin.latest is not None]
@@ -180,9 +176,9 @@ async def read_status(settings: Settings) -> Status:
                 hold=holds.get(name),
             )
         )
-    scorer = await group_lag(servers, settings.scorer_app_id, topics.generation_results, options)
-    trainer = await group_lag(servers, settings.trainer_group_id, topics.learning_events, options)
-    starts, ends, _ = await topic_extent(servers, topics.dead_letters, options)
+    scorer = await group_lag(kafka, settings.scorer_app_id, topics.generation_results)
+    trainer = await group_lag(kafka, settings.trainer_group_id, topics.learning_events)
+    starts, ends, _ = await topic_extent(kafka, topics.dead_letters)
     return Status(
         at=datetime.now(UTC),
         adapters=adapters,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lorastream.serving.backends import BackendKind
+from trainer.kafka import KafkaConnection
 from trainer.signing import Verifier
 
 __all__ = ["ServeConfig"]
@@ -16,7 +16,7 @@ __all__ = ["ServeConfig"]
 class ServeConfig:
     """What serve needs; built from the settings by the wiring, never from the environment."""
 
-    bootstrap_servers: str
+    kafka: KafkaConnection
     updates_topic: str
     group_id: str
     backend: BackendKind
@@ -36,7 +36,6 @@ class ServeConfig:
     loaded from (the server is given that local directory)."""
     backoff_start: float = 1.0
     backoff_max: float = 30.0
-    client_options: dict[str, Any] = field(default_factory=dict)
     verifier: Verifier = field(default_factory=Verifier)
     """What serve trusts: the announcement key, and the adapter location a version's files
     must lie under (LORASTREAM_ADAPTER_DIR or its bucket); anything else is skipped."""

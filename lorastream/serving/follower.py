@@ -45,9 +45,8 @@ class Follower:
         from trainer.history import load_lineages
 
         lineages = await load_lineages(
-            self.config.bootstrap_servers,
+            self.config.kafka,
             self.config.updates_topic,
-            client_options=self.config.client_options,
             verifier=self.verifier,
         )
         for lineage in lineages.values():
@@ -59,15 +58,14 @@ class Follower:
         """Follow the topic until cancelled; commit what a reconcile pass has handled."""
         from trainer.kafka import kafka_errors, stop_consumer
 
-        servers = self.config.bootstrap_servers
+        servers = self.config.kafka.servers
         consumer = AIOKafkaConsumer(
             self.config.updates_topic,
-            bootstrap_servers=servers,
             group_id=self.config.group_id,
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
-            **self.config.client_options,
+            **self.config.kafka.client_kwargs(),
         )
         with kafka_errors(servers, f"following {self.config.updates_topic}"):
             await consumer.start()

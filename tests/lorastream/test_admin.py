@@ -20,6 +20,7 @@ from lorastream.ops.admin import (
 from lorastream.settings import SettingsError, load_settings
 from schemas import Topics
 from trainer import kafka
+from trainer.kafka import KafkaConnection
 
 # DescribeConfigs' config_source for a value set on the topic itself (KIP-226).
 _DYNAMIC_TOPIC_CONFIG = 1
@@ -50,7 +51,7 @@ async def _raw_retention_ms(bootstrap: str, names: list[str]) -> dict[str, tuple
 
 async def _created(bootstrap: str, prefix: str, **kwargs: int) -> Topics:
     topics = Topics.named(prefix)
-    outcome = await create_topics(bootstrap, topic_specs(topics, 1, 1, **kwargs))
+    outcome = await create_topics(KafkaConnection(bootstrap), topic_specs(topics, 1, 1, **kwargs))
     assert set(outcome.values()) == {"created"}
     return topics
 
@@ -73,7 +74,7 @@ async def test_history_topics_are_kept_forever_by_default(
         assert source != _DYNAMIC_TOPIC_CONFIG, f"{name} should keep the cluster's default"
         assert value != "-1", f"{name}: the test broker's default retention is not unlimited"
 
-    described = await describe_retention(kafka_bootstrap, topics.all())
+    described = await describe_retention(KafkaConnection(kafka_bootstrap), topics.all())
     assert list(described) == topics.all()
     for name in _history(topics):
         assert described[name].retention_ms == -1
@@ -92,7 +93,7 @@ async def test_history_topics_are_kept_forever_by_default(
 async def test_a_configured_history_retention_is_applied(kafka_bootstrap: str, prefix: str) -> None:
     topics = await _created(kafka_bootstrap, prefix, history_retention_ms=86_400_000)
     raw = await _raw_retention_ms(kafka_bootstrap, topics.all())
-    described = await describe_retention(kafka_bootstrap, topics.all())
+    described = await describe_retention(KafkaConnection(kafka_bootstrap), topics.all())
     for name in _history(topics):
         assert raw[name] == ("86400000", _DYNAMIC_TOPIC_CONFIG), name
         assert described[name].retention_ms == 86_400_000
@@ -104,7 +105,7 @@ async def test_a_configured_history_retention_is_applied(kafka_bootstrap: str, p
 @pytest.mark.timeout(60)
 async def test_describing_a_missing_topic_names_it(kafka_bootstrap: str, prefix: str) -> None:
     with pytest.raises(KafkaSetupError, match=f"{prefix}nowhere") as info:
-        await describe_retention(kafka_bootstrap, [f"{prefix}nowhere"])
+        await describe_retention(KafkaConnection(kafka_bootstrap), [f"{prefix}nowhere"])
     assert "UnknownTopicOrPartition" in str(info.value)
 
 
@@ -129,9 +130,9 @@ async def test_the_admin_client_is_closed_after_success_and_refusal(
     kafka_bootstrap: str, prefix: str, admin_clients: list[AIOKafkaAdminClient]
 ) -> None:
     topics = await _created(kafka_bootstrap, prefix)
-    await describe_retention(kafka_bootstrap, [topics.adapter_updates])
+    await describe_retention(KafkaConnection(kafka_bootstrap), [topics.adapter_updates])
     with pytest.raises(KafkaSetupError):
-        await describe_retention(kafka_bootstrap, [f"{prefix}nowhere"])
+        await describe_retention(KafkaConnection(kafka_bootstrap), [f"{prefix}nowhere"])
     assert len(admin_clients) == 3
     assert all(client._closed for client in admin_clients)
 
@@ -142,7 +143,7 @@ async def test_an_unreachable_cluster_is_a_setup_error_naming_the_servers(
 ) -> None:
     servers = f"127.0.0.1:{free_port()}"  # nothing listens there: refused
     with pytest.raises(KafkaSetupError, match=servers):
-        await describe_retention(servers, ["learning-events"])
+        await describe_retention(KafkaConnection(servers), ["learning-events"])
     assert len(admin_clients) == 1 and admin_clients[0]._closed
 
 
@@ -242,7 +243,7 @@ async def test_a_producer_right_after_create_topics_meets_a_leader_that_acts_as_
     caplog.set_level(logging.WARNING, logger="aiokafka")
     for attempt in range(3):
         topics = Topics.named(f"{prefix}{attempt}.")
-        await admin.create_topics(kafka_bootstrap, admin.topic_specs(topics, 3, 1))
+        await admin.create_topics(KafkaConnection(kafka_bootstrap), admin.topic_specs(topics, 3, 1))
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         await producer.start()
         try:

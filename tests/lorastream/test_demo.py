@@ -39,6 +39,7 @@ from lorastream.ops.admin import delete_topics, list_topics
 from lorastream.settings import load_settings
 from schemas import KafkaPosition, Topics
 from streams.scoring import Thresholds, process
+from trainer.kafka import KafkaConnection
 from trainer.window import held_out
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,7 +69,7 @@ class DemoRun:
 
 
 def _topics(bootstrap: str, prefix: str) -> set[str]:
-    return {topic.name for topic in asyncio.run(list_topics(bootstrap, prefix))}
+    return {topic.name for topic in asyncio.run(list_topics(KafkaConnection(bootstrap), prefix))}
 
 
 def _made(bootstrap: str, tmp_path: Path, prefix: str) -> Made:
@@ -288,4 +289,8 @@ def test_demo_keep_leaves_topics_adapters_and_logs_and_says_where(
         assert f"adapters  {adapters}/" in output
         assert f"lorastream topics delete --prefix {prefix} --yes" in output
     finally:
-        asyncio.run(delete_topics(kafka_bootstrap, sorted(_topics(kafka_bootstrap, prefix))))
+        asyncio.run(
+            delete_topics(
+                KafkaConnection(kafka_bootstrap), sorted(_topics(kafka_bootstrap, prefix))
+            )
+        )

@@ -35,6 +35,7 @@ from schemas import (
 from streams.routing import SourceRecord, route
 from streams.scoring import Thresholds
 from tests.kafka_util import read_all, wait_for
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -339,14 +340,14 @@ async def test_topics_list_shows_the_pipeline_and_delete_needs_yes(
     n = len(topics.all())
     assert f"{n} topic(s) would be deleted; add --yes to delete them" in unconfirmed.stderr
     assert {line.split()[0] for line in unconfirmed.stdout.splitlines()[1:]} == set(topics.all())
-    assert len(await list_topics(kafka_bootstrap, prefix)) == n
+    assert len(await list_topics(KafkaConnection(kafka_bootstrap), prefix)) == n
 
     deleted = _run(kafka_bootstrap, prefix, "topics", "delete", "--prefix", prefix, "--yes")
     assert deleted.returncode == 0, deleted.stderr
     assert f"deleted {n} topic(s) starting with '{prefix}'" in deleted.stdout
 
     async def gone() -> bool:
-        return await list_topics(kafka_bootstrap, prefix) == []
+        return await list_topics(KafkaConnection(kafka_bootstrap), prefix) == []
 
     await wait_for(gone, 30, "the deleted topics to disappear")
     after = _run(kafka_bootstrap, prefix, "topics", "list").stdout.splitlines()

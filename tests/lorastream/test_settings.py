@@ -106,3 +106,38 @@ def test_the_documented_learning_rate_is_the_steps_own_default() -> None:
     from trainer.lora import LoraSettings
 
     assert float(shown_default("learning_rate")) == LoraSettings().learning_rate
+
+
+def test_the_kafka_connection_carries_the_security_options_in_aiokafkas_names() -> None:
+    """One frozen object from the settings to every client: aiokafka's keyword arguments
+    come out of it only where a client is made, and the password never shows in a repr."""
+    import dataclasses
+
+    plain = load_settings(bootstrap_servers="k1:9092,k2:9092").kafka_connection()
+    assert str(plain) == "k1:9092,k2:9092" and not plain.secured
+    assert plain.options() == {"security_protocol": "PLAINTEXT"}
+    assert plain.client_kwargs() == {
+        "bootstrap_servers": "k1:9092,k2:9092",
+        "security_protocol": "PLAINTEXT",
+    }
+    sasl = load_settings(
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="tutor",
+        sasl_password="hunter2",
+    ).kafka_connection()
+    assert sasl.secured
+    assert sasl.options() == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "tutor",
+        "sasl_plain_password": "hunter2",
+    }
+    assert "hunter2" not in repr(sasl)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sasl.servers = "elsewhere:9092"  # type: ignore[misc]
+    tls = load_settings(security_protocol="SSL").kafka_connection()
+    assert tls.ssl_context is not None and set(tls.options()) == {
+        "security_protocol",
+        "ssl_context",
+    }

@@ -16,6 +16,7 @@ from lorastream.dev.topics import produce
 from lorastream.serving import Serve, ServeConfig, ServeMetrics
 from schemas import AdapterUpdate, Topics, encode
 from tests.serving.contract import ContractServer
+from trainer.kafka import KafkaConnection
 
 __all__ = [
     "BASE",
@@ -45,7 +46,7 @@ def config_for(
     }
     options.update(more)
     return ServeConfig(
-        bootstrap_servers=bootstrap,
+        kafka=KafkaConnection(bootstrap),
         updates_topic=topics.adapter_updates,
         group_id=f"{prefix}lorastream-serve",
         backend=server.kind,

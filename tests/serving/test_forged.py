@@ -27,6 +27,7 @@ from tests.serving.conftest import Trained
 from tests.serving.contract import contract_server
 from tests.serving.helpers import config_for, eventually, running
 from trainer.committer import Committer, Outgoing
+from trainer.kafka import KafkaConnection
 from trainer.signing import SIGNATURE_HEADER, WRITER_HEADER, Verifier, signed_headers
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,7 +97,7 @@ async def test_forged_out_of_order_and_out_of_tree_announcements_are_skipped_by_
     elsewhere = tmp_path / "elsewhere" / "tutor" / "v2"
     shutil.copytree(versions[1].uri, elsewhere)  # real files, outside the adapter directory
 
-    committer = Committer(kafka_bootstrap, writer, announce_key=KEY)
+    committer = Committer(KafkaConnection(kafka_bootstrap), writer, announce_key=KEY)
     await committer.start()
     try:
         await committer.commit([Outgoing(topics.adapter_updates, "tutor", encode(versions[0]))])
@@ -188,7 +189,9 @@ async def test_the_committer_always_names_its_writer_and_signs_only_with_a_key(
 ) -> None:
     topics: Topics = await make_topics(kafka_bootstrap, prefix)
     for key in (None, KEY):
-        committer = Committer(kafka_bootstrap, f"{prefix}lorastream-replay-new", announce_key=key)
+        committer = Committer(
+            KafkaConnection(kafka_bootstrap), f"{prefix}lorastream-replay-new", announce_key=key
+        )
         await committer.start()
         try:
             await committer.commit([Outgoing(topics.adapter_updates, "new", b"{}")])
@@ -212,7 +215,7 @@ async def test_adapters_follow_shows_only_the_next_signed_versions(
 
     topics = await make_topics(kafka_bootstrap, prefix)
     writer = f"{prefix}lorastream-trainer-0"
-    committer = Committer(kafka_bootstrap, writer, announce_key=KEY)
+    committer = Committer(KafkaConnection(kafka_bootstrap), writer, announce_key=KEY)
     await committer.start()
     try:
         await committer.commit([Outgoing(topics.adapter_updates, "tutor", encode(versions[0]))])
@@ -228,7 +231,7 @@ async def test_adapters_follow_shows_only_the_next_signed_versions(
     seen: list[int] = []
     reasons: list[str] = []
     count = await follow(
-        kafka_bootstrap,
+        KafkaConnection(kafka_bootstrap),
         topics.adapter_updates,
         lambda update, _raw: seen.append(update.version),
         from_beginning=True,

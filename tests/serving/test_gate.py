@@ -22,6 +22,7 @@ from lorastream.serving.verify import check_regression
 from schemas import AdapterUpdate, EvalSpec, LoraSpec, WindowSpec
 from tests.serving.contract import ContractServer
 from tests.serving.helpers import announce, config_for, eventually, running
+from trainer.kafka import KafkaConnection
 
 
 def _update(version: int, loss: float | None, adapter: str = "tutor") -> AdapterUpdate:
@@ -96,7 +97,7 @@ def test_a_refusal_names_the_eval_loss_the_best_live_version_and_the_threshold()
 def _serve(keep: int = 2, max_regression: float = 0.02) -> Serve:
     return Serve(
         ServeConfig(
-            bootstrap_servers="127.0.0.1:1",
+            kafka=KafkaConnection("127.0.0.1:1"),
             updates_topic="adapter-updates",
             group_id="g",
             backend="vllm",

@@ -35,6 +35,7 @@ from schemas.limits import (
 )
 from tests.kafka_util import read_all, wait_for
 from tests.schemas.cases import nested
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -63,7 +64,7 @@ async def _topics(bootstrap: str, prefix: str, configs: Mapping[str, dict[str, s
     specs = topic_specs(topics, 1, 1)
     for spec in specs:
         spec.topic_configs = {**(spec.topic_configs or {}), **configs.get(spec.name, {})}
-    await create_topics(bootstrap, specs)
+    await create_topics(KafkaConnection(bootstrap), specs)
     return topics
 
 

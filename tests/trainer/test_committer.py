@@ -12,6 +12,7 @@ from lorastream.dev.topics import make_topics
 from tests.kafka_util import read_all
 from trainer.committer import CommitState, Committer, Outgoing
 from trainer.exceptions import TrainerError
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -41,7 +42,7 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     topics = await make_topics(kafka_bootstrap, prefix)
     group = f"{prefix}group"
     tp = TopicPartition(topics.learning_events, 0)
-    first = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    first = Committer(KafkaConnection(kafka_bootstrap), f"{prefix}txn", group)
     assert first.state is CommitState.NEW and not first.can_commit
     await first.start()
     assert first.state is CommitState.READY
@@ -61,9 +62,9 @@ async def test_a_record_and_offsets_commit_together_and_a_fenced_committer_stops
     assert await _committed(kafka_bootstrap, group, tp, 7) == 7
 
     # A second instance with the same transactional id fences the first.
-    second = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    second = Committer(KafkaConnection(kafka_bootstrap), f"{prefix}txn", group)
     await second.start()
-    zombie = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    zombie = Committer(KafkaConnection(kafka_bootstrap), f"{prefix}txn", group)
     await zombie.start()  # now `second` is the stale one
     with pytest.raises(TrainerError, match="another instance took over"):
         await second.commit([Outgoing(topics.adapter_updates, "a", b"three")], {tp: 11})
@@ -85,7 +86,9 @@ async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
     topics = await make_topics(kafka_bootstrap, prefix)
     group = f"{prefix}group"
     tp = TopicPartition(topics.learning_events, 0)
-    committer = Committer(kafka_bootstrap, f"{prefix}txn", group, idle_commit_seconds=3600)
+    committer = Committer(
+        KafkaConnection(kafka_bootstrap), f"{prefix}txn", group, idle_commit_seconds=3600
+    )
     await committer.start()
     try:
         await committer.commit((), {tp: 1})
@@ -95,7 +98,7 @@ async def test_offsets_only_commits_wait_for_the_idle_interval_unless_forced(
         assert await _committed(kafka_bootstrap, group, tp, 5) == 5
     finally:
         await committer.stop()
-    groupless = Committer(kafka_bootstrap, f"{prefix}replay")
+    groupless = Committer(KafkaConnection(kafka_bootstrap), f"{prefix}replay")
     with pytest.raises(TrainerError, match="the committer is new"):
         await groupless.commit((), {tp: 1})
     await groupless.start()
@@ -123,7 +126,7 @@ async def test_a_refused_record_is_written_in_its_smaller_form_and_staged_ones_g
         await admin.close()
     group = f"{prefix}group"
     tp = TopicPartition(topics.learning_events, 0)
-    committer = Committer(kafka_bootstrap, f"{prefix}txn", group)
+    committer = Committer(KafkaConnection(kafka_bootstrap), f"{prefix}txn", group)
     await committer.start()
     try:
         committer.stage(Outgoing(small_topic, None, b"staged"))

@@ -26,6 +26,7 @@ from trainer.committed import group_offsets
 from trainer.config import TrainingConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.evaluation import EvalExample, extend_eval_set
+from trainer.kafka import KafkaConnection
 from trainer.lineage import Lineage
 from trainer.lora import LoraSettings, LoraStepper
 from trainer.model import load_base_model
@@ -382,11 +383,13 @@ async def test_the_live_trainer_and_a_replay_hold_out_and_evaluate_the_same_even
 
     # What `adapters list` and `status` say waits for a window: the trained events past the
     # last version, not the held-out ones read since (which never train).
-    since = await group_offsets(kafka_bootstrap, settings.trainer_group_id, topics.learning_events)
+    since = await group_offsets(
+        KafkaConnection(kafka_bootstrap), settings.trainer_group_id, topics.learning_events
+    )
     unread = events[since[TopicPartition(topics.learning_events, 0)] :]  # one partition
     assert any(held_out(e.id, FRACTION) for e in unread), "the test needs one held out there"
     pending = await pending_events(
-        kafka_bootstrap,
+        KafkaConnection(kafka_bootstrap),
         topics.learning_events,
         settings.trainer_group_id,
         dict(trainer.lineages),

@@ -17,6 +17,7 @@ from lorastream.dev.workers import Worker, worker_env
 from schemas import AdapterUpdate, decode, encode
 from tests.kafka_util import read_all, wait_for
 from trainer.committed import read_committed_topic
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -99,7 +100,9 @@ async def test_batches_fetched_across_rebalances_are_read_again_not_handled_twic
         )
         assert first.alive(), first.output()[-3000:]
     updates = [decode(r.value, AdapterUpdate) for r in records]
-    learning, _ = await read_committed_topic(kafka_bootstrap, topics.learning_events)
+    learning, _ = await read_committed_topic(
+        KafkaConnection(kafka_bootstrap), topics.learning_events
+    )
     assert check_versions(updates) == []
     assert check_trained_once(updates) == []
     assert check_windows(learning, updates, [], topics.learning_events) == []

@@ -32,6 +32,7 @@ from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import read_all, wait_for
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -447,7 +448,9 @@ async def test_time_ranges_and_offsets_the_cluster_dropped(
     kafka_bootstrap: str, prefix: str, tmp_path: Path
 ) -> None:
     topics = Topics.named(prefix)
-    await create_topics(kafka_bootstrap, topic_specs(topics, 1, 1, history_retention_ms=3_600_000))
+    await create_topics(
+        KafkaConnection(kafka_bootstrap), topic_specs(topics, 1, 1, history_retention_ms=3_600_000)
+    )
     t0 = datetime.now(tz=UTC).replace(microsecond=0) - timedelta(minutes=10)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()

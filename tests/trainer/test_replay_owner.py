@@ -22,6 +22,7 @@ from lorastream.dev.workers import LORASTREAM, worker_env
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import read_all, wait_for
 from trainer.committed import first_keyed
+from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -157,9 +158,12 @@ async def test_first_keyed_reads_the_partition_the_key_hashes_to(
     )
     assert len({m.partition for m in sent}) > 1, "the names should spread over partitions"
     for name, meta in zip(names, sent, strict=True):
-        found = await first_keyed(kafka_bootstrap, topics.learning_events, name)
+        found = await first_keyed(KafkaConnection(kafka_bootstrap), topics.learning_events, name)
         assert found is not None and found.key == name.encode()
         assert TopicPartition(found.topic, found.partition) == TopicPartition(
             meta.topic, meta.partition
         )
-    assert await first_keyed(kafka_bootstrap, topics.learning_events, "nobody") is None
+    assert (
+        await first_keyed(KafkaConnection(kafka_bootstrap), topics.learning_events, "nobody")
+        is None
+    )

@@ -20,6 +20,7 @@ from lorastream.dev.topics import make_topics, produce
 from schemas import AdapterUpdate, LoraSpec, WindowSpec, encode
 from tests.kafka_util import read_all, wait_for
 from trainer.history import LineageLog, load_lineages
+from trainer.kafka import KafkaConnection
 from trainer.lineage import RECENT_WINDOWS, Lineage
 from trainer.snapshot import COMPLETE, lineage_of, snapshot_of
 
@@ -120,9 +121,11 @@ async def test_a_trainer_completes_the_snapshots_and_a_start_reads_them_not_the_
     assert keys[:2] == [b"legacy", COMPLETE.encode()], keys  # the completion, first
     assert keys[2:] == [b"tutor", b"tutor"], keys  # then one with each version
 
-    full = await load_lineages(kafka_bootstrap, topics.adapter_updates, topics.quarantine)
+    full = await load_lineages(
+        KafkaConnection(kafka_bootstrap), topics.adapter_updates, topics.quarantine
+    )
     log = LineageLog(
-        kafka_bootstrap,
+        KafkaConnection(kafka_bootstrap),
         topics.adapter_updates,
         topics.quarantine,
         latest_topic=topics.adapter_latest,
