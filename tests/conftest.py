@@ -137,12 +137,57 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         stack.close()
 
 
+# The files whose tests take longest (pytest --durations), slowest first. xdist hands out
+# tests in collection order, so these start first and the run does not end waiting for one
+# of them; the timed group (one long unit) goes before all.
+SLOW_FIRST = (
+    "tests/trainer/test_integrity.py",
+    "tests/trainer/test_replay_owner.py",
+    "tests/test_storm.py",
+    "tests/trainer/test_replay.py",
+    "tests/trainer/test_rebalance.py",
+    "tests/lorastream/test_demo.py",
+    "tests/lorastream/test_secure.py",
+    "tests/streams/test_rouge_parity.py",
+    "tests/trainer/test_trainer_integration.py",
+    "tests/lorastream/test_inspect.py",
+    "tests/trainer/test_eval.py",
+    "tests/trainer/test_poison.py",
+    "tests/lorastream/test_errors.py",
+)
+
+
+# Files whose module-scoped fixture is a run of its own (the demo, a broker with TLS and
+# SCRAM, a broker to stop and restart): their tests stay on one worker, so that it runs once.
+ONE_WORKER = {
+    "tests/lorastream/test_demo.py": "demo",
+    "tests/lorastream/test_secure.py": "secure-broker",
+    "tests/lorastream/test_broker.py": "local-broker",
+}
+
+
+def _start_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("timed") is not None:
+        return -1
+    path = item.nodeid.split("::", 1)[0]
+    return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups set here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
         if item.get_closest_marker("timed") is not None:
             item.add_marker(pytest.mark.xdist_group(TIMED_GROUP))
+        elif item.nodeid.split("::", 1)[0] in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(ONE_WORKER[item.nodeid.split("::", 1)[0]]))
+    if _is_xdist_worker(config):
+        items.sort(key=_start_rank)  # stable: within a rank, the files' own order
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,7 @@ def _report(name: str, acc: Accounting) -> str:
     return f"{name}: {outcomes}; refused fields: {reasons}"
 
 
+@pytest.mark.timed  # asserts on wall time or memory
 async def test_a_storm_of_hostile_records_loses_nothing_and_stops_nothing(
     kafka_bootstrap: str, prefix: str, tmp_path: Path
 ) -> None:

@@ -151,6 +151,7 @@ def test_every_command_names_a_bad_setting_in_one_line(
         _is_one_setting_line(ran, variable, value)
 
 
+@pytest.mark.timed  # asserts on wall time or memory
 def test_the_script_names_a_bad_setting_in_one_line(tmp_path: Path) -> None:
     variable, value = BAD_SETTINGS[0]
     ran = _run(["score"], _isolated(tmp_path, **{variable: value}), 60)
@@ -179,6 +180,7 @@ def test_the_script_says_in_one_line_that_no_broker_answers(tmp_path: Path) -> N
     _is_one_no_broker_line(ran, servers)
 
 
+@pytest.mark.timed  # asserts on wall time or memory
 def test_a_broker_that_accepts_and_never_answers_is_one_line_in_bounded_time(
     args: dict[str, str], tmp_path: Path
 ) -> None:

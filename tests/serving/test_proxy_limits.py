@@ -179,6 +179,7 @@ async def test_a_client_that_goes_away_is_one_log_line_and_the_next_is_served(
     assert "Traceback" not in worker.output()
 
 
+@pytest.mark.timed  # asserts on wall time or memory
 async def test_a_stalled_client_is_disconnected_after_the_timeout(
     kafka_bootstrap: str, prefix: str, tmp_path: Path
 ) -> None:

@@ -201,16 +201,33 @@ def test_adapter_config_is_the_same_bytes_in_every_process(
         "out = Path(sys.argv[2]); out.mkdir();"
         "stepper.save_peft(stepper.initial_state(), out)"
     )
-    configs = set()
-    for hash_seed in ("1", "2", "3", "4"):
-        out = tmp_path / f"seed{hash_seed}"
-        subprocess.run(
-            [sys.executable, "-c", script, str(tiny_model_dir), str(out)],
+    # Two hash seeds under which a plain set of these names iterates in different orders
+    # (checked, not assumed), each saving in its own process, both at once.
+    names = "{'v_proj', 'q_proj', 'k_proj', 'o_proj'}"
+    orders: dict[str, str] = {}
+    for hash_seed in map(str, range(1, 50)):
+        shown = subprocess.run(
+            [sys.executable, "-c", f"print(list({names}))"],
             env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            capture_output=True,
+            text=True,
             check=True,
-            timeout=120,
+        ).stdout
+        orders.setdefault(shown, hash_seed)
+        if len(orders) == 2:
+            break
+    assert len(orders) == 2, orders
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tiny_model_dir), str(tmp_path / f"seed{seed}")],
+            env={**os.environ, "PYTHONHASHSEED": seed},
         )
-        configs.add((out / "adapter_config.json").read_bytes())
+        for seed in orders.values()
+    ]
+    assert [process.wait(timeout=120) for process in running] == [0, 0]
+    configs = {
+        (tmp_path / f"seed{seed}" / "adapter_config.json").read_bytes() for seed in orders.values()
+    }
     assert len(configs) == 1
     modules = json.loads(configs.pop())["target_modules"]
     assert modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
