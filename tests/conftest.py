@@ -186,6 +186,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=_start_rank)  # stable: within a rank, the files' own order
 
 
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """On the controller: refuse to run when xdist did not write the groups into the tests'
+    ids, as pytest 9.2 with pytest-xdist 3.8 silently does not (pytest-dev/pytest-xdist#1386):
+    a demo or a broker per worker, and timed tests racing each other, would pass or fail by
+    chance."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    lost = [
+        nodeid for nodeid in ids if nodeid.split("::", 1)[0] in ONE_WORKER and "@" not in nodeid
+    ]
+    if lost:
+        pytest.exit(
+            f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]}): this pytest and "
+            "this pytest-xdist do not work together (pytest-dev/pytest-xdist#1386); install "
+            "the versions in constraints.txt (make setup)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
