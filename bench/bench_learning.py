@@ -221,7 +221,7 @@ class Evaluator:
         self.set_weights(load_file(directory / "adapter_model.safetensors"))
 
     def loss(self, pairs: list[tuple[str, str]], adapter: bool = True) -> float:
-        from trainer.lora import build_batch
+        from trainer.batching import build_batch
 
         model = self.stepper.model
         ids, mask, labels = build_batch(self.base.tokenizer, pairs, self.stepper.lora.max_length)

@@ -53,7 +53,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import Row, add_json_option, write_json
-from trainer.lora import LoraSettings, LoraStepper, build_batch
+from trainer.batching import build_batch
+from trainer.config import LoraSettings
+from trainer.lora import LoraStepper
 from trainer.model import build_tiny_model_dir, load_base_model, resolve_device
 
 PAIRS = [

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_step import _build_1b, _examples, _length, _sync
 
-from trainer.lora import LoraSettings, LoraStepper
+from trainer.config import LoraSettings
+from trainer.lora import LoraStepper
 from trainer.model import build_tiny_model_dir, load_base_model, resolve_device
 
 

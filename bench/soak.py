@@ -1411,7 +1411,8 @@ def check_retrained(
     sha256 for every version (and every announcement of it)."""
     import torch
 
-    from trainer.lora import LoraSettings, LoraStepper
+    from trainer.config import LoraSettings
+    from trainer.lora import LoraStepper
     from trainer.model import default_tiny_model_dir, load_base_model
     from trainer.store import AdapterStore
 

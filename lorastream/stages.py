@@ -19,8 +19,7 @@ if TYPE_CHECKING:  # the trainer imports torch: the scorer must not pay for it
     from collections.abc import Callable
 
     from lorastream.serving import ServeConfig
-    from trainer.config import ReplayConfig, TrainerConfig, TrainingConfig
-    from trainer.lora import LoraSettings
+    from trainer.config import LoraSettings, ReplayConfig, TrainerConfig, TrainingConfig
     from trainer.ranges import Bound
     from trainer.replay import Decoder
     from trainer.signing import Verifier
@@ -75,7 +74,7 @@ def scoring_config(settings: Settings) -> ScoringConfig:
 
 
 def lora_settings(settings: Settings) -> LoraSettings:
-    from trainer.lora import LoraSettings
+    from trainer.config import LoraSettings
 
     lora = LoraSettings(
         r=settings.lora_r,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.committer import CommitState, Committer, Outgoing
-    from trainer.config import ReplayConfig, TrainerConfig, TrainingConfig
+    from trainer.config import LoraSettings, ReplayConfig, TrainerConfig, TrainingConfig
     from trainer.consumer import Trainer
     from trainer.core import Outcome, Trained, WindowTrainer
     from trainer.exceptions import (
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     )
     from trainer.history import LineageLog, load_lineages
     from trainer.lineage import Lineage
-    from trainer.lora import AdapterState, LoraSettings, LoraStepper, StepResult
+    from trainer.lora import AdapterState, LoraStepper, StepResult
     from trainer.metrics import TrainerMetrics
     from trainer.model import BaseModel, load_base_model
     from trainer.replay import Replay, ReplayReport, Session
@@ -47,7 +47,7 @@ _WHERE = {
     "Committer": "trainer.committer",
     "Lineage": "trainer.lineage",
     "LineageLog": "trainer.history",
-    "LoraSettings": "trainer.lora",
+    "LoraSettings": "trainer.config",
     "LoraStepper": "trainer.lora",
     "NonFiniteLossError": "trainer.exceptions",
     "Outcome": "trainer.core",

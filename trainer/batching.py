@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IGNORE", "Row", "pad", "plan", "tokenize"]
+__all__ = ["IGNORE", "Row", "build_batch", "pad", "plan", "tokenize"]
 
 IGNORE = -100
 
@@ -77,3 +77,15 @@ def plan(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def build_batch(
+    tokenizer: object, examples: Sequence[tuple[str, str]], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)``: prompt + response + eos, right-padded.
+
+    Labels are -100 on prompt and padding. Too long an example loses the
+    start of its prompt first, then the end of its response, so at least one
+    response token (the eos, for an empty response) always remains.
+    """
+    return pad(tokenize(tokenizer, examples, max_length), tokenizer.pad_token_id)  # type: ignore[attr-defined]

@@ -97,8 +97,9 @@ def _offline(
 ) -> dict[str, list[float]]:
     """Per adapter: the held-out loss (on its newest version's evaluation set) of an
     offline fine-tune on exactly the events its windows trained on, after each epoch."""
+    from trainer.config import LoraSettings
     from trainer.evaluation import decode_eval_set
-    from trainer.lora import LoraSettings, LoraStepper
+    from trainer.lora import LoraStepper
     from trainer.model import load_base_model
     from trainer.offline import fine_tune, mean_loss
     from trainer.store import EVAL_SET_FILE
@@ -163,7 +164,7 @@ def _load_one(run: Run, update: AdapterUpdate, pairs: list[tuple[str, str]]) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.lora import IGNORE, build_batch
+    from trainer.batching import IGNORE, build_batch
 
     # Until every announcement carries a plain path, an older one may still say file://.
     adapter_dir = update.uri.removeprefix("file://")

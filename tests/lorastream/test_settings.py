@@ -103,7 +103,7 @@ def test_good_servers_prefixes_and_devices_pass(monkeypatch: pytest.MonkeyPatch)
 
 def test_the_documented_learning_rate_is_the_steps_own_default() -> None:
     from lorastream.settings import shown_default
-    from trainer.lora import LoraSettings
+    from trainer.config import LoraSettings
 
     assert float(shown_default("learning_rate")) == LoraSettings().learning_rate
 

@@ -90,11 +90,10 @@ def worsened(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> list
 
     from lorastream.dev.events import learning_event
     from schemas import LearningEvent
-    from trainer.config import TrainingConfig
+    from trainer.config import LoraSettings, TrainingConfig
     from trainer.core import Trained as Outcome
     from trainer.core import WindowTrainer
     from trainer.lineage import Lineage
-    from trainer.lora import LoraSettings
     from trainer.window import Windows, held_out
 
     fraction, size = 0.25, 4

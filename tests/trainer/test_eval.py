@@ -23,12 +23,12 @@ from lorastream.dev.topics import make_topics, produce
 from schemas import LearningEvent, encode
 from tests.kafka_util import wait_for
 from trainer.committed import group_offsets
-from trainer.config import TrainingConfig
+from trainer.config import LoraSettings, TrainingConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.evaluation import EvalExample, extend_eval_set
 from trainer.kafka import KafkaConnection
 from trainer.lineage import Lineage
-from trainer.lora import LoraSettings, LoraStepper
+from trainer.lora import LoraStepper
 from trainer.model import load_base_model
 from trainer.ranges import pending_events
 from trainer.store import EVAL_SET_FILE, AdapterStore

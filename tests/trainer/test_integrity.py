@@ -49,7 +49,8 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def _reference_v2(home: Path) -> str:
     """alpha v2's weights' sha256, trained in this process without Kafka or faults."""
-    from trainer.lora import LoraSettings, LoraStepper
+    from trainer.config import LoraSettings
+    from trainer.lora import LoraStepper
     from trainer.model import default_tiny_model_dir, load_base_model
     from trainer.store import AdapterStore, sha256_file
 
@@ -161,10 +162,10 @@ def test_a_lora_setting_that_differs_from_the_lineage_is_one_line_naming_it(
     holds that adapter with one line naming the variable, both values and the way out,
     trains nothing and writes nothing; a new lineage takes the new settings."""
     from tests.trainer.test_core import _core, _windows
+    from trainer.config import LoraSettings
     from trainer.core import Trained
     from trainer.exceptions import AdapterHeld
     from trainer.lineage import Lineage
-    from trainer.lora import LoraSettings
 
     first, second = _windows("tutor", 2)
     old = _core(tiny_model_dir, tmp_path, lora=LoraSettings(**lineage_lora))  # type: ignore[arg-type]

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.batching import IGNORE, build_batch
+from trainer.config import LoraSettings
 from trainer.exceptions import NonFiniteLossError, StepError
-from trainer.lora import IGNORE, AdapterState, LoraSettings, LoraStepper, build_batch
+from trainer.lora import AdapterState, LoraStepper
 from trainer.model import BaseModel, load_base_model
 
 PAIRS = [

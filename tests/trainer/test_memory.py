@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.batching import plan
-from trainer.lora import AdapterState, LoraSettings, LoraStepper, _compile_layers, build_batch
+from trainer.batching import build_batch, plan
+from trainer.config import LoraSettings
+from trainer.lora import AdapterState, LoraStepper, _compile_layers
 from trainer.loss import response_token_losses
 from trainer.model import BaseModel, load_base_model
 
@@ -208,7 +209,8 @@ _PEAK = textwrap.dedent(
     import resource, sys
     import torch
     from pathlib import Path
-    from trainer.lora import LoraSettings, LoraStepper
+    from trainer.config import LoraSettings
+    from trainer.lora import LoraStepper
     from trainer.model import load_base_model
 
     base = load_base_model(Path(sys.argv[1]), torch.device("cpu"))

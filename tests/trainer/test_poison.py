@@ -156,7 +156,7 @@ def test_a_real_write_refusal_from_safetensors_is_named_as_a_resource_error(
     script = (
         "import resource, sys, torch; from pathlib import Path;"
         "from trainer.exceptions import ResourceError;"
-        "from trainer.lora import LoraSettings, LoraStepper;"
+        "from trainer.config import LoraSettings; from trainer.lora import LoraStepper;"
         "from trainer.model import load_base_model;"
         "from trainer.store import AdapterStore;"
         "base = load_base_model(Path(sys.argv[1]), torch.device('cpu'));"

@@ -13,8 +13,9 @@ import torch
 from peft import PeftModel
 
 from trainer import manifest
+from trainer.config import LoraSettings
 from trainer.exceptions import AdapterStoreError, VersionExistsError
-from trainer.lora import LoraSettings, LoraStepper
+from trainer.lora import LoraStepper
 from trainer.model import BaseModel, load_base_model
 from trainer.store import (
     ADAPTER_FILE,
@@ -193,7 +194,7 @@ def test_adapter_config_is_the_same_bytes_in_every_process(
     hashing; the store's files must not, or a replay could not match its lineage."""
     script = (
         "import sys, torch; from pathlib import Path;"
-        "from trainer.lora import LoraSettings, LoraStepper;"
+        "from trainer.config import LoraSettings; from trainer.lora import LoraStepper;"
         "from trainer.model import load_base_model;"
         "base = load_base_model(Path(sys.argv[1]), torch.device('cpu'));"
         "lora = LoraSettings(target_modules=('v_proj', 'q_proj', 'k_proj', 'o_proj'));"

@@ -89,7 +89,8 @@ def reference(home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tupl
     and re-read windows must match this one bit for bit: any window trained
     twice, skipped, or resumed from the wrong state would change the weights.
     """
-    from trainer.lora import LoraSettings, LoraStepper
+    from trainer.config import LoraSettings
+    from trainer.lora import LoraStepper
     from trainer.model import default_tiny_model_dir, load_base_model
     from trainer.store import AdapterStore
 
