@@ -179,6 +179,20 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
+async def _start(
+    client: AIOKafkaConsumer | AIOKafkaAdminClient, kafka: KafkaConnection, doing: str
+) -> None:
+    """Start ``client``; a secured cluster that refuses it is a
+    :class:`KafkaAuthenticationError` (aiokafka says only "Unable to bootstrap")."""
+    try:
+        await client.start()
+    except KafkaError as exc:
+        refused = await refusal(kafka, doing)
+        if refused is not None:
+            raise refused from exc
+        raise
+
+
 @asynccontextmanager
 async def reader(
     kafka: KafkaConnection, doing: str, **options: Any
@@ -196,13 +210,7 @@ async def reader(
         },
     )
     try:
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            refused = await refusal(kafka, doing)
-            if refused is not None:
-                raise refused from exc
-            raise
+        await _start(consumer, kafka, doing)
         with kafka_errors(servers, doing):
             yield consumer
     except KafkaError as exc:
@@ -219,13 +227,7 @@ async def admin_client(
     :class:`KafkaAuthenticationError`; other Kafka errors pass, for the caller to name."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.servers, **{**options, **kafka.options()})
     try:
-        try:
-            await admin.start()
-        except KafkaError as exc:
-            refused = await refusal(kafka, doing)
-            if refused is not None:
-                raise refused from exc
-            raise
+        await _start(admin, kafka, doing)
         yield admin
     finally:
         await admin.close()
