@@ -12,7 +12,7 @@ nothing else. Each package adds its own small tree beside its code::
     │   ├── AdapterStoreError          a missing or corrupt adapter file
     │   ├── StepError                  a LoRA step that raised or gave a non-finite loss
     │   └── ReplayError                a replay that cannot run (unknown adapter, range gone …)
-    └── lorastream.BrokerError         the local broker could not be assembled or started
+    └── lorastream.dev.errors.BrokerError  the local broker could not be assembled or started
 """
 
 from __future__ import annotations

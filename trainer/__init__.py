@@ -8,8 +8,9 @@ the AdapterUpdate or the quarantine record. :class:`Trainer`
 core for a window's outcome, commit it through one :class:`Committer`
 (``trainer.committer``), then record it in the :class:`Lineage`, and group
 events with one rule (``trainer.window``). ``trainer.lora`` is the step, ``trainer.model``
-the base model, ``trainer.store`` the adapter files, ``trainer.lineage`` and
-``trainer.history`` the history read back from Kafka. The stage takes its
+the base model, ``trainer.store`` the adapter files, ``trainer.lineage`` a lineage and
+``trainer.history`` its log read back from Kafka; ``trainer.committed`` is the one
+read_committed reader (and offsets, lag), ``trainer.ranges`` replay's ranges. The stage takes its
 configuration as arguments and never reads the environment.
 """
 
