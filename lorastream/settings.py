@@ -88,7 +88,9 @@ class Settings(BaseSettings):
 
     # Not populate_by_name: pydantic-settings would then also read each field's own name from
     # the environment, so HOME would set `home` and SEED `seed`. Flags are passed by variable.
-    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+    # No setting means infinity or "not a number": inf passed every bound as a float and
+    # failed later with a traceback (#22).
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     bootstrap_servers: str = _setting(
         "127.0.0.1:9092",
@@ -416,6 +418,12 @@ class Settings(BaseSettings):
         if self.security_protocol.endswith("SSL"):
             from aiokafka.helpers import create_ssl_context
 
+            for field in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, field)
+                if path is not None and not Path(path).is_file():
+                    raise SettingsError(
+                        f"{variable_of(field)} ({field}): no such file; got {str(path)!r}"
+                    )
             ssl_context = create_ssl_context(
                 cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
                 certfile=str(self.ssl_certfile) if self.ssl_certfile else None,

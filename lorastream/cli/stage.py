@@ -51,7 +51,15 @@ def start_stage(
     if metrics and settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        from lorastream.settings import SettingsError
+
+        try:
+            start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        except OSError as exc:  # a port another process holds: one line, not a traceback
+            raise SettingsError(
+                f"LORASTREAM_METRICS_PORT (metrics_port): cannot serve metrics on "
+                f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+            ) from exc
 
 
 def stop_on_signals(stop: Callable[[], None]) -> None:

@@ -56,6 +56,7 @@ BAD_SETTINGS = [
     ("LORASTREAM_TOPIC_PREFIX", "my run/"),
     ("LORASTREAM_DEVICE", "gpu"),
     ("LORASTREAM_WINDOW_SIZE", "0"),
+    ("LORASTREAM_LEARNING_RATE", "inf"),  # passed every bound, then a traceback (#22)
 ]
 
 

@@ -141,3 +141,61 @@ def test_the_kafka_connection_carries_the_security_options_in_aiokafkas_names() 
         "security_protocol",
         "ssl_context",
     }
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "LORASTREAM_LEARNING_RATE",
+        "LORASTREAM_LORA_ALPHA",
+        "LORASTREAM_EVAL_FRACTION",
+        "LORASTREAM_ROUGE_THRESHOLD",
+        "LORASTREAM_QUALIFY_ENTROPY",
+        "LORASTREAM_MAX_WAIT_SECONDS",
+        "LORASTREAM_HOLD_RECHECK_SECONDS",
+    ],
+)
+def test_no_setting_takes_infinity_or_not_a_number(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorastream.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=f"{variable} .*finite number; got '{value}'"):
+        load_settings()
+
+
+@pytest.mark.parametrize("field", ["ssl_cafile", "ssl_certfile", "ssl_keyfile"])
+def test_a_missing_tls_file_is_named_with_its_variable(field: str, tmp_path: Path) -> None:
+    from lorastream.settings import SettingsError, load_settings, variable_of
+
+    missing = tmp_path / "nonexistent.pem"
+    settings = load_settings(security_protocol="SSL", **{field: str(missing)})
+    with pytest.raises(SettingsError) as raised:
+        settings.kafka_connection()
+    assert (
+        str(raised.value) == f"{variable_of(field)} ({field}): no such file; got {str(missing)!r}"
+    )
+
+
+def test_a_taken_metrics_port_is_one_line_naming_the_port_and_its_variable() -> None:
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from lorastream.cli.stage import start_stage
+    from lorastream.settings import SettingsError, load_settings
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = load_settings(metrics_port=port, metrics_host="127.0.0.1")
+        with pytest.raises(SettingsError) as raised:
+            start_stage(settings, CollectorRegistry(), logs=False)
+    message = str(raised.value)
+    assert message.startswith("LORASTREAM_METRICS_PORT (metrics_port): cannot serve metrics on "), (
+        message
+    )
+    assert f"127.0.0.1:{port}: Address already in use" in message, message
