@@ -46,6 +46,17 @@ def serve(
             "--url", metavar="URL", help="The inference server's base URL, e.g. http://gpu:8000."
         ),
     ],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            help="What this serve's consumer group (<prefix>lorastream-serve-NAME) and its "
+            "lock are named after, instead of --url: give the same name wherever one server "
+            "is reached by different URLs. One serve per server: a second one for the same "
+            "URL or name is refused at start.",
+        ),
+    ] = None,
     keep: Annotated[
         int,
         typer.Option(
@@ -153,9 +164,9 @@ def serve(
             f"{max_lora_rank} is not one of {', '.join(map(str, MAX_LORA_RANKS))}",
             param_hint="--max-lora-rank",
         )
-    for name in adapter or []:
-        if not re.match(ADAPTER_PATTERN, name):
-            raise typer.BadParameter(f"{name!r} is not an adapter name", param_hint="--adapter")
+    for one in adapter or []:
+        if not re.match(ADAPTER_PATTERN, one):
+            raise typer.BadParameter(f"{one!r} is not an adapter name", param_hint="--adapter")
     address = _listen_address(listen) if listen else None
     settings = settings_of(
         ctx,
@@ -175,6 +186,7 @@ def serve(
         served_base=served_base,
         poll=poll,
         max_regression=max_regression,
+        name=name,
     )
     metrics = ServeMetrics()
     start_stage(settings, metrics.registry, topics=[settings.topics.adapter_updates])
@@ -183,6 +195,7 @@ def serve(
         loop = Serve(config, metrics)
         stop_on_signals(loop.request_stop)
         client_logs_on()
+        await loop.claim()  # before the proxy takes its port: a clash is the one error
         proxy = None
         if address is not None:
             from lorastream.serving.proxy import Proxy

@@ -13,7 +13,13 @@ SGLang     ``/load_lora_adapter``       400 + ``error_message``       base only
 Loading a name that is already loaded and unloading one that is not are answered as
 successes here (``Loaded.ALREADY``, ``False``), so that a caller may repeat either.
 A server that cannot be reached, or answers 5xx, raises :class:`BackendUnavailable`;
-any other refusal raises :class:`BackendRefused`.
+a load refused because the server holds as many adapters as it may raises
+:class:`BackendFull`; any other refusal raises :class:`BackendRefused`.
+
+A 200 is not proof of a load (vLLM has answered 200 for a path it does not serve,
+vllm#18372), so :meth:`Backend.confirm` asks the server whether it now holds the name:
+vLLM through ``GET /v1/models``, SGLang through the ``loaded_adapters`` its load answer
+carries.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from lorastream.serving.exceptions import BackendRefused, BackendUnavailable
+from lorastream.serving.exceptions import BackendFull, BackendRefused, BackendUnavailable
 
 __all__ = ["Backend", "BackendKind", "Loaded", "ModelCard", "SglangBackend", "VllmBackend", "make"]
 
@@ -127,7 +133,15 @@ class Backend:
             return Loaded.NEW
         if status == 400 and "already" in text.lower():
             return Loaded.ALREADY
+        if 400 <= status < 500 and any(sign in text.lower() for sign in _FULL):
+            raise BackendFull(self.url, doing, f"HTTP {status}: {_short(text)}")
         raise BackendRefused(self.url, doing, f"HTTP {status}: {_short(text)}")
+
+    async def confirm(self, name: str) -> bool | None:
+        """Whether the server holds ``name`` now, as it says itself; None when it keeps no
+        list serve can read."""
+        listed = await self.adapters()
+        return None if listed is None else name in listed
 
     async def unload(self, name: str) -> bool:
         """Unload ``name``; False when the server did not have it."""
@@ -164,12 +178,27 @@ class SglangBackend(Backend):
     unload_path = "/unload_lora_adapter"
     lists_adapters = False
 
+    _listed: set[str] | None = None
+
+    async def load(self, name: str, path: str) -> Loaded:
+        self._listed = None
+        return await super().load(name, path)
+
+    async def confirm(self, name: str) -> bool | None:
+        """From the ``loaded_adapters`` of the last load's answer, where it had one."""
+        return None if self._listed is None else name in self._listed
+
     def _succeeded(self, text: str) -> bool:
         try:
             answer = json.loads(text)
         except ValueError:
             return True
-        return not isinstance(answer, dict) or answer.get("success", True) is not False
+        if not isinstance(answer, dict):
+            return True
+        listed = answer.get("loaded_adapters")
+        if isinstance(listed, dict | list):
+            self._listed = {str(n) for n in listed}
+        return answer.get("success", True) is not False
 
     def _unknown(self, status: int, text: str) -> bool:
         lowered = text.lower()
@@ -178,6 +207,11 @@ class SglangBackend(Backend):
     def model_for(self, name: str, base: str) -> str:
         """SGLang's OpenAI API names an adapter as ``<base>:<adapter>``."""
         return f"{base}:{name}"
+
+
+# How a server says it holds as many adapters as it may (SGLang's --max-loaded-loras:
+# "Maximum number of loaded LoRA adapters is N. Please unload some LoRA adapters ...").
+_FULL = ("maximum number of loaded lora", "unload some lora")
 
 
 def make(kind: BackendKind, url: str) -> VllmBackend | SglangBackend:

@@ -36,6 +36,16 @@ class ServeConfig:
     loaded from (the server is given that local directory)."""
     backoff_start: float = 1.0
     backoff_max: float = 30.0
+    name: str | None = None
+    """``--name``: what this serve's group and lock are named after instead of the URL."""
+    lock_dir: Path | None = None
+    """Where the lock that keeps a second serve for this server off this machine lies
+    (none: only the group's members are checked)."""
+    session_timeout: float = 10.0
+    """The follower's Kafka session timeout: how long a crashed serve's member stays in
+    its group, and so how long a serve starting after it waits for it to leave."""
+    unreachable_log_every: float = 60.0
+    """While the server cannot be reached, how often serve says again that it retries."""
     verifier: Verifier = field(default_factory=Verifier)
     """What serve trusts: the announcement key, and the adapter location a version's files
     must lie under (LORASTREAM_ADAPTER_DIR or its bucket); anything else is skipped."""
@@ -47,6 +57,11 @@ class ServeConfig:
             raise ValueError(f"drain_seconds must be 0 or more, not {self.drain_seconds}")
         if not self.max_regression >= 0:
             raise ValueError(f"max_regression must be 0 or more, not {self.max_regression}")
+
+    @property
+    def server(self) -> str:
+        """The server as the clash message names it: its ``--name`` or its URL."""
+        return f"the server named {self.name!r} ({self.url})" if self.name else self.url
 
     def in_scope(self, adapter: str) -> bool:
         """Whether serve follows ``adapter`` (``--adapter``; every adapter when none)."""

@@ -2,16 +2,27 @@
 
 LorastreamError
 └── ServingError                 serve cannot go on as asked
+    ├── ServeUrlError            --url is no http(s) URL with a host
+    ├── ServeClash               another serve already serves that server
     └── BackendError             the inference server's API, with its URL and the call
         ├── BackendUnavailable   unreachable, timed out or 5xx: worth retrying
         └── BackendRefused       a 4xx that no retry will change
+            └── BackendFull      the server holds as many adapters as it may
 """
 
 from __future__ import annotations
 
 from schemas.errors import LorastreamError
 
-__all__ = ["BackendError", "BackendRefused", "BackendUnavailable", "ServingError"]
+__all__ = [
+    "BackendError",
+    "BackendFull",
+    "BackendRefused",
+    "BackendUnavailable",
+    "ServeClash",
+    "ServeUrlError",
+    "ServingError",
+]
 
 
 class ServingError(LorastreamError):
@@ -47,3 +58,16 @@ class BackendUnavailable(BackendError):
 
 class BackendRefused(BackendError):
     """The server answered 4xx to a call that should have worked; retrying will not help."""
+
+
+class ServeUrlError(ServingError):
+    """``--url`` is not an http(s) URL with a host: no retry would ever reach it."""
+
+
+class ServeClash(ServingError):
+    """Another serve already serves the same inference server (same URL or ``--name``)."""
+
+
+class BackendFull(BackendRefused):
+    """The server refused a load because it holds as many adapters as it may (SGLang's
+    ``--max-loaded-loras`` before it learnt to evict): unloading another makes room."""

@@ -1,7 +1,7 @@
 """Announcements in: serve's follower of ``adapter-updates``.
 
-It reads the whole lineage at start, then follows the topic (read_committed, group
-``<prefix>lorastream-serve``) and adds each trusted announcement that is its adapter's
+It reads the whole lineage at start, then follows the topic (read_committed, in a group
+of its own per server, ``serving.instance``) and adds each trusted announcement that is its adapter's
 next version to :class:`~lorastream.serving.versions.Announced`. A record's offset is
 committed once a reconcile pass has handled the generation it arrived in, so a serve that
 stops before the server saw a version reads that announcement again.
@@ -59,9 +59,15 @@ class Follower:
         from trainer.kafka import kafka_errors, stop_consumer
 
         servers = self.config.kafka.servers
+        from lorastream.serving.instance import client_id
+
+        timeout_ms = int(self.config.session_timeout * 1000)
         consumer = AIOKafkaConsumer(
             self.config.updates_topic,
             group_id=self.config.group_id,
+            client_id=client_id(),
+            session_timeout_ms=timeout_ms,
+            heartbeat_interval_ms=max(100, timeout_ms // 3),
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",

@@ -34,6 +34,13 @@ class ServeMetrics:
             ["adapter"],
             registry=r,
         )
+        self.unconfirmed = Counter(
+            "lorastream_serve_unconfirmed_loads_total",
+            "Loads the server answered with success but did not list afterwards (each is "
+            "tried again; none is routed to).",
+            ["adapter"],
+            registry=r,
+        )
         self.live = Gauge(
             "lorastream_serve_live_version",
             "The version requests for the adapter reach now (its newest loaded version).",

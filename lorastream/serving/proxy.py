@@ -50,6 +50,7 @@ __all__ = [
     "InFlight",
     "Proxy",
     "sglang_model",
+    "unreachable_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,23 @@ def sglang_model(base: str, name: str) -> str:
     a bare adapter name is taken as a (missing) base model.
     """
     return f"{base}:{name}"
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """Why a request never reached the server, in words: aiohttp's own messages carry a
+    repr of its connection key, which is no help to an API client."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "no connection within the connect timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "the connection was refused (nothing listens on that port)"
+        strerror = getattr(exc.os_error, "strerror", None)
+        return f"cannot connect ({strerror})" if strerror else "cannot connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
+        return f"a network error ({exc.strerror})"
+    return f"the request failed ({type(exc).__name__})"
 
 
 def _never_known(_model: str) -> bool:
@@ -293,17 +311,18 @@ class Proxy:
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = unreachable_reason(exc)
             log.warning(
-                "upstream %s unreachable for %s %s: %r",
+                "upstream %s unreachable for %s %s: %s",
                 self.upstream,
                 request.method,
                 request.path,
-                exc,
+                reason,
             )
             return openai_error(
                 502,
-                f"The inference server at {self.upstream} cannot be reached ({exc!r}); "
-                "check that it is running and that the proxy's --url is right.",
+                f"The inference server at {self.upstream} cannot be reached: {reason}. "
+                "Check that it is running and that serve's --url is right.",
                 "upstream_unreachable",
             )
         finally:

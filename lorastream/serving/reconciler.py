@@ -11,7 +11,15 @@ adapters in ``/v1/models``, polled every ``poll`` seconds; SGLang does not, so t
 the oldest version serve believes loaded is sent again (loading is idempotent there): an
 answer "loaded now" rather than "already loaded" means the server had forgotten it, so
 every other version is loaded again too. A server that cannot be reached is retried with
-backoff up to ``backoff_max``.
+backoff up to ``backoff_max``, and said again every ``unreachable_log_every`` seconds.
+
+A load counts only once the server confirms it (:meth:`Backend.confirm`): one answered
+with success that the server does not list is a failed load, logged and tried again with
+backoff, and never routed to. A load refused for room (:class:`BackendFull`) teaches
+serve the server's limit; :mod:`serving.capacity` decides which versions get the room, and
+the rest are unloaded after their drain. Until an adapter's wanted version is in, its
+newest loaded version stays live even while it drains, so the proxy never sends a request
+to a version that is not loaded.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import time
 from pathlib import Path
 
 from lorastream.serving.backends import Backend, Loaded, ModelCard
+from lorastream.serving.capacity import Capacity, Retries
 from lorastream.serving.config import ServeConfig
-from lorastream.serving.exceptions import BackendRefused, BackendUnavailable
+from lorastream.serving.exceptions import BackendFull, BackendRefused, BackendUnavailable
 from lorastream.serving.metrics import ServeMetrics
 from lorastream.serving.verify import Refusal, check_base, check_files, judge_versions
 from lorastream.serving.versions import Announced, parse_version_name, version_name
@@ -61,8 +70,11 @@ class Reconciler:
         self.base: ModelCard | None = None
         self.ready = asyncio.Event()
         """Set after the first reconcile pass that reached the server."""
+        self.capacity = Capacity()
+        self.retries = Retries(config.backoff_start, config.backoff_max)
         self._live: dict[str, tuple[int, str]] = {}
         self._down_since: float | None = None
+        self._down_said = 0.0
         self._last_probe = 0.0
         self._probe_now = True
 
@@ -91,10 +103,20 @@ class Reconciler:
                 await self._reconcile()
             except BackendUnavailable as exc:
                 self._probe_now = True
+                now = time.monotonic()
                 if self._down_since is None:
-                    self._down_since = time.monotonic()
+                    self._down_since = self._down_said = now
                     self.metrics.server_up.set(0)
                     log.warning("%s Retrying with backoff up to %gs.", exc, self.config.backoff_max)
+                elif now - self._down_said >= self.config.unreachable_log_every:
+                    self._down_said = now
+                    log.warning(
+                        "the inference server at %s is still unreachable after %.0fs (%s); "
+                        "still retrying",
+                        self.config.url,
+                        now - self._down_since,
+                        exc.reason,
+                    )
                 await self._sleep(backoff, stop)
                 backoff = min(backoff * 2, self.config.backoff_max)
                 continue
@@ -122,6 +144,9 @@ class Reconciler:
         wait = self.config.poll_seconds
         if self.retire_at:
             wait = min(wait, min(self.retire_at.values()) - time.monotonic())
+        due = self.retries.next_due()
+        if due is not None:
+            wait = min(wait, due - time.monotonic())
         return wait
 
     async def _reconcile(self) -> None:
@@ -133,12 +158,14 @@ class Reconciler:
             self._compare({c.id for c in cards if c.parent is not None})
         else:
             await self._probe()
-        for adapter in sorted(self.versions):
-            for version in await self._kept(adapter):
+        kept = {adapter: await self._kept(adapter) for adapter in sorted(self.versions)}
+        wanted = self.capacity.wanted(kept, self.loaded.values())
+        await self._retire(wanted)  # first: what it unloads makes room for what is wanted
+        for adapter, versions in kept.items():
+            for version in versions:
                 name = version_name(adapter, version)
-                if name not in self.loaded:
+                if name in wanted and name not in self.loaded:
                     await self._load(adapter, version)
-        await self._retire()
         self._update_live()
 
     def _compare(self, listed: set[str]) -> None:
@@ -153,6 +180,7 @@ class Reconciler:
             for name in lost:
                 del self.loaded[name]
                 self.retire_at.pop(name, None)
+            self.capacity.forget()
         for name in listed - set(self.loaded):
             ours = parse_version_name(name)
             if ours is not None and ours[0] in self.versions:
@@ -183,6 +211,7 @@ class Reconciler:
             self.metrics.loads.labels(adapter).inc()
             self.loaded = {name: (adapter, version)}
             self.retire_at.clear()
+            self.capacity.forget()
 
     def judge(self, adapter: str) -> None:
         """The gate's verdict on every version it has not judged yet, in version order
@@ -265,12 +294,30 @@ class Reconciler:
 
     async def _load(self, adapter: str, version: int) -> None:
         name = version_name(adapter, version)
+        if self.retries.waiting(name):
+            return
         path = self._path(adapter, version)
         try:
             answer = await self.backend.load(name, path)
+        except BackendFull as exc:
+            self.capacity.learn(len(self.loaded), self.config.url, name, exc.reason)
+            log.info("%s waits for room (next try in %gs)", name, self.retries.failed(name))
+            return
         except BackendRefused as exc:
             self._refuse(adapter, version, Refusal("server", exc.reason))
             return
+        if await self.backend.confirm(name) is False:
+            log.warning(
+                "the inference server at %s answered the load of %s with success but does "
+                "not list it (GET /v1/models): a failed load, never routed to; trying again "
+                "in %gs",
+                self.config.url,
+                name,
+                self.retries.failed(name),
+            )
+            self.metrics.unconfirmed.labels(adapter).inc()
+            return
+        self.retries.succeeded(name)
         self.loaded[name] = (adapter, version)
         self.retire_at.pop(name, None)
         if answer is Loaded.NEW:
@@ -278,8 +325,7 @@ class Reconciler:
             log.info("loaded %s from %s", name, path)
         self._update_live()
 
-    async def _retire(self) -> None:
-        kept = {version_name(a, v) for a in self.versions for v in await self._kept(a)}
+    async def _retire(self, kept: set[str]) -> None:
         now = time.monotonic()
         for name in list(self.loaded):
             if name in kept:
@@ -288,23 +334,33 @@ class Reconciler:
             due = self.retire_at.setdefault(name, now + self.config.drain_seconds)
             if due > now:
                 continue
-            adapter, _ = self.loaded[name]
+            # Out of the routing before the server drops it: the proxy never sends a
+            # request to a version that is on its way out (it may still be live while its
+            # adapter's wanted version waits for room).
+            entry = self.loaded.pop(name)
+            del self.retire_at[name]
+            self._update_live()
             try:
                 if await self.backend.unload(name):
-                    self.metrics.unloads.labels(adapter).inc()
+                    self.metrics.unloads.labels(entry[0]).inc()
                     log.info("unloaded %s after its %gs drain", name, self.config.drain_seconds)
             except BackendRefused as exc:
                 log.error("%s It is left loaded.", exc)
-            del self.loaded[name]
-            del self.retire_at[name]
+            except BackendUnavailable:
+                self.loaded[name], self.retire_at[name] = entry, due  # try again later
+                raise
 
     def _update_live(self) -> None:
         newest: dict[str, int] = {}
+        draining: dict[str, int] = {}
         for adapter, version in self.loaded.values():
-            if version_name(adapter, version) in self.retire_at:
-                continue
-            if version > newest.get(adapter, 0):
-                newest[adapter] = version
+            into = draining if version_name(adapter, version) in self.retire_at else newest
+            if version > into.get(adapter, 0):
+                into[adapter] = version
+        # An adapter whose every loaded version drains (its wanted one waits for room)
+        # keeps the newest of them live until it is unloaded: loaded still, so servable.
+        for adapter, version in draining.items():
+            newest.setdefault(adapter, version)
         for adapter, version in newest.items():
             if self._live.get(adapter, (0, ""))[0] != version:
                 name = version_name(adapter, version)

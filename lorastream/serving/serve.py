@@ -2,8 +2,8 @@
 
 Two tasks share one record of what was announced (``serving.versions``):
 
-- the *follower* (``serving.follower``) reads ``adapter-updates`` (read_committed, group
-  ``<prefix>lorastream-serve``) and adds each announcement to the adapter's versions;
+- the *follower* (``serving.follower``) reads ``adapter-updates`` (read_committed, in a
+  group of its own per server: ``serving.instance``) and adds each announcement to the adapter's versions;
   it commits a record's offset once a reconcile pass has handled it;
 - the *reconciler* (``serving.reconciler``) makes the server hold, per adapter, its
   newest ``keep`` verified versions: it loads what is missing in version order, and
@@ -34,6 +34,7 @@ means the server had forgotten it, so every other version is loaded again too.
 from __future__ import annotations
 
 import asyncio
+from typing import IO
 
 from lorastream.serving.backends import Backend, make
 from lorastream.serving.config import ServeConfig
@@ -72,6 +73,8 @@ class Serve:
         self.ready = self.reconciler.ready
         """Set after the first reconcile pass that reached the server."""
         self._stop = asyncio.Event()
+        self._lock: IO[bytes] | None = None
+        self._claimed = False
 
     # -- what the proxy reads --------------------------------------------------------------
 
@@ -96,9 +99,37 @@ class Serve:
         self._stop.set()
         self.announced.wake.set()
 
+    async def claim(self) -> None:
+        """Refuse to start (:class:`~lorastream.serving.exceptions.ServeClash`) while
+        another serve feeds this server; :meth:`run` claims first if this was not called.
+        The claim (a lock file) is held until :meth:`run` returns."""
+        from lorastream.serving.instance import claim
+
+        if self._claimed:
+            return
+        config = self.config
+        self._lock = await claim(
+            config.kafka,
+            config.group_id,
+            config.server,
+            config.lock_dir,
+            within=config.session_timeout + 2.0,
+        )
+        self._claimed = True
+
     async def run(self) -> None:
         """Read the lineage, then follow and reconcile until stopped; a task that fails
         stops the other and its error propagates."""
+        await self.claim()
+        try:
+            await self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            self._claimed = False
+
+    async def _run(self) -> None:
         async with self.backend:
             await self.follower.read_history()
             if self.config.backend == "sglang":

@@ -19,6 +19,17 @@ SGLang (``python -m sglang.launch_server --enable-lora ...``)
 Both: ``/v1/chat/completions`` and ``/v1/completions`` answer with the model actually used
 (in ``model`` and in the text), ``stream: true`` as SSE chunks then ``data: [DONE]``.
 
+Two ways a server goes wrong under serve, off unless asked for:
+
+``capacity=N`` (or ``server.capacity = N``) refuses a load past N adapters, as SGLang's
+``--max-loaded-loras`` did from sglang#8650 until sglang#11526 made it an LRU cache: 400
+``{"success": false, "error_message": "Cannot load LoRA adapter ... Maximum number of loaded
+LoRA adapters is N. Please unload some LoRA adapters before loading new ones."}`` (the vLLM
+kind answers the same words in vLLM's error shape; real vLLM never refuses for room: its
+``--max-cpu-loras`` is an LRU cache). ``lie_loads = K`` answers the next K loads with
+success without loading anything, as vLLM has answered 200 for a path that does not exist
+(vllm#18372): ``/v1/models`` (and SGLang's ``loaded_adapters``) do not list them.
+
 Controls: ``down()`` stops listening (connections are refused), ``up()`` listens again on the
 same port with the same adapters, ``restart()`` forgets every adapter (as a real restart
 does: runtime-loaded adapters are lost), ``failing = 503`` answers every request with that
@@ -58,7 +69,14 @@ STREAM_DELAY = 0.02
 class ContractServer:
     """One fake inference server; see the module docstring for what it answers."""
 
-    def __init__(self, kind: Kind, base: str = "base-model", root: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: Kind,
+        base: str = "base-model",
+        root: str | None = None,
+        capacity: int | None = None,
+        lie_loads: int = 0,
+    ) -> None:
         if kind not in ("vllm", "sglang"):
             raise ValueError(f"kind must be 'vllm' or 'sglang', not {kind!r}")
         self.kind: Kind = kind
@@ -70,6 +88,10 @@ class ContractServer:
         self.events: list[tuple[float, str, str]] = []
         self.requests: list[str] = []
         self.failing: int | None = None
+        self.capacity = capacity
+        """The most adapters held at once; a load past it is refused (see the docstring)."""
+        self.lie_loads = lie_loads
+        """How many of the next loads are answered with success but not done."""
         self.restarts = 0
         self._runner: web.AppRunner | None = None
         self._app = self._make_app()
@@ -182,6 +204,22 @@ class ContractServer:
             message = f"Loading lora {name} failed: No adapter found for {path}"
             if self.kind == "vllm":
                 return self._vllm_error(message, "NotFoundError", 404)
+            return self._sglang_answer(False, message)
+        if self.lie_loads > 0:
+            self.lie_loads -= 1
+            self.events.append((time.time(), "lie", name))
+            if self.kind == "vllm":
+                return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+            return self._sglang_answer(True)
+        if self.capacity is not None and len(self.loaded) >= self.capacity:
+            self.events.append((time.time(), "full", name))
+            message = (
+                f"Cannot load LoRA adapter {name} at path {path}. Maximum number of loaded "
+                f"LoRA adapters is {self.capacity}. Please unload some LoRA adapters before "
+                "loading new ones."
+            )
+            if self.kind == "vllm":
+                return self._vllm_error(message, "BadRequestError", 400)
             return self._sglang_answer(False, message)
         self.loaded[name] = path
         self.events.append((time.time(), "load", name))
@@ -301,11 +339,16 @@ class ContractServer:
 
 @asynccontextmanager
 async def contract_server(
-    kind: Kind = "vllm", base: str = "base-model", root: str | None = None
+    kind: Kind = "vllm",
+    base: str = "base-model",
+    root: str | None = None,
+    capacity: int | None = None,
+    lie_loads: int = 0,
 ) -> AsyncIterator[ContractServer]:
     """A running contract server; ``base`` is the base model's id, ``root`` its path (defaults
-    to ``base``, as when ``vllm serve /path/to/model`` names the model by its path)."""
-    server = ContractServer(kind, base=base, root=root)
+    to ``base``, as when ``vllm serve /path/to/model`` names the model by its path);
+    ``capacity`` and ``lie_loads`` as in the module docstring."""
+    server = ContractServer(kind, base=base, root=root, capacity=capacity, lie_loads=lie_loads)
     await server.up()
     try:
         yield server

@@ -156,6 +156,10 @@ async def test_unreachable_upstream_is_502_in_openai_shape() -> None:
         error = (await resp.json())["error"]
         assert error["type"] == "upstream_unreachable"
         assert url in error["message"]
+        # The reason in words, not aiohttp's repr of its connection key (issue 22, #14).
+        assert "refused" in error["message"], error["message"]
+        for repr_bit in ("ConnectionKey(", "proxy_headers_hash", "ssl=", "Error("):
+            assert repr_bit not in error["message"], error["message"]
     assert time.monotonic() - started < 5
 
 
