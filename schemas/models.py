@@ -248,6 +248,10 @@ class WindowSpec(_Document):
     last_offset: Offset
     size: Annotated[StrictInt, Field(ge=1)]
     event_ids: list[StrictStr]
+    # The trainer's window size (LORASTREAM_WINDOW_SIZE) when this window closed: views
+    # show the trainer's figure, never their own setting's. ``size`` is smaller for a
+    # partial window (LORASTREAM_MAX_WAIT_SECONDS). None in announcements made before it.
+    full_size: Annotated[StrictInt, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> WindowSpec:

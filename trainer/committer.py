@@ -24,6 +24,7 @@ import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
@@ -125,6 +126,12 @@ class Committer:
     @property
     def staged(self) -> int:
         return len(self._staged)
+
+    def rename(self, transactional_id: str) -> None:
+        """Use ``transactional_id``, known only once the trainer claimed it; before start."""
+        if self.state is not CommitState.NEW:
+            raise TrainerError(f"{self.transactional_id} is {self.state.value}: too late to rename")
+        self.transactional_id = transactional_id
 
     async def start(self) -> None:
         self._producer = await self._new_producer()
@@ -256,9 +263,11 @@ class Committer:
             raise
         except ProducerFenced as exc:
             self.state = CommitState.FENCED
+            _quiet_fenced_futures(asyncio.get_running_loop())
             raise TrainerError(
                 f"another instance took over transactional id {self.transactional_id}; this "
-                "one stops (give each trainer its own LORASTREAM_INSTANCE_ID)"
+                "one stops (give each trainer its own LORASTREAM_INSTANCE_ID, or leave it "
+                "unset: each trainer then takes a free one)"
             ) from exc
         except KafkaError as exc:
             self.state = CommitState.FAILED
@@ -276,6 +285,29 @@ class Committer:
         due = force or self._staged or now - self._last_at >= self.idle_commit_seconds
         if (moved or self._staged) and due:
             await self.commit((), moved)
+
+
+def _quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep the fencing to the one line the committer raises.
+
+    aiokafka fails futures of its own with the ProducerFenced it raised here (its
+    transaction waiter, each batch's drain waiter) and awaits none of them: asyncio would
+    print each as "Future exception was never retrieved" with a traceback once collected,
+    after the process has said why it stops. Those alone are dropped; anything else still
+    reaches the handler that was there.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        unretrieved = context.get("message") == "Future exception was never retrieved"
+        if unretrieved and isinstance(context.get("exception"), ProducerFenced):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def announce(outcome: Outcome, lineage: Lineage, topics: Topics) -> list[Outgoing]:

@@ -17,7 +17,7 @@ from trainer.kafka import KafkaConnection
 from trainer.ranges import Bound
 from trainer.signing import Verifier
 
-__all__ = ["ReplayConfig", "TrainerConfig", "TrainingConfig"]
+__all__ = ["InstanceId", "ReplayConfig", "TrainerConfig", "TrainingConfig"]
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,33 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class InstanceId:
+    """How a live trainer names its transactional id, ``prefix + instance``.
+
+    Fencing rests on that id alone (aiokafka's TxnOffsetCommit v0 carries no group
+    generation), so two live trainers must never share it: the trainer claims it at start
+    (:func:`trainer.claims.claim_instance`), before its producer registers it.
+    """
+
+    prefix: str  # "<topic prefix>lorastream-trainer-"
+    # LORASTREAM_INSTANCE_ID, or None: "<hostname>-<n>", the lowest n free.
+    explicit: str | None
+    # Where the per-id locks of this machine are (under the lorastream home).
+    lock_dir: Path
+
+    def __post_init__(self) -> None:
+        if self.explicit == "":
+            raise ValueError("InstanceId.explicit must not be empty (None: claim one)")
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """The live trainer: a consumer group on ``learning-events``."""
 
     kafka: KafkaConnection
     topics: Topics
     group_id: str
-    transactional_id: str
+    instance: InstanceId
     training: TrainingConfig
     max_wait_seconds: float | None = None
     idle_commit_seconds: float = 5.0
@@ -129,6 +149,9 @@ class TrainerConfig:
     """What the resume trusts of adapter-updates, and the key the committer signs with."""
     # How often an adapter on hold is checked again (its files repaired, its setting back).
     hold_recheck_seconds: float = 30.0
+    # The consumer's session: a crashed member stays in the group this long, so a claim
+    # waits this long (and a heartbeat more) before calling a member with its id live.
+    session_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

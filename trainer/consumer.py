@@ -37,13 +37,14 @@ from schemas import (
     decode,
 )
 from schemas.limits import clip
+from trainer.claims import Claim, claim_instance, still_unclaimed
 from trainer.committer import Committer, Outgoing, announce, quarantine
 from trainer.config import TrainerConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import AdapterHeld, TrainerError
 from trainer.held import Holds
 from trainer.history import LineageLog
-from trainer.kafka import kafka_errors
+from trainer.kafka import kafka_errors, stop_consumer
 from trainer.lineage import Lineage
 from trainer.metrics import TrainerMetrics
 from trainer.progress import Progress, at
@@ -104,14 +105,17 @@ class Trainer:
             verifier=config.verifier.counting(self.metrics.reject),
         )
         self.core: WindowTrainer | None = None
+        instance = config.instance
+        # Named for real once claimed (start): no producer registers it before that.
         self.committer = Committer(
             config.kafka,
-            config.transactional_id,
+            instance.prefix + (instance.explicit or "unclaimed"),
             config.group_id,
             config.idle_commit_seconds,
             announce_key=config.verifier.key,
         )
         self._consumer: AIOKafkaConsumer | None = None
+        self._claim: Claim | None = None
         self._stopping = asyncio.Event()
         # aiokafka runs the rebalance listener in its coordinator task, concurrently with
         # getmany(): records can arrive before resume() has read the lineages. Nothing is
@@ -128,20 +132,33 @@ class Trainer:
 
     # ── lifecycle ────────────────────────────────────────────────────────────
 
+    @property
+    def transactional_id(self) -> str:
+        """This instance's transactional id (claimed in :meth:`start`)."""
+        return self.committer.transactional_id
+
     async def start(self) -> None:
         cfg = self.config
-        self.core = await asyncio.to_thread(WindowTrainer.load, cfg.training, self.metrics)
-        # The committer first: it aborts a killed predecessor's open transaction.
-        await self.committer.start()
-        self._consumer = AIOKafkaConsumer(
-            group_id=cfg.group_id,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=30 * 60 * 1000,
-            **cfg.kafka.client_kwargs(),
-        )
         try:
+            if not await self._claim_id():
+                return  # asked to stop while it waited for its id: run() returns at once
+            self.core = await asyncio.to_thread(WindowTrainer.load, cfg.training, self.metrics)
+            # Loading took a while: a trainer that took this id meanwhile on another machine
+            # (they started together) would be fenced by our producer.
+            await still_unclaimed(cfg.kafka, cfg.group_id, self.transactional_id)
+            # The committer first: it aborts a killed predecessor's open transaction.
+            await self.committer.start()
+            self._consumer = AIOKafkaConsumer(
+                group_id=cfg.group_id,
+                # Other instances recognise this one's membership by it (trainer.claims).
+                client_id=self.transactional_id,
+                session_timeout_ms=int(cfg.session_timeout_seconds * 1000),
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+                max_poll_interval_ms=30 * 60 * 1000,
+                **cfg.kafka.client_kwargs(),
+            )
             with kafka_errors(cfg.kafka.servers, f"joining group {cfg.group_id}"):
                 await self._consumer.start()
         except BaseException:
@@ -150,7 +167,7 @@ class Trainer:
         self._consumer.subscribe([cfg.topics.learning_events], listener=_Rebalance(self))
         log.info(
             "trainer %s: %s on %s (%s, %s), windows of %d",
-            cfg.transactional_id,
+            self.transactional_id,
             cfg.training.base_model_name,
             self.core.base.device,
             cfg.topics.learning_events,
@@ -162,9 +179,33 @@ class Trainer:
         """Stop cleanly: offsets of fully handled records are committed, nothing half-done."""
         if self._consumer is not None:
             await self._commit_offsets(force=True, why="on stop")
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
             self._consumer = None
         await self.committer.stop()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
+    async def _claim_id(self) -> bool:
+        """Take this instance's transactional id before any producer registers it: a
+        producer that did would fence the live trainer holding it (trainer.claims)."""
+        cfg = self.config
+        # A crashed member leaves once its session times out; a heartbeat more for slack.
+        within = cfg.session_timeout_seconds + 3.0
+        claiming = asyncio.ensure_future(
+            claim_instance(cfg.kafka, cfg.group_id, cfg.instance, within)
+        )
+        # That wait must not hold up a SIGINT or SIGTERM (a stage stops within seconds).
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({claiming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not claiming.done():
+            claiming.cancel()
+            await asyncio.wait({claiming})
+            return False
+        self._claim = claiming.result()
+        self.committer.rename(self._claim.transactional_id)
+        return True
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -180,6 +221,8 @@ class Trainer:
 
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; a window in progress is finished first."""
+        if self._consumer is None and self._stopping.is_set():
+            return  # stopped during start, before it joined the group
         try:
             await self._run()
         except BaseException:
@@ -209,6 +252,7 @@ class Trainer:
                         await self._rewind()  # the assignment changed while this batch waited
                         break
                     await self._handle(tp, record)
+            self._report_skipped()
             async with self._busy:
                 for window in self.windows.expired(self.config.max_wait_seconds):
                     await self._train(window)
@@ -276,9 +320,7 @@ class Trainer:
         """The history was read in full (no complete snapshot topic yet): write every
         adapter's snapshot and the completion record in one transaction, so that the next
         start reads one record per adapter (trainer.snapshot)."""
-        records = completion(
-            self.lineages, by=self.config.transactional_id, unreadable=self.history.stray
-        )
+        records = completion(self.lineages, by=self.transactional_id, unreadable=self.history.stray)
         topic = self.config.topics.adapter_latest
         await self.committer.commit([Outgoing(topic, key, value) for key, value in records])
         self.history.needs_snapshots = False
@@ -307,6 +349,18 @@ class Trainer:
             self.metrics.skipped.inc()
         if window is not None:
             await self._train(window)
+
+    def _report_skipped(self) -> None:
+        """One line per partition and batch for the events skipped as already trained or
+        in an open window: a scorer's re-delivery, a re-produce, or records read again."""
+        for skipped in self.windows.take_skipped():
+            log.info(
+                "skipped %s events already trained or in an open window (re-delivered or "
+                "read again): %s",
+                skipped.count,
+                skipped,
+                extra=at(skipped.tp, skipped.last_offset),
+            )
 
     async def _train(self, window: Window) -> None:
         """Ask the core for ``window``'s outcome, have the committer commit it with the

@@ -29,7 +29,10 @@ from aiokafka import TopicPartition
 from schemas import LearningEvent, WindowSpec, window_text
 from trainer.lineage import Lineage
 
-__all__ = ["PendingEvent", "Window", "Windows", "held_out"]
+__all__ = ["PendingEvent", "Skipped", "Window", "Windows", "held_out"]
+
+# A skip report names this many ids; the count says how many more there were.
+SKIPPED_IDS_SHOWN = 5
 
 
 def held_out(event_id: str, fraction: float) -> bool:
@@ -58,6 +61,7 @@ class Window:
     # the version trained on this window adds them to its evaluation set.
     held_out: list[PendingEvent] = field(default_factory=list)
     opened_at: float = field(default_factory=time.monotonic)
+    full_size: int | None = None  # the trainer's window size, recorded in the spec
 
     @property
     def first_offset(self) -> int:
@@ -85,7 +89,31 @@ class Window:
             last_offset=self.last_offset,
             size=len(self.events),
             event_ids=self.ids,
+            full_size=self.full_size,
         )
+
+
+@dataclass
+class Skipped:
+    """Events of one partition not admitted as already handled, since the last report."""
+
+    tp: TopicPartition
+    first_offset: int
+    last_offset: int
+    count: int = 0
+    ids: list[str] = field(default_factory=list)  # the first SKIPPED_IDS_SHOWN
+
+    def add(self, offset: int, event_id: str) -> None:
+        self.count += 1
+        self.first_offset = min(self.first_offset, offset)
+        self.last_offset = max(self.last_offset, offset)
+        if len(self.ids) < SKIPPED_IDS_SHOWN:
+            self.ids.append(event_id)
+
+    def __str__(self) -> str:
+        more = self.count - len(self.ids)
+        where = window_text(self.tp.topic, self.tp.partition, self.first_offset, self.last_offset)
+        return f"{where}, ids {', '.join(self.ids)}" + (f" and {more} more" if more else "")
 
 
 class Windows:
@@ -103,13 +131,15 @@ class Windows:
         self._next: dict[TopicPartition, int] = {}
         # Adapters on hold, per partition: the first offset of the window they could not train.
         self._pinned: dict[tuple[TopicPartition, str], int] = {}
+        # Duplicates refused since the driver last asked (:meth:`take_skipped`).
+        self._skipped: dict[TopicPartition, Skipped] = {}
 
     def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
         """Add an event; return its window when this event filled it (the window is closed)."""
         key = (tp, event.adapter)
         window = self._open.get(key)
         if window is None:
-            window = self._open[key] = Window(event.adapter, tp)
+            window = self._open[key] = Window(event.adapter, tp, full_size=self.size)
         window.events.append(PendingEvent(offset, event))
         if len(window.events) >= self.size:
             return self._close(key)
@@ -155,14 +185,31 @@ class Windows:
             )
             if admitted:
                 self._held.setdefault((tp, event.adapter), []).append(PendingEvent(offset, event))
+            else:
+                self._skip(tp, offset, event.id)
             self.mark_read(tp, offset)
             return admitted, None
         admitted = lineage.admits(tp, offset, event.id) and not self.holds(
             tp, event.adapter, event.id
         )
-        closed = self.add(tp, offset, event) if admitted else None
+        closed = None
+        if admitted:
+            closed = self.add(tp, offset, event)
+        else:
+            self._skip(tp, offset, event.id)
         self.mark_read(tp, offset)
         return admitted, closed
+
+    def _skip(self, tp: TopicPartition, offset: int, event_id: str) -> None:
+        skipped = self._skipped.setdefault(tp, Skipped(tp, offset, offset))
+        skipped.add(offset, event_id)
+
+    def take_skipped(self) -> list[Skipped]:
+        """The duplicates refused since the last call, one report per partition: a
+        re-produce or a crash's re-read shows in the log as one line, not one per event."""
+        taken = list(self._skipped.values())
+        self._skipped.clear()
+        return taken
 
     def holds_out(self, event_id: str) -> bool:
         """Whether this event is held out of training, for evaluation."""

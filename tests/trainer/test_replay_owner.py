@@ -58,6 +58,7 @@ async def _train_live(bootstrap: str, prefix: str, tmp_path: Path, topics: Topic
         home=tmp_path / "home",
         window_size=4,
         eval_fraction=0.0,
+        instance_id="0",  # the writer the refusal names
     )
     trainer = Trainer(trainer_config(settings))
     async with trainer:

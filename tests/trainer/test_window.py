@@ -101,3 +101,23 @@ def test_max_wait_closes_partial_windows() -> None:
 def test_window_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Windows(0)
+
+
+def test_a_window_records_the_trainers_size_and_the_lineage_shows_it() -> None:
+    """Views show the window size the trainer recorded (#22, finding 15), also for a
+    lineage whose newest window was a partial one; older announcements are inferred."""
+    from schemas import AdapterUpdate
+    from tests.schemas.test_models import _adapter_update
+    from trainer.lineage import Lineage
+
+    windows = Windows(8)
+    (partial,) = (_feed(windows, TP0, 0, "a", 0), list(windows.expired(0)))[1]
+    assert partial.spec().size == 1 and partial.spec().full_size == 8
+
+    recorded = AdapterUpdate.model_validate(
+        _adapter_update(version=1, parent_version=None, window=partial.spec().model_dump())
+    )
+    assert Lineage("a", updates=[recorded]).window_size == 8  # not 1, the partial window
+    unrecorded = AdapterUpdate.model_validate(_adapter_update(version=1, parent_version=None))
+    assert unrecorded.window.full_size is None  # an announcement from before still reads
+    assert Lineage("a", updates=[unrecorded]).window_size == 2  # inferred from its windows
