@@ -12,6 +12,8 @@ that is not the lineage's next) is skipped and reported to it; it never stops a 
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,22 +21,66 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from schemas import AdapterUpdate, QuarantineRecord, SchemaError, WindowSpec, decode
+from schemas import (
+    ADAPTER_PATTERN,
+    AdapterUpdate,
+    QuarantineRecord,
+    SchemaError,
+    WindowSpec,
+    decode,
+)
 from trainer.exceptions import TrainerError
 from trainer.signing import Verifier
 
 __all__ = [
+    "NAME_RULE",
     "RECENT_WINDOWS",
+    "AdapterNameError",
     "Lineage",
     "apply_records",
+    "check_adapter_name",
+    "existing",
     "lineages_from",
     "order_problem",
     "read_announcement",
+    "unknown_adapter",
 ]
 
 # Windows whose event ids a snapshot keeps: an event delivered again (the scoring stage
 # is at least once) at a new offset is recognised by its id within this many windows.
 RECENT_WINDOWS = 8
+
+
+# ADAPTER_PATTERN in words, for the one line that refuses a name.
+NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', the first a letter or digit"
+
+
+class AdapterNameError(TrainerError):
+    """A flag names no adapter: not a valid name, or the name of none that exists."""
+
+
+def check_adapter_name(flag: str, name: str) -> None:
+    """Refuse ``name`` (given by ``flag``) unless it is a valid adapter name."""
+    if not re.match(ADAPTER_PATTERN, name):
+        raise AdapterNameError(f"{flag} {name!r} is not an adapter name ({NAME_RULE})")
+
+
+def unknown_adapter(flag: str, name: str, known: Iterable[str], where: str) -> AdapterNameError:
+    """The error for ``name`` (given by ``flag``), which names none of the ``known``
+    adapters (those found in ``where``)."""
+    return AdapterNameError(f"{flag} {name}: no adapter {name} in {where}; {existing(name, known)}")
+
+
+def existing(name: str, known: Iterable[str], what: str = "the adapters that exist") -> str:
+    """``what``: the ``known`` adapters, closest to ``name`` first (difflib), so that a
+    typo's correction comes first; or that there is none."""
+    names = sorted(set(known))
+    if not names:
+        return f"{what}: none"
+    folded = [n for n in names if n.lower() == name.lower()]  # "Tutor" for "tutor"
+    close = difflib.get_close_matches(name, names, n=len(names), cutoff=0.0)
+    ordered = folded + [n for n in close if n not in folded]
+    return f"{what}: " + ", ".join(ordered)
 
 
 @dataclass
@@ -58,6 +104,18 @@ class Lineage:
     @property
     def latest(self) -> AdapterUpdate | None:
         return self.updates[-1] if self.updates else None
+
+    @property
+    def window_size(self) -> int | None:
+        """The trainer's window size as this lineage shows it (None before a first version):
+        the size the trainer recorded with its newest window, or, for announcements made
+        before it recorded one, the largest of its newest windows (a window closes when
+        full, or partial after LORASTREAM_MAX_WAIT_SECONDS, so the largest of the recent
+        ones is a full one)."""
+        if self.updates and self.updates[-1].window.full_size is not None:
+            return self.updates[-1].window.full_size
+        recent = self.updates[-RECENT_WINDOWS:]
+        return max((u.window.size for u in recent), default=None)
 
     @property
     def quarantined(self) -> int:

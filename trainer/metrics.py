@@ -50,8 +50,9 @@ class TrainerMetrics:
         )
         self.lag = Gauge(
             "lorastream_consumer_lag",
-            "Records of an assigned learning-events partition past the trainer's fetch "
-            "position (highwater minus position), after each poll.",
+            "Records of an assigned learning-events partition past the trainer group's "
+            "committed offset (last stable offset minus committed; the log start where none "
+            "is committed), as `lorastream status` counts the trainer's lag.",
             ["topic", "partition"],
             registry=r,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -65,34 +66,48 @@ def adapters_list(
     window (a partial window trains when full, or after LORASTREAM_MAX_WAIT_SECONDS).
 
     A version that `lorastream serve` with the same --keep and --max-regression refuses
-    for its eval loss is marked REFUSED, and why is said below the table."""
+    for its eval loss is marked REFUSED, and why is said below the table.
+
+    The window an open one waits to fill is the lineage's (its newest windows), not this
+    shell's LORASTREAM_WINDOW_SIZE; the trainer's lag is counted as `status` counts it."""
     from rich.table import Table
 
     from lorastream.cli.console import print_table
-    from lorastream.cli.status import hold_line
-    from lorastream.ops.status import holds_of
+    from lorastream.cli.status import UNKNOWN_WINDOW, hold_line
+    from lorastream.ops.status import group_lag, holds_of
     from lorastream.serving.verify import Refusal, judge_versions
     from schemas import encode
-    from trainer.lineage import Lineage
+    from trainer.lineage import Lineage, check_adapter_name
     from trainer.ranges import pending_events
 
+    if adapter is not None:
+        check_adapter_name("--adapter", adapter)
     settings = settings_of(ctx)
     lineages = _lineages(settings)
+    # The open windows are read for the table, and for a name no lineage has (it may have
+    # events and no version yet); --json of known lineages needs neither.
+    needed = not json or (adapter is not None and adapter not in lineages)
+    pending = (
+        asyncio.run(
+            pending_events(
+                settings.kafka_connection(),
+                settings.topics.learning_events,
+                settings.trainer_group_id,
+                lineages,
+                settings.eval_fraction,
+            )
+        )
+        if needed
+        else {}
+    )
+    if adapter is not None and adapter not in lineages and adapter not in pending:
+        raise _unknown(settings, "--adapter", adapter, lineages.keys() | pending.keys())
     chosen = [lineages[a] for a in sorted(lineages) if adapter in (None, a)]
     if json:
         for lineage in chosen:
             for update in lineage.updates:
                 sys.stdout.write(encode(update).decode() + "\n")
         return
-    pending = asyncio.run(
-        pending_events(
-            settings.kafka_connection(),
-            settings.topics.learning_events,
-            settings.trainer_group_id,
-            lineages,
-            settings.eval_fraction,
-        )
-    )
     for name in sorted(pending.keys() - lineages.keys()):
         if adapter in (None, name):
             chosen.append(Lineage(name))
@@ -125,8 +140,7 @@ def adapters_list(
                 lineage.adapter,
                 "-",
                 "-",
-                f"open window: {pending[lineage.adapter]} event(s) waiting for "
-                f"{settings.window_size}",
+                _open_window(pending[lineage.adapter], lineage.window_size),
                 "",
                 "",
                 "",
@@ -156,6 +170,35 @@ def adapters_list(
     newest = [lin.latest for lin in chosen if lin.latest is not None]
     for name, reason in sorted(holds_of(settings, newest).items()):
         out.print(hold_line(name, reason), highlight=False, soft_wrap=True)
+    if any(pending.get(lin.adapter) and lin.window_size is None for lin in chosen):
+        out.print(UNKNOWN_WINDOW, highlight=False, soft_wrap=True)
+    lag = asyncio.run(
+        group_lag(
+            settings.kafka_connection(), settings.trainer_group_id, settings.topics.learning_events
+        )
+    )
+    out.print(
+        f"trainer lag: {lag.total} on {lag.topic} (group {lag.group}), as `status` counts it",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _open_window(waiting: int, window_size: int | None) -> str:
+    """The open window's row: its events, and the window they wait to fill (the lineage's)."""
+    if window_size is None:
+        return f"open window: {waiting} event(s) waiting (window size not known until v1)"
+    return f"open window: {waiting} event(s) waiting for {window_size}"
+
+
+def _unknown(settings: Settings, flag: str, name: str, known: Iterable[str]) -> Exception:
+    """The one-line error for a valid ``name`` that no adapter has: those that exist."""
+    from trainer.lineage import unknown_adapter
+
+    topics = settings.topics
+    return unknown_adapter(
+        flag, name, known, f"{topics.adapter_updates} or {topics.learning_events}"
+    )
 
 
 @adapters_app.command("repair")
@@ -176,9 +219,14 @@ def adapters_repair(
     was trained with (seed, learning rate, evaluation); nothing changes unless every
     rebuilt version matches."""
     from lorastream.stages import replay_config
+    from trainer.lineage import check_adapter_name
     from trainer.repair import repair
 
+    check_adapter_name("ADAPTER", adapter)
     settings = settings_of(ctx)
+    lineages = _lineages(settings)
+    if adapter not in lineages or not lineages[adapter].updates:
+        raise _announced_only(settings, adapter, lineages)
     config = replay_config(settings, source=adapter, target=adapter)
     report = asyncio.run(repair(config, adapter, dry_run=dry_run))
     for fault in report.faults:
@@ -213,16 +261,15 @@ def adapters_fetch(
     and every file checked against its manifest; a local one is checked against the
     announced sha256. A version whose upload never finished (no manifest) is an error."""
     from lorastream.serving.verify import check_files
+    from trainer.lineage import check_adapter_name
     from trainer.objects import fetch_version, is_remote
 
+    check_adapter_name("ADAPTER", adapter)
     settings = settings_of(ctx)
     lineages = _lineages(settings)
     lineage = lineages.get(adapter)
     if lineage is None or not lineage.updates:
-        err.print(
-            f"no version of adapter {adapter!r} is announced on {settings.topics.adapter_updates}"
-        )
-        raise typer.Exit(1)
+        raise _announced_only(settings, adapter, lineages)
     chosen = [u for u in lineage.updates if version in (None, u.version)]
     if not chosen:
         newest = lineage.updates[-1].version
@@ -237,6 +284,16 @@ def adapters_fetch(
         err.print(f"{adapter} v{update.version}: {refusal.detail}")
         raise typer.Exit(1)
     out.print(local, highlight=False)
+
+
+def _announced_only(settings: Settings, name: str, lineages: dict[str, Lineage]) -> Exception:
+    """The one-line error for ``name``, which has no announced version: those that do."""
+    from trainer.lineage import unknown_adapter
+
+    announced = [a for a, lineage in lineages.items() if lineage.updates]
+    return unknown_adapter(
+        "ADAPTER", name, announced, f"the versions announced on {settings.topics.adapter_updates}"
+    )
 
 
 @adapters_app.command("follow")

@@ -6,6 +6,8 @@ The job is :mod:`lorastream.ops.replay`; this module renders what it returns
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Annotated
@@ -51,6 +53,7 @@ from lorastream.settings import help_for
 
 if TYPE_CHECKING:
     from lorastream.ops.replay import Forgotten, NothingToTrain, ReplayRequest, ReplayTicks
+    from lorastream.settings import Settings
     from trainer.replay import Plan, ReplayReport
 
 __all__ = ["replay"]
@@ -136,14 +139,7 @@ def replay(
     and announces versions 1, 2, 3 … of the new lineage, and exits when the
     range is done. Killed, it continues with --resume.
     """
-    from lorastream.ops.replay import (
-        NothingToTrain,
-        ReplayRequest,
-        plan_replay,
-        prepare_replay,
-        train_replay,
-    )
-    from trainer.metrics import ReplayMetrics
+    from lorastream.ops.replay import ReplayRequest
 
     settings = settings_of(
         ctx,
@@ -165,12 +161,6 @@ def replay(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
-    metrics = ReplayMetrics()
-    # Only when asked on the command line: a replay run inside the trainer's container would
-    # otherwise take the trainer's LORASTREAM_METRICS_PORT.
-    start_stage(
-        settings, metrics.registry, quiet=True, metrics=metrics_port is not None and not dry_run
-    )
     request = ReplayRequest.of(
         source=adapter,
         target=into,
@@ -180,6 +170,34 @@ def replay(
         resume=resume,
         dry_run=dry_run,
     )
+    try:
+        # Metrics only when asked on the command line: a replay run inside the trainer's
+        # container would otherwise take the trainer's LORASTREAM_METRICS_PORT.
+        _run(settings, request, metrics_port is not None and not dry_run)
+    except KeyboardInterrupt:  # Ctrl-C: what is committed stays, and a --resume goes on
+        say(err, _interrupted_line(dry_run))
+        raise typer.Exit(130) from None
+
+
+def _interrupted_line(dry_run: bool) -> str:
+    """What a replay stopped by SIGINT says: how to go on, as a command to paste."""
+    if dry_run:
+        return "replay: stopped (SIGINT) during the dry run; nothing was trained"
+    args = sys.argv[1:]
+    again = shlex.join(["lorastream", *args, *([] if "--resume" in args else ["--resume"])])
+    return (
+        "replay: stopped (SIGINT); the versions announced so far stay, "
+        f"continue with --resume: {again}"
+    )
+
+
+def _run(settings: Settings, request: ReplayRequest, metrics_wanted: bool) -> None:
+    """The replay itself: check, then plan (a dry run) or train, and print what it did."""
+    from lorastream.ops.replay import NothingToTrain, plan_replay, prepare_replay, train_replay
+    from trainer.metrics import ReplayMetrics
+
+    metrics = ReplayMetrics()
+    start_stage(settings, metrics.registry, quiet=True, metrics=metrics_wanted)
     prepared = prepare_replay(settings, request)
     if prepared.forgotten is not None:
         say(err, _forgotten_note(prepared.forgotten))

@@ -49,7 +49,7 @@ def render(status: Status) -> tuple[Table, list[str]]:
             str(a.version) if a.version else "-",
             _age(a.age_seconds(status.at)),
             _when(a.created_at),
-            f"{a.pending}/{status.window_size}",
+            _waiting(a.pending, a.window_size),
             str(a.quarantined),
         )
     lines = [
@@ -57,8 +57,20 @@ def render(status: Status) -> tuple[Table, list[str]]:
         _lag_line("trainer", status.trainer),
         f"dead letters: {status.dead_letters} in {status.dead_letter_topic}",
     ]
+    if any(a.window_size is None for a in status.adapters):
+        lines.append(UNKNOWN_WINDOW)
     lines += [hold_line(a.adapter, a.hold) for a in status.adapters if a.hold is not None]
     return table, lines
+
+
+# What a view says of an adapter with no version: the lineage records its windows, and the
+# viewer's own LORASTREAM_WINDOW_SIZE says nothing of the trainer's.
+UNKNOWN_WINDOW = "pending n/?: the window size is not known until the adapter's first version"
+
+
+def _waiting(pending: int, window_size: int | None) -> str:
+    """``pending/size``: the events that wait, of the window the lineage shows."""
+    return f"{pending}/{'?' if window_size is None else window_size}"
 
 
 def hold_line(adapter: str, reason: str) -> str:

@@ -92,6 +92,8 @@ async def follow(
                         continue  # made before following began
                     on_update(update, record.value or b"")
                     seen += 1
+                    if seen == count:
+                        return seen  # the rest of the batch is not shown: -n stops at n
             if loop.time() - quiet_since < PROBE_EVERY:
                 continue
             quiet_since = loop.time()

@@ -25,6 +25,8 @@ from lorastream.stages import replay_config, replay_decoder
 from schemas import ADAPTER_PATTERN
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import ReplayError
+from trainer.lineage import NAME_RULE
+from trainer.lineage import existing as names_that_exist
 from trainer.metrics import ReplayMetrics
 from trainer.ranges import Bound, PartitionRange
 from trainer.replay import Plan, Replay, ReplayReport
@@ -94,7 +96,7 @@ class ReplayRequest:
             raise ReplayError("--into NEW is required: the name of the lineage to train")
         for flag, name in (("--adapter", source), ("--into", target)):
             if name is not None and not re.match(ADAPTER_PATTERN, name):
-                raise ReplayError(f"{flag} {name!r} is not an adapter name ({ADAPTER_PATTERN})")
+                raise ReplayError(f"{flag} {name!r} is not an adapter name ({NAME_RULE})")
         if source is not None and source == target:
             raise ReplayError(
                 f"--into {target} is the adapter being replayed; a new lineage needs a new name"
@@ -225,7 +227,7 @@ def prepare_replay(settings: Settings, request: ReplayRequest) -> PreparedReplay
 def plan_replay(prepared: PreparedReplay) -> Plan:
     """The dry run: the events and windows per adapter; nothing is trained."""
     plan = asyncio.run(prepared.replay.plan())
-    _check_found(prepared.request, plan, prepared.topic)
+    asyncio.run(_check_found(prepared, plan))
     return plan
 
 
@@ -266,8 +268,9 @@ async def _check_retention(
     )
 
 
-def _check_found(request: ReplayRequest, plan: Plan, topic: str) -> None:
+async def _check_found(prepared: PreparedReplay, plan: Plan) -> None:
     """An adapter with no events: unknown (nothing at all) or an empty range."""
+    request, topic = prepared.request, prepared.topic
     if request.source is None:
         if not plan.adapters:
             raise ReplayError(f"no events in {topic} ({request.describe_range()})")
@@ -280,10 +283,15 @@ def _check_found(request: ReplayRequest, plan: Plan, topic: str) -> None:
             f"adapter {request.source} has no events in {topic} {request.describe_range()} "
             "(an empty range)"
         )
-    known = ", ".join(sorted(plan.adapters)) or "none"
+    # The plan counted the source's events only: the names that exist take a second read.
+    every = Replay(
+        prepared.replay.config,
+        replay_decoder(prepared.settings, None, request.rescore),
+    )
+    known = (await every.plan()).adapters
     raise ReplayError(
-        f"unknown adapter {request.source}: {topic} holds no events of it "
-        f"(adapters found there: {known})"
+        f"unknown adapter {request.source}: {topic} holds no events of it; "
+        f"{names_that_exist(request.source, known)}"
     )
 
 
@@ -296,7 +304,7 @@ async def _train(
     async with replay.session() as session:
         existing = session.lineage
         plan = await replay.plan(target=existing)
-        _check_found(request, plan, config.topic)
+        await _check_found(prepared, plan)
         counts = plan.adapters[request.source]
         if counts.windows == 0:
             return NothingToTrain(

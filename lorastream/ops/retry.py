@@ -23,6 +23,7 @@ from lorastream.ops.inspect import InspectError, QuarantineEntry, read_quarantin
 from schemas import KafkaPosition, LearningEvent, Topics, encode, window_text
 from trainer.history import load_lineages
 from trainer.kafka import KafkaConnection, kafka_errors
+from trainer.lineage import existing
 from trainer.signing import Verifier
 
 __all__ = [
@@ -250,7 +251,11 @@ async def retry_quarantined(
     else:
         chosen = [e for e in entries if e.adapter == adapter]
         if not chosen:
-            raise InspectError(f"adapter {adapter} has nothing in {topics.quarantine}")
+            quarantined = {e.adapter for e in entries if e.adapter is not None}
+            raise InspectError(
+                f"adapter {adapter} has nothing in {topics.quarantine}; "
+                + existing(adapter or "", quarantined, "the adapters it holds")
+            )
     names = {e.adapter for e in chosen if e.adapter is not None}
     trained = await _trained_ids(kafka, topics.adapter_updates, names, verifier)
     report = RetryReport()

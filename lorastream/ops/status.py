@@ -1,14 +1,17 @@
 """``lorastream status``: the pipeline at a glance, read from Kafka alone.
 
 Per adapter: the newest announced version and its age, the learning events
-that wait in its open window, the windows quarantined, and a hold (why the
-trainer cannot step on its newest version: a file not as announced, or a
-LoRA setting that differs from the lineage's, by the trainer's own checks).
-Per stage: the lag of
-its consumer group (the records of its input topic past the group's
-committed offsets). And the dead letters. Everything is read, nothing is
-written: no group's offsets move. :func:`read_status` returns data;
-``lorastream.cli.status`` prints it.
+that wait in its open window and the window size they wait for, the windows
+quarantined, and a hold (a file of its newest version not as announced, by
+the trainer's own check). Per stage: its lag (:class:`GroupLag`, the one
+definition that the trainer's ``lorastream_consumer_lag`` gauge shares). And
+the dead letters. Everything is read, nothing is written: no group's offsets
+move. :func:`read_status` returns data; ``lorastream.cli.status`` prints it.
+
+What the trainer was configured with is learnt from the lineage, never from
+the viewer's own settings (its shell may say LORASTREAM_WINDOW_SIZE=16 to a
+trainer that runs windows of 4): the window size is
+:attr:`trainer.lineage.Lineage.window_size`, None before a first version.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from schemas import AdapterUpdate, LoraSpec
+from schemas import AdapterUpdate
 from trainer.committed import topic_extent
 from trainer.history import load_lineages
 from trainer.kafka import KafkaConnection
@@ -40,6 +43,7 @@ class AdapterStatus:
     pending: int
     quarantined: int
     hold: str | None = None  # why the trainer holds this adapter, or None
+    window_size: int | None = None  # as the lineage shows it; None before a first version
 
     def age_seconds(self, now: datetime) -> float | None:
         return None if self.created_at is None else (now - self.created_at).total_seconds()
@@ -47,8 +51,11 @@ class AdapterStatus:
 
 @dataclass(frozen=True)
 class GroupLag:
-    """How far ``group`` is behind on ``topic``: per partition, the end offset minus the
-    committed offset (minus the log start where the group has committed nothing)."""
+    """How far ``group`` is behind on ``topic``: per partition, the end offset a
+    ``read_committed`` reader sees (the last stable offset) minus the offset the group
+    has committed (the log start where it has committed nothing); the total is their sum.
+    The one lag of lorastream: ``status``, ``adapters list`` and the trainer's
+    ``lorastream_consumer_lag`` gauge (:mod:`trainer.progress`) all count it so."""
 
     group: str
     topic: str
@@ -77,12 +84,10 @@ class Status:
     trainer: GroupLag
     dead_letters: int
     dead_letter_topic: str
-    window_size: int
 
     def to_json(self) -> dict[str, Any]:
         return {
             "at": self.at.isoformat(),
-            "window_size": self.window_size,
             "adapters": [
                 {
                     "adapter": a.adapter,
@@ -90,6 +95,7 @@ class Status:
                     "created_at": a.created_at.isoformat() if a.created_at else None,
                     "age_seconds": _rounded(a.age_seconds(self.at)),
                     "pending_events": a.pending,
+                    "window_size": a.window_size,
                     "quarantined_windows": a.quarantined,
                     "hold": a.hold,
                 }
@@ -115,26 +121,20 @@ async def group_lag(kafka: KafkaConnection, group: str, topic: str) -> GroupLag:
 
 
 def holds_of(settings: Settings, updates: list[AdapterUpdate]) -> dict[str, str]:
-    """Per adapter whose newest version is in ``updates``: why the trainer holds it, if it
-    does (:func:`trainer.hold_reasons.hold_reason`, with these settings' store and LoRA settings).
-    Reads every file of each newest version (fetched first from an object store)."""
-    from lorastream.stages import lora_settings
+    """Per adapter whose newest version is in ``updates``: why the trainer holds it, if a
+    file of that version is not as announced (:func:`trainer.hold_reasons.hold_reason`, in
+    these settings' store; fetched first from an object store). A LoRA setting that
+    differs is the trainer's to say (its log, ``lorastream_adapter_held``): the viewer's
+    own LORASTREAM_LORA_* say nothing of the trainer's."""
     from trainer.exceptions import TrainerError
     from trainer.hold_reasons import hold_reason
     from trainer.store import AdapterStore
 
-    lora = lora_settings(settings)
-    configured = LoraSpec(
-        r=lora.r,
-        alpha=lora.alpha,
-        target_modules=list(lora.target_modules),
-        dropout=lora.dropout,
-    )
     store = AdapterStore(settings.adapter_dir, cache=settings.adapter_cache_dir)
     holds = {}
     for update in updates:
         try:
-            reason = hold_reason(store, update, configured)
+            reason = hold_reason(store, update, update.lora)
         except TrainerError as exc:  # an object store that does not answer, say
             reason = str(exc)
         if reason is not None:
@@ -174,6 +174,7 @@ async def read_status(settings: Settings) -> Status:
                 pending=pending.get(name, 0),
                 quarantined=lineage.quarantined if lineage is not None else 0,
                 hold=holds.get(name),
+                window_size=lineage.window_size if lineage is not None else None,
             )
         )
     scorer = await group_lag(kafka, settings.scorer_app_id, topics.generation_results)
@@ -186,5 +187,4 @@ async def read_status(settings: Settings) -> Status:
         trainer=trainer,
         dead_letters=sum(ends[tp] - starts[tp] for tp in ends),
         dead_letter_topic=topics.dead_letters,
-        window_size=settings.window_size,
     )

@@ -97,7 +97,9 @@ async def test_scorer_and_trainer_metrics_move_with_the_stream(
         assert trained[("lorastream_adapter_version", (("adapter", "support"),))] == 4
         assert trained[("lorastream_pending_events", (("adapter", "support"),))] == 1
         lag = (("partition", "0"), ("topic", topics.learning_events))
-        assert trained[("lorastream_consumer_lag", lag)] == 0
+        # The lag status counts (issue #22): tutor's 2 and support's 1 waiting events are
+        # past the group's committed offset, which never passes an open window.
+        assert trained[("lorastream_consumer_lag", lag)] >= 3
         assert trained[("lorastream_step_seconds_count", ())] >= 8
         assert scorer.alive() and trainer.alive(), scorer.output() + trainer.output()
     # --log-format json: the trainer's line about each version names its window's position.

@@ -108,6 +108,7 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
     assert by_name["alpha"]["created_at"] == created.isoformat()
     assert 110 <= by_name["alpha"]["age_seconds"] < 200
     assert by_name["alpha"]["pending_events"] == 1
+    assert by_name["alpha"]["window_size"] == 4  # its window's, whatever this shell says
     assert by_name["alpha"]["quarantined_windows"] == 1
     # The trainer could not step on alpha v1, whose directory is not there: status says so.
     assert f"directory {ADAPTERS}/alpha/v1 is missing" in by_name["alpha"]["hold"]
@@ -117,6 +118,7 @@ async def test_status_shows_versions_pending_events_lags_dead_letters_and_quaran
         "created_at": None,
         "age_seconds": None,
         "pending_events": 3,
+        "window_size": None,  # no version: the lineage says nothing yet, the shell is not asked
         "quarantined_windows": 0,
         "hold": None,
     }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shlex
+import signal
 import subprocess
 import time
 import uuid
@@ -232,6 +234,53 @@ async def test_a_killed_replay_continues_with_resume_and_announces_each_version_
     again = _replay(live, "--adapter", "alpha", "--into", name, "--resume")
     assert again.returncode == 0 and "nothing to train" in again.stderr, again.stderr
     assert not list((live.adapters / name).glob(".*")), "temporary directories were left"
+
+
+async def test_ctrl_c_stops_a_replay_with_one_line_naming_the_resume_command(
+    kafka_bootstrap: str, live: Live
+) -> None:
+    """SIGINT (Ctrl-C, to the whole process group) mid-replay: one line that says how to go
+    on, the exact command with --resume, exit 130, no traceback; that command finishes
+    the lineage, each version once."""
+    name = "alpha-interrupted"
+    env = live.env(LORASTREAM_STEPS_PER_WINDOW="40")  # windows slow enough to stop mid-way
+    proc = subprocess.Popen(
+        [LORASTREAM, "replay", "--adapter", "alpha", "--into", name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        async def first_version() -> bool:
+            records = await read_all(kafka_bootstrap, live.topics.adapter_updates, 4, timeout=1)
+            return any(decode(r.value, AdapterUpdate).adapter == name for r in records)
+
+        try:
+            await wait_for(first_version, 150, f"{name} v1")
+        except AssertionError:
+            proc.kill()
+            raise AssertionError(proc.communicate(timeout=10)) from None
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    said = [line for line in stderr.splitlines() if "stopped" in line]
+    again = f"lorastream replay --adapter alpha --into {name} --resume"
+    assert said == [stderr.strip().splitlines()[-1]], stderr
+    assert said[0].endswith(f"continue with --resume: {again}"), said
+
+    resumed = subprocess.run(
+        [LORASTREAM, *shlex.split(again)[1:]], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    lineage = await _lineage(kafka_bootstrap, live, name, 3)
+    assert [u.version for u in lineage] == [1, 2, 3]
 
 
 # ── re-scoring ───────────────────────────────────────────────────────────────

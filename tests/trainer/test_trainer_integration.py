@@ -439,7 +439,9 @@ async def test_events_waiting_in_an_open_window_are_shown_in_the_log_list_and_me
         [LORASTREAM, "adapters", "list"], env={**os.environ, **env}, capture_output=True, text=True
     )
     assert before.returncode == 0, before.stderr
-    assert "open window: 21 event(s) waiting for 16" in " ".join(before.stdout.split())
+    # No version yet: the window size is the lineage's to say, not this shell's (issue #22).
+    waiting = "open window: 21 event(s) waiting (window size not known until v1)"
+    assert waiting in " ".join(before.stdout.split())
     with Worker(["train"], env, tmp_path / "train.log") as trainer:
         await wait_for(
             trainer.said("waiting for full windows of 16: tutor 5/16"), 120, "the pending line"
