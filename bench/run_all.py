@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 BENCHES: list[tuple[str, str, list[str]]] = [
     ("scoring", "bench_scoring.py", []),
     ("freshness", "bench_freshness.py", []),
+    ("serving", "bench_serving.py", []),
     ("rouge", "bench_rouge.py", []),
     ("step", "bench_step.py", []),
     ("replay", "bench_replay.py", []),
