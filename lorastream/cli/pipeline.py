@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -33,8 +34,8 @@ from lorastream.cli.common import (
     say,
     settings_of,
 )
-from lorastream.cli.stage import start_stage, stop_on_signals
-from lorastream.settings import help_for
+from lorastream.cli.stage import run_faust_worker, start_stage, stop_on_signals
+from lorastream.settings import Settings, help_for
 
 __all__ = ["produce", "score", "train"]
 
@@ -58,8 +59,6 @@ def score(
     loglevel: Annotated[str, typer.Option(help="Faust's log level.")] = "warning",
 ) -> None:
     """Run the Faust scoring worker: generation-results → learning-events (+ dead letters)."""
-    import faust
-
     from lorastream.stages import scoring_config
     from streams import create_app
     from streams.metrics import ScoringMetrics
@@ -87,31 +86,44 @@ def score(
         f"scoring {config.topics.generation_results} → {config.topics.learning_events} "
         f"on {settings.bootstrap_servers} (group {config.app_id})"
     )
-    worker = faust.Worker(faust_app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    run_faust_worker(faust_app, settings.bootstrap_servers, loglevel=loglevel, what="score")
 
 
 def produce(
     ctx: typer.Context,
     file: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="JSON Lines: one GenerationResult per line.", exists=True, dir_okay=False
+            help="JSON Lines: one GenerationResult per line; - reads standard input.",
+            metavar="FILE",
         ),
     ],
     strict: Annotated[
         bool, typer.Option("--strict", help="Produce nothing if any line is bad.")
     ] = False,
 ) -> None:
-    """Validate every line of FILE, report the bad ones by number, produce the good ones."""
+    """Validate every line of FILE (- for standard input), report the bad ones by number,
+    produce the good ones."""
+    from lorastream.ops.produce import STDIN_NAME, stdin_copy
+
+    settings = settings_of(ctx)
+    if file != "-":
+        _produce(settings, Path(file), str(file), strict)
+        return
+    # A pipe is read once: validating and producing each read a copy of it.
+    with stdin_copy(sys.stdin.buffer) as copy:
+        _produce(settings, copy, STDIN_NAME, strict)
+
+
+def _produce(settings: Settings, path: Path, name: str, strict: bool) -> None:
+    """``produce`` on ``path``, called ``name`` in every line it reports."""
     from rich.progress import Progress
 
     from lorastream.ops.produce import produce_file, validate_file
 
-    settings = settings_of(ctx)
-    report = validate_file(file)
+    report = validate_file(path, name)
     for error in report.bad:
-        say(err, error.at_line_of(file))
+        say(err, error.at_line_of(name))
     if report.bad and strict:
         err.print(f"{len(report.bad)} bad line(s); --strict: nothing produced")
         raise typer.Exit(1)
@@ -120,10 +132,11 @@ def produce(
         task = progress.add_task(f"producing to {topic}", total=report.good)
         sent = asyncio.run(
             produce_file(
-                file,
+                path,
                 settings.kafka_connection(),
                 topic,
                 on_sent=lambda n: progress.advance(task, n),
+                name=name,
             )
         )
     out.print(f"produced {sent} to {topic}; {len(report.bad)} bad line(s), {report.blank} blank")
