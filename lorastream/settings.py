@@ -9,7 +9,9 @@ never look at the environment themselves. A bad value is a
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "load_settings",
     "markdown_table",
     "shown_default",
+    "unknown_variables",
     "variable_of",
 ]
 
@@ -42,6 +45,15 @@ __all__ = [
 class SettingsError(LorastreamError):
     """A configuration value is missing or wrong."""
 
+
+# The SASL mechanisms a client can use with nothing but a user and a password: aiokafka's
+# GSSAPI needs the gssapi library and Kerberos, OAUTHBEARER a token provider, neither of which
+# lorastream sets up (GSSAPI failed with "AssertionError: gssapi library required", #22).
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+# Read by something other than these settings: the test suite's storm size, docker-compose's
+# host port. Not a typo of a setting.
+OTHER_VARIABLES = frozenset({"LORASTREAM_STORM", "LORASTREAM_KAFKA_HOST_PORT"})
 
 # Kafka's longest topic name is 249 characters; ours add at most this many to the prefix.
 MAX_PREFIX_LENGTH = 249 - len("learning-events.quarantine")
@@ -215,10 +227,13 @@ class Settings(BaseSettings):
         "other results qualify when the absolute entropy delta is above this",
         ge=0,
     )
-    instance_id: str = _setting(
-        "0",
+    instance_id: str | None = _setting(
+        None,
         "LORASTREAM_INSTANCE_ID",
-        "one stable value per trainer instance (it names the transactional id)",
+        "names the trainer's transactional id, one per live trainer; unset, each trainer "
+        "takes HOSTNAME-N, the lowest N no live trainer holds (a restart gets its id back); "
+        "set, a trainer whose id a live one holds is refused at start",
+        shown="HOSTNAME-N, claimed at start",
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
     )
     metrics_port: int | None = _setting(
@@ -281,7 +296,10 @@ class Settings(BaseSettings):
         pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
     )
     sasl_mechanism: str | None = _setting(
-        None, "KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", shown="none"
+        None,
+        "KAFKA_SASL_MECHANISM",
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (empty: none)",
+        shown="none",
     )
     sasl_username: str | None = _setting(None, "KAFKA_SASL_USERNAME", "SASL user", shown="none")
     sasl_password: SecretStr | None = _setting(
@@ -351,6 +369,48 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _sasl_mechanism(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None  # set but empty: as unset
+            if value.strip().upper() not in SASL_MECHANISMS:
+                raise ValueError(
+                    f"not a SASL mechanism lorastream supports: {', '.join(SASL_MECHANISMS)}"
+                )
+            return value.strip().upper()
+        return value
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _existing_path(cls, value: object) -> object:
+        # Checked here, whatever the protocol: a CA file that is not there was a
+        # FileNotFoundError naming neither the variable nor the path (#22).
+        if isinstance(value, str | Path):
+            if not str(value).strip():
+                raise ValueError("empty; unset the variable for the default")
+            if not Path(value).exists():
+                raise ValueError("no such file or directory")
+        return value
+
+    @field_validator("adapter_cache", "base_model", mode="before")
+    @classmethod
+    def _empty_path(cls, value: object) -> object:
+        # An empty path would be "." (the current directory), never what was meant. The base
+        # model is not looked for here: `serve` only compares it with the versions' (the
+        # path may be on the trainer's machine); `train` checks it before it loads it.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; unset the variable for the default")
+        return value
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return default_home()  # as default_home() reads an empty LORASTREAM_HOME
+        return value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers(cls, value: str) -> str:
@@ -368,7 +428,7 @@ class Settings(BaseSettings):
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ValueError(
                 f"KAFKA_SECURITY_PROTOCOL is {self.security_protocol}, which needs "
-                "KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+                f"KAFKA_SASL_MECHANISM ({', '.join(SASL_MECHANISMS)})"
             )
         Thresholds(self.rouge_threshold, self.breakthrough_entropy, self.qualify_entropy)
         return self
@@ -399,8 +459,10 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}lorastream-trainer"
 
     @property
-    def transactional_id(self) -> str:
-        return f"{self.topic_prefix}lorastream-trainer-{self.instance_id}"
+    def trainer_id_prefix(self) -> str:
+        """The trainer's transactional id is this and its instance id, explicit or claimed
+        at start (trainer.claims)."""
+        return f"{self.topic_prefix}lorastream-trainer-"
 
     def replay_transactional_id(self, target: str) -> str:
         """One per target lineage: a rerun of the replay fences and aborts a killed one."""
@@ -439,6 +501,7 @@ class Settings(BaseSettings):
                 self.sasl_password.get_secret_value() if sasl and self.sasl_password else None
             ),
             ssl_context=ssl_context,
+            cafile=str(self.ssl_cafile) if ssl_context and self.ssl_cafile else None,
         )
 
     def faust_credentials(self) -> Any:
@@ -487,6 +550,29 @@ def load_settings(**flags: Any) -> Settings:
             got = "a secret" if field in _SECRETS else repr(error.get("input"))
             problems.append(f"{where}, from the {source}: {message}; got {got}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from exc
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable a setting reads."""
+    return frozenset(variable_of(field) for field in Settings.model_fields)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each ``LORASTREAM_*`` variable in ``environ`` (default: this process's environment)
+    that no setting reads, with the closest known name, or None: a misspelt
+    ``LORASTREAM_WINDOWSIZE=4`` was silently ignored (#22)."""
+    environ = os.environ if environ is None else environ
+    prefix = "LORASTREAM_"
+    known = known_variables()
+    # Compared without the prefix, which every name shares: else LORASTREAM_XYZZY is
+    # "close" to LORASTREAM_SEED.
+    suffixes = sorted(name.removeprefix(prefix) for name in known if name.startswith(prefix))
+    unknown = []
+    for name in sorted(environ):
+        if name.startswith(prefix) and name not in known and name not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(name.removeprefix(prefix), suffixes, n=1)
+            unknown.append((name, prefix + close[0] if close else None))
+    return unknown
 
 
 def _extra(field: str) -> dict[str, Any]:

@@ -123,13 +123,17 @@ def training_config(settings: Settings) -> TrainingConfig:
 
 
 def trainer_config(settings: Settings) -> TrainerConfig:
-    from trainer.config import TrainerConfig
+    from trainer.config import InstanceId, TrainerConfig
 
     return TrainerConfig(
         kafka=settings.kafka_connection(),
         topics=settings.topics,
         group_id=settings.trainer_group_id,
-        transactional_id=settings.transactional_id,
+        instance=InstanceId(
+            prefix=settings.trainer_id_prefix,
+            explicit=settings.instance_id,
+            lock_dir=settings.home / "trainers",
+        ),
         training=training_config(settings),
         max_wait_seconds=settings.max_wait_seconds,
         hold_recheck_seconds=settings.hold_recheck_seconds,
@@ -177,16 +181,25 @@ def serve_config(
     served_base: str | None,
     poll: float,
     max_regression: float = 0.02,
+    name: str | None = None,
 ) -> ServeConfig:
     """Serve's configuration: the settings for Kafka, the topic, the trust and the cache;
-    the rest comes from ``lorastream serve``'s flags."""
+    the rest comes from ``lorastream serve``'s flags. ``url`` must be an http(s) URL with
+    a host (:class:`~lorastream.serving.exceptions.ServeUrlError`); the consumer group, and
+    the lock under the home that keeps a second serve for one server off this machine, are
+    named after ``name`` or else the URL (:mod:`lorastream.serving.instance`)."""
     from lorastream.serving import ServeConfig
+    from lorastream.serving.instance import normalise_url, serve_group
 
+    normalise_url(url)
+    group_id = serve_group(settings.topic_prefix, url, name)
     trainer_base = str(settings.base_model.resolve()) if settings.base_model else None
     return ServeConfig(
         kafka=settings.kafka_connection(),
         updates_topic=settings.topics.adapter_updates,
-        group_id=f"{settings.topic_prefix}lorastream-serve",
+        group_id=group_id,
+        name=name,
+        lock_dir=settings.home / "serves",
         backend="vllm" if backend == "vllm" else "sglang",
         url=url,
         keep=keep,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import KafkaPosition, Topics
 from streams.delivery import Delivery, RetryPolicy, Writer
@@ -187,10 +188,43 @@ def create_app(config: ScoringConfig, metrics: ScoringMetrics | None = None) -> 
     return ScoringApp(config, metrics).app
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, minus aiokafka's own CancelledError on stop.
+
+    aiokafka 0.14's fetcher cancels its pending fetch tasks on close and awaits them
+    without catching their CancelledError (``trainer.kafka.stop_consumer`` says more), so
+    stopping after the broker went away raised it in this thread: the thread died with a
+    traceback, and the worker waited for it until the stop deadline (#22)."""
+
+    async def on_thread_stop(self) -> None:
+        try:
+            await super().on_thread_stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class _App(faust.App):
+    """A Faust app whose consumer thread stops cleanly when the broker is gone."""
+
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 def _faust_app(config: ScoringConfig) -> faust.App:
     """The Faust app, its options set for the scoring worker (no agent yet)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
-    return faust.App(
+    return _App(
         config.app_id,
         broker=_broker_urls(config.bootstrap_servers),
         broker_credentials=config.credentials,

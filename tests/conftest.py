@@ -163,6 +163,7 @@ ONE_WORKER = {
     "tests/lorastream/test_demo.py": "demo",
     "tests/lorastream/test_secure.py": "secure-broker",
     "tests/lorastream/test_broker.py": "local-broker",
+    "tests/lorastream/test_broker_gone.py": "broker-gone",
 }
 
 

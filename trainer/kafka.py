@@ -15,7 +15,10 @@ where a client is built (:meth:`KafkaConnection.options`).
 A refused connection (wrong SASL credentials or mechanism, a TLS handshake that
 fails) reaches aiokafka's caller only as "Unable to bootstrap", the cause being in
 aiokafka's log; :func:`refusal` finds the cause again, and :func:`reader` and
-:func:`admin_client` raise it as one :class:`KafkaAuthenticationError`.
+:func:`admin_client` raise it as one :class:`KafkaAuthenticationError`. A client that
+is already running never raises at all: it retries forever, logging each failure;
+:class:`UntrustedBrokerWatch` reads those logs for a broker whose certificate no longer
+verifies (a secure broker restarted with a new CA).
 
 aiokafka's private client is reached here only (:func:`track_topics`,
 :func:`send_to_node`), where no public API serves.
@@ -24,8 +27,10 @@ aiokafka's private client is reached here only (:func:`track_topics`,
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +45,7 @@ from schemas.errors import KafkaUnavailableError, LorastreamError
 __all__ = [
     "KafkaAuthenticationError",
     "KafkaConnection",
+    "UntrustedBrokerWatch",
     "admin_client",
     "kafka_errors",
     "reader",
@@ -74,6 +80,9 @@ class KafkaConnection:
     sasl_password: str | None = field(default=None, repr=False)
     # An SSLContext has no useful equality; two connections differ by their settings.
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    # The CA file the TLS context trusts (KAFKA_SSL_CAFILE), named when the broker's
+    # certificate does not verify; None for the system's CAs.
+    cafile: str | None = None
 
     def __str__(self) -> str:
         return self.servers
@@ -102,7 +111,9 @@ class KafkaConnection:
 class KafkaAuthenticationError(KafkaUnavailableError):
     """The cluster answered but refused the connection: SASL authentication or TLS failed."""
 
-    def __init__(self, servers: str, doing: str, reason: str, *, tls: bool = False) -> None:
+    def __init__(
+        self, servers: str, doing: str, reason: str, *, tls: bool = False, advice: str = ""
+    ) -> None:
         self.servers = servers
         self.doing = doing
         self.reason = reason
@@ -114,8 +125,20 @@ class KafkaAuthenticationError(KafkaUnavailableError):
         what = "TLS handshake failed" if tls else "authentication failed"
         LorastreamError.__init__(
             self,
-            f"{doing}: Kafka at {servers} refused the connection, {what}: {reason}. Check {check}",
+            f"{doing}: Kafka at {servers} refused the connection, {what}: {reason}. "
+            + (advice or f"Check {check}"),
         )
+
+
+def _untrusted(kafka: KafkaConnection, doing: str, exc: ssl.SSLError) -> KafkaAuthenticationError:
+    """The error for a broker whose certificate does not verify against our CAs."""
+    trusted = f"KAFKA_SSL_CAFILE ({kafka.cafile})" if kafka.cafile else "the system's CAs"
+    advice = (
+        f"The broker's certificate is not signed by {trusted}: if the broker's CA changed "
+        "(`broker start --secure` makes a new one at each start), point KAFKA_SSL_CAFILE "
+        "at the new one and restart"
+    )
+    return KafkaAuthenticationError(kafka.servers, doing, _reason(exc), tls=True, advice=advice)
 
 
 async def refusal(kafka: KafkaConnection, doing: str) -> KafkaAuthenticationError | None:
@@ -135,6 +158,8 @@ async def refusal(kafka: KafkaConnection, doing: str) -> KafkaAuthenticationErro
             create_conn(host, int(port), **kafka.options()),
             timeout=10,
         )
+    except ssl.SSLCertVerificationError as exc:
+        return _untrusted(kafka, doing, exc)
     except (*_SASL_REFUSALS, ssl.SSLError) as exc:
         tls = isinstance(exc, ssl.SSLError)
         # aiokafka's broker errors already name themselves: "[Error 58] SaslAuthenticationFailed: …"
@@ -152,6 +177,58 @@ def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     name = type(exc).__name__
     return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+class UntrustedBrokerWatch(logging.Filter):
+    """Gives up on a broker whose certificate stopped verifying, which aiokafka never does.
+
+    A running aiokafka client whose broker comes back with a certificate from another CA
+    (a secure local broker makes a new CA at each start) retries forever, logging each
+    failed connection at ERROR on the ``aiokafka`` logger and raising nothing: the stage
+    would wait for ever, its user seeing nothing. Added to that logger as a filter (it
+    passes every record), this counts the failures that are certificate verification
+    errors and, at the ``limit``-th, calls ``give_up`` with the one error to report. The
+    context cannot be mended in place (it would trust the old CA as well as the new), so
+    the stage stops and its supervisor, or its user, starts it again on the new file.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConnection,
+        doing: str,
+        give_up: Callable[[KafkaAuthenticationError], object],
+        limit: int = 5,
+    ) -> None:
+        super().__init__()
+        self.kafka = kafka
+        self.doing = doing
+        self.give_up = give_up
+        self.limit = limit
+        self.failures = 0
+        self._lock = threading.Lock()  # Faust's consumer and producer log from their threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = _verify_failure(record)
+        if failure is not None:
+            with self._lock:
+                self.failures += 1
+                reached = self.failures == self.limit
+            if reached:
+                self.give_up(_untrusted(self.kafka, self.doing, failure))
+        return True
+
+
+def _verify_failure(record: logging.LogRecord) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error a log record carries (aiokafka logs it as an
+    argument: ``Unable connect to node with id %s: %s``), or None."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    candidates = [*args, record.exc_info[1] if record.exc_info else None]
+    for candidate in candidates:
+        if isinstance(candidate, BaseException):
+            for exc in (candidate, candidate.__cause__, candidate.__context__):
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    return exc
+    return None
 
 
 @contextmanager

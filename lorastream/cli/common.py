@@ -8,6 +8,7 @@ that imports it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -41,9 +42,24 @@ __all__ = [
     "setup_logging",
 ]
 
+
+class _Console(Console):
+    """A rich console whose closed pipe is an ordinary :class:`BrokenPipeError`.
+
+    rich's own answer, ``SystemExit(1)`` raised from inside ``print``, went through a
+    running event loop as a BaseException: ``quarantine list | head -3`` printed 40
+    lines of tracebacks from the async generators it left half-closed (#22). An
+    OSError unwinds them normally, and :func:`lorastream.cli.main` ends the command
+    quietly."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of this output closed it")
+
+
 # soft_wrap: a line such as a file:line: report or an announcement stays one line when piped.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = _Console(soft_wrap=True)
+err = _Console(stderr=True, soft_wrap=True)
 
 
 def say(console: Console, text: str) -> None:

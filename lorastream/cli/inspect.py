@@ -212,12 +212,13 @@ def quarantine_list(ctx: typer.Context, json: JsonOption = False) -> None:
     async def run() -> int:
         count = 0
         records = read_quarantine(settings.kafka_connection(), topic)
-        async for entry in records:
-            if json:
-                _json_line(entry.to_json())
-            else:
-                _show_quarantined(out, entry)
-            count += 1
+        async with aclosing(records):  # as dead-letters list: closed on a closed stdout too
+            async for entry in records:
+                if json:
+                    _json_line(entry.to_json())
+                else:
+                    _show_quarantined(out, entry)
+                count += 1
         return count
 
     count = asyncio.run(run())
@@ -250,6 +251,7 @@ def quarantine_retry(
     from lorastream.ops.inspect import InspectError
     from lorastream.ops.retry import retry_quarantined
     from lorastream.stages import reader_verifier
+    from trainer.lineage import check_adapter_name
 
     if adapter is not None and (partition is not None or offset is not None):
         raise InspectError(
@@ -260,6 +262,8 @@ def quarantine_retry(
             "name the quarantine record with --partition and --offset "
             "(`lorastream quarantine list` shows them), or use --adapter"
         )
+    if adapter is not None:
+        check_adapter_name("--adapter", adapter)
     settings = settings_of(ctx)
     position = None if partition is None or offset is None else (partition, offset)
     report = asyncio.run(

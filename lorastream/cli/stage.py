@@ -10,18 +10,38 @@ or is killed halfway through a commit on SIGTERM).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from lorastream.cli.common import setup_logging
+from lorastream.cli.common import client_logs_on, setup_logging
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from lorastream.settings import Settings
+    from trainer.kafka import KafkaAuthenticationError, KafkaConnection
 
-__all__ = ["start_stage", "stop_on_signals"]
+__all__ = [
+    "STOP_GRACE",
+    "run_faust_worker",
+    "start_stage",
+    "stop_on_signals",
+    "watch_broker_certificate",
+]
+
+# Seconds a stage has, after SIGINT or SIGTERM, to finish what it is doing. A broker that
+# went away made `score` take a minute to stop (Faust's and aiokafka's own waits, one after
+# the other) and ignore a second signal (#22); past this, the process exits anyway. Nothing
+# half-done is committed: an open transaction is aborted by the broker, uncommitted offsets
+# are read again.
+STOP_GRACE = 8.0
+
+_deadline_lock = threading.Lock()
+_deadline: threading.Timer | None = None
 
 
 def start_stage(
@@ -41,11 +61,17 @@ def start_stage(
     stage that sets up its own logging (Faust); ``quiet`` logs warnings only, for a job
     whose progress is a bar. ``metrics=False`` serves nothing even when the port is set:
     a job inside a stage's container would otherwise take that stage's port.
+
+    From then on, a broker whose TLS certificate stops verifying (restarted with a new
+    CA) ends the process with one line (:func:`watch_broker_certificate`).
     """
+    kafka = settings.kafka_connection()
     if topics:
         from lorastream.ops.admin import require_topics
 
-        asyncio.run(require_topics(settings.kafka_connection(), list(topics)))
+        asyncio.run(require_topics(kafka, list(topics)))
+    if kafka.ssl_context is not None:
+        watch_broker_certificate(kafka)
     if logs:
         setup_logging(quiet=quiet, log_format=settings.log_format)
     if metrics and settings.metrics_port:
@@ -62,9 +88,108 @@ def start_stage(
             ) from exc
 
 
-def stop_on_signals(stop: Callable[[], None]) -> None:
+def watch_broker_certificate(kafka: KafkaConnection) -> None:
+    """Exit with one line once the running clients' TLS handshakes keep failing on the
+    broker's certificate: aiokafka retries them forever and raises nothing, so the stage
+    would wait without end (#22). It exits at once rather than stop cleanly: nothing can
+    be committed or flushed without a connection, and an open transaction is aborted by
+    the broker. aiokafka logs the failures only once a stage has turned its client logs
+    on (:func:`~lorastream.cli.common.client_logs_on`), when it is running."""
+    from trainer.kafka import UntrustedBrokerWatch
+
+    watch = UntrustedBrokerWatch(kafka, "reconnecting", _give_up)
+    logging.getLogger("aiokafka").addFilter(watch)
+
+
+def _give_up(error: KafkaAuthenticationError) -> NoReturn:
+    _exit_now(f"{type(error).__name__}: {error}")
+
+
+def stop_on_signals(stop: Callable[[], None], what: str = "the stage") -> None:
     """From inside the running event loop: SIGTERM and SIGINT call ``stop``, which asks
-    the stage to finish what it is doing and return, rather than die halfway through."""
+    the stage to finish what it is doing and return, rather than die halfway through;
+    if it has not returned :data:`STOP_GRACE` seconds later, the process exits."""
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stop_deadline(what)
+        stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
+        loop.add_signal_handler(signum, on_signal)
+
+
+def stop_deadline(what: str, grace: float = STOP_GRACE) -> None:
+    """Exit the process ``grace`` seconds from now, with one line on stderr, unless it has
+    ended by then: called on the first stop signal. A thread, not the event loop, keeps
+    the time: the loop may be the thing that is stuck."""
+    global _deadline
+    with _deadline_lock:
+        if _deadline is not None:
+            return
+        _deadline = threading.Timer(grace, _overdue, args=(what, grace))
+        _deadline.daemon = True
+        _deadline.start()
+
+
+def _overdue(what: str, grace: float) -> NoReturn:
+    _exit_now(
+        f"StopTimeout: {what} had not stopped {grace:.0f} s after the signal (a broker that "
+        "does not answer?); exiting without waiting for it. Nothing unfinished was committed"
+    )
+
+
+def _exit_now(line: str) -> NoReturn:
+    """Print ``line`` and end the process with status 1, from any thread, whatever the
+    event loop is doing: no cleanup runs that could wait on the broker."""
+    os.write(2, (line.replace("\n", " ") + "\n").encode())
+    os._exit(1)
+
+
+class _QuietStartFailure(logging.Filter):
+    """Drop the traceback that Faust's and mode's workers log for a Kafka error they then
+    raise: :func:`run_faust_worker` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiokafka.errors import KafkaError
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, KafkaError)
+
+
+def run_faust_worker(app: Any, servers: str, *, loglevel: str, what: str) -> None:
+    """Run a Faust app's worker until a signal stops it, within :data:`STOP_GRACE` seconds.
+
+    Faust handles SIGINT and SIGTERM itself; its handlers are wrapped so that the first one
+    also starts the deadline. A Kafka error that ends the worker (the broker went away
+    between the topics' check and Faust's start) is one
+    :class:`~schemas.errors.KafkaUnavailableError`, not Faust's 40-line traceback.
+
+    stdout and stderr stay the process's own: mode's worker would make each ``write()``
+    to them one log record, so a traceback printed by a dying thread (or anything else
+    printed) filled the log one token per line (#22)."""
+    import faust
+
+    from trainer.kafka import kafka_errors
+
+    class Worker(faust.Worker):
+        def _on_sigint(self) -> None:
+            stop_deadline(what)
+            super()._on_sigint()
+
+        def _on_sigterm(self) -> None:
+            stop_deadline(what)
+            super()._on_sigterm()
+
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            # Joined, as for the trainer: the client's own connection trouble is now
+            # worth a log line, each kind at most every 30 s.
+            client_logs_on()
+
+    quiet = _QuietStartFailure()
+    for name in ("mode.worker", "faust.worker", "faust.app.base"):
+        logging.getLogger(name).addFilter(quiet)
+    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    with kafka_errors(servers, what):
+        worker.execute_from_commandline()

@@ -218,8 +218,11 @@ async def read_dead_letters(
 ) -> AsyncGenerator[DeadLetterEntry, None]:
     """Every dead letter of ``topic`` as of now (at most ``limit``), decoded; never raises
     for a record's content."""
-    async for record in read_topic(kafka, topic, limit):
-        yield DeadLetterEntry.of(record)
+    # Closed here, not left to the loop's shutdown: it closes every pending generator at
+    # once, read_topic's inner one twice ("already running", a traceback on `| head`).
+    async with aclosing(read_topic(kafka, topic, limit)) as records:
+        async for record in records:
+            yield DeadLetterEntry.of(record)
 
 
 @dataclass
@@ -337,5 +340,6 @@ async def read_quarantine(
     kafka: KafkaConnection, topic: str
 ) -> AsyncGenerator[QuarantineEntry, None]:
     """Every record of the quarantine topic as of now, decoded; never raises for content."""
-    async for raw in read_topic(kafka, topic):
-        yield QuarantineEntry.of(raw)
+    async with aclosing(read_topic(kafka, topic)) as records:  # as read_dead_letters'
+        async for raw in records:
+            yield QuarantineEntry.of(raw)

@@ -223,3 +223,56 @@ def test_the_secure_home_is_not_taken_for_a_plaintext_broker(secure: Secure) -> 
     with pytest.raises(BrokerError, match="SASL_SSL listener"):
         plain.start(timeout=5)
     assert secure.broker.status().running
+
+
+async def _exited(worker: Worker, within: float, what: str) -> int:
+    """The worker's exit status, once it has exited by itself within ``within`` s."""
+
+    async def gone() -> bool:
+        return not worker.alive()
+
+    await wait_for(gone, within, what)
+    assert worker.proc is not None
+    return worker.proc.wait()
+
+
+async def test_a_new_ca_ends_score_and_train_in_one_line(
+    secure: Secure, prefix: str, tmp_path: Path
+) -> None:
+    """#22: after ``broker start --secure`` restarted with a new CA, ``score`` and ``train``
+    retried for ever and ignored the signals. Now each exits, in one line that names
+    KAFKA_SSL_CAFILE. Last in the file: it restarts the module's broker."""
+    files = secure.broker.secure
+    assert files is not None
+    assert secure.run(prefix, "topics", "create", "--partitions", "1").returncode == 0
+    topics = Topics.named(prefix)
+    env = secure.env(prefix)
+    with (
+        Worker(["score"], env, tmp_path / "score.log") as scorer,
+        Worker(["train"], env, tmp_path / "train.log") as trainer,
+    ):
+        produced = secure.run(prefix, "produce", str(_results(tmp_path / "r.jsonl", 1)))
+        assert produced.returncode == 0, produced
+
+        async def scored() -> bool:
+            assert scorer.alive(), scorer.output()
+            return await _announced(secure, topics.learning_events) >= 1
+
+        await wait_for(scored, 90, "a result scored over SASL_SSL")
+        await wait_for(trainer.said("wrote the snapshots"), 90, "the trainer running")
+        old_ca = files.ca_pem.read_bytes()
+        secure.broker.stop()
+        secure.broker.start(timeout=120)
+        assert files.ca_pem.read_bytes() != old_ca
+        for name, worker in (("score", scorer), ("train", trainer)):
+            status = await _exited(worker, 60, f"{name} giving up on the new CA")
+            log = worker.output()
+            assert status == 1, (name, log)
+            assert "Traceback" not in log, (name, log)
+            refusals = [line for line in log.splitlines() if "KafkaAuthenticationError" in line]
+            assert len(refusals) == 1, (name, log)
+            assert log.rstrip().splitlines()[-1] == refusals[0], (name, log)
+            assert refusals[0].startswith("KafkaAuthenticationError: reconnecting: "), refusals
+            assert "certificate verify failed" in refusals[0], refusals
+            assert f"KAFKA_SSL_CAFILE ({files.ca_pem})" in refusals[0], refusals
+            assert "if the broker's CA changed" in refusals[0], refusals

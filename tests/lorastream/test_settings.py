@@ -28,7 +28,8 @@ def test_defaults() -> None:
     assert settings.bootstrap_servers == "127.0.0.1:9092"
     assert settings.window_size == 16
     assert settings.topics.learning_events == "learning-events"
-    assert settings.transactional_id == "lorastream-trainer-0"
+    assert settings.instance_id is None  # claimed at start: HOSTNAME-N (trainer.claims)
+    assert settings.trainer_id_prefix == "lorastream-trainer-"
 
 
 def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,12 +172,50 @@ def test_a_missing_tls_file_is_named_with_its_variable(field: str, tmp_path: Pat
     from lorastream.settings import SettingsError, load_settings, variable_of
 
     missing = tmp_path / "nonexistent.pem"
+    with pytest.raises(SettingsError) as raised:
+        load_settings(security_protocol="SSL", **{field: str(missing)})
+    assert f"{variable_of(field)} ({field})" in str(raised.value)
+    assert f"no such file or directory; got {str(missing)!r}" in str(raised.value)
+    # and one that goes away after the settings were read, when a client is made
+    missing.write_text("")
     settings = load_settings(security_protocol="SSL", **{field: str(missing)})
+    missing.unlink()
     with pytest.raises(SettingsError) as raised:
         settings.kafka_connection()
     assert (
         str(raised.value) == f"{variable_of(field)} ({field}): no such file; got {str(missing)!r}"
     )
+
+
+@pytest.mark.parametrize("value", ["GSSAPI", "OAUTHBEARER", "scram-sha-1"])
+def test_an_unsupported_sasl_mechanism_is_one_line_naming_the_accepted_ones(value: str) -> None:
+    """GSSAPI was `AssertionError: gssapi library required` (#22)."""
+    with pytest.raises(SettingsError) as raised:
+        load_settings(sasl_mechanism=value)
+    message = str(raised.value)
+    assert "KAFKA_SASL_MECHANISM" in message and repr(value) in message
+    assert "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512" in message
+
+
+def test_a_sasl_mechanism_is_read_in_any_case_and_empty_is_none() -> None:
+    assert load_settings(sasl_mechanism="scram-sha-512").sasl_mechanism == "SCRAM-SHA-512"
+    assert load_settings(sasl_mechanism="").sasl_mechanism is None
+
+
+def test_an_unknown_lorastream_name_is_found_with_the_closest_known_one() -> None:
+    from lorastream.settings import unknown_variables
+
+    environ = {
+        "LORASTREAM_WINDOWSIZE": "4",
+        "LORASTREAM_XYZZY": "1",
+        "LORASTREAM_WINDOW_SIZE": "4",
+        "LORASTREAM_STORM": "10",
+        "OTHER": "x",
+    }
+    assert unknown_variables(environ) == [
+        ("LORASTREAM_WINDOWSIZE", "LORASTREAM_WINDOW_SIZE"),
+        ("LORASTREAM_XYZZY", None),
+    ]
 
 
 def test_a_taken_metrics_port_is_one_line_naming_the_port_and_its_variable() -> None:
