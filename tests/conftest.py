@@ -148,12 +148,17 @@ SLOW_FIRST = (
     "tests/trainer/test_rebalance.py",
     "tests/lorastream/test_demo.py",
     "tests/lorastream/test_secure.py",
+    "tests/lorastream/test_broker_gone.py",
+    "tests/trainer/test_instances.py",
+    "tests/serving/test_instances.py",
     "tests/streams/test_rouge_parity.py",
     "tests/trainer/test_trainer_integration.py",
     "tests/lorastream/test_inspect.py",
     "tests/trainer/test_eval.py",
     "tests/trainer/test_poison.py",
     "tests/lorastream/test_errors.py",
+    "tests/lorastream/test_walk.py",
+    "tests/serving/test_capacity.py",
 )
 
 
