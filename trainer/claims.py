@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest_v2
 
 from trainer.config import InstanceId
 from trainer.exceptions import TrainerError
 from trainer.kafka import KafkaConnection, admin_client, kafka_errors, send_to_node
+
+# Seconds a group question waits for the cluster to have a coordinator for the group.
+COORDINATOR_WAIT = 30.0
 
 __all__ = [
     "Claim",
@@ -78,16 +82,36 @@ class _DescribeGroups(DescribeGroupsRequest):
         return self.build(DescribeGroupsRequest_v2)
 
 
-async def group_members(kafka: KafkaConnection, group_id: str) -> list[Member]:
+async def group_members(
+    kafka: KafkaConnection, group_id: str, within: float = COORDINATOR_WAIT
+) -> list[Member]:
     """The members of ``group_id`` now; empty for a group nobody has joined (or that is
-    rebalancing with no one left)."""
+    rebalancing with no one left).
+
+    A retriable refusal (no coordinator yet: a fresh cluster creates ``__consumer_offsets``
+    on the first group's first question, and a coordinator moves when its broker does) is
+    asked again, for up to ``within`` seconds."""
     doing = f"describing consumer group {group_id}"
+    deadline = time.monotonic() + within
+    delay = 0.2
     async with admin_client(kafka, doing) as admin:
-        with kafka_errors(kafka.servers, doing):
-            node = await admin.find_coordinator(group_id)
-            response = await send_to_node(admin, node, _DescribeGroups([group_id]))
+        while True:
+            try:
+                node = await admin.find_coordinator(group_id)
+                response = await send_to_node(admin, node, _DescribeGroups([group_id]))
+                groups = response.to_object()["groups"]
+                for group in groups:
+                    if group["error_code"]:
+                        raise for_code(group["error_code"])(f"describing {group_id}")
+                break
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() + delay > deadline:
+                    with kafka_errors(kafka.servers, doing):
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
     members: list[Member] = []
-    for group in response.to_object()["groups"]:
+    for group in groups:
         for member in group["members"]:
             members.append(Member(member["member_id"], member["client_id"], member["client_host"]))
     return members

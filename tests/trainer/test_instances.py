@@ -248,3 +248,34 @@ async def test_a_fenced_trainer_stops_with_one_line_and_no_traceback(
     last = output.strip().splitlines()[-1]
     assert last.startswith("TrainerError: another instance took over transactional id "), output
     assert f"{prefix}lorastream-trainer-solo" in last
+
+
+async def test_a_group_question_waits_out_a_cluster_without_a_coordinator_yet(
+    kafka_bootstrap: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh cluster answers the first group question with "no coordinator" while it
+    creates __consumer_offsets (seen as a failed trainer start on a new test broker): the
+    claim asks again instead of failing the start; a lasting refusal is still one error."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+    from schemas.errors import KafkaUnavailableError
+    from trainer.claims import group_members
+
+    kafka = KafkaConnection(kafka_bootstrap)
+    real = AIOKafkaAdminClient.find_coordinator
+    refusals = {"left": 2}
+
+    async def not_yet(self: AIOKafkaAdminClient, group_id: str, *args: object) -> int:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise GroupCoordinatorNotAvailableError("not yet")
+        return await real(self, group_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AIOKafkaAdminClient, "find_coordinator", not_yet)
+    assert await group_members(kafka, f"{prefix}nobody") == []
+    assert refusals["left"] == 0
+
+    refusals["left"] = 1000
+    with pytest.raises(KafkaUnavailableError, match="GroupCoordinatorNotAvailable"):
+        await group_members(kafka, f"{prefix}nobody", within=1.0)
