@@ -178,6 +178,22 @@ class Settings(BaseSettings):
         "held-out events per adapter that each version is evaluated on (the newest)",
         ge=1,
     )
+    eval_segment_windows: int = _setting(
+        8,
+        "LORASTREAM_EVAL_SEGMENT_WINDOWS",
+        "held-out events fall in segments of this many versions (v1-v8, v9-v16 ...), unless "
+        "an event's metadata.segment labels it: each version's loss per segment is the "
+        "forgetting matrix (`adapters forgetting`)",
+        ge=1,
+    )
+    general_eval: Path | None = _setting(
+        None,
+        "LORASTREAM_GENERAL_EVAL",
+        'a JSONL file of {"prompt", "response"} general text that every version is measured '
+        "on beside the base model, to see an adapter drift away from it (`serve "
+        "--max-general-regression`)",
+        shown="off",
+    )
     learning_rate: float | None = _setting(
         None, "LORASTREAM_LEARNING_RATE", "AdamW learning rate", shown="2e-3", gt=0
     )
@@ -214,6 +230,22 @@ class Settings(BaseSettings):
         "the step's time",
         ge=1,
         le=64,
+    )
+    rehearsal: int = _setting(
+        0,
+        "LORASTREAM_REHEARSAL",
+        "earlier trained events of the adapter (a sample of its rehearsal buffer) mixed into "
+        "each step's window, so that it keeps what it learned; 0 turns rehearsal off",
+        ge=0,
+        le=4096,
+    )
+    rehearsal_buffer: int = _setting(
+        256,
+        "LORASTREAM_REHEARSAL_BUFFER",
+        "trained events per adapter kept for rehearsal (a reservoir sample of its lineage, "
+        "written with each version as rehearsal.jsonl)",
+        ge=1,
+        le=65536,
     )
     rouge_threshold: float = _setting(
         0.7, "LORASTREAM_ROUGE_THRESHOLD", "a breakthrough needs ROUGE-L above this"
@@ -394,7 +426,7 @@ class Settings(BaseSettings):
                 raise ValueError("no such file or directory")
         return value
 
-    @field_validator("adapter_cache", "base_model", mode="before")
+    @field_validator("adapter_cache", "base_model", "general_eval", mode="before")
     @classmethod
     def _empty_path(cls, value: object) -> object:
         # An empty path would be "." (the current directory), never what was meant. The base

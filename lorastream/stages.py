@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the trainer imports torch: the scorer must not pay for it
 
     from lorastream.serving import ServeConfig
     from trainer.config import LoraSettings, ReplayConfig, TrainerConfig, TrainingConfig
+    from trainer.general import GeneralSet
     from trainer.ranges import Bound
     from trainer.replay import Decoder
     from trainer.signing import Verifier
@@ -119,7 +120,25 @@ def training_config(settings: Settings) -> TrainingConfig:
         eval_fraction=settings.eval_fraction,
         eval_size=settings.eval_size,
         cache_dir=settings.adapter_cache_dir,
+        rehearsal=settings.rehearsal,
+        rehearsal_buffer=settings.rehearsal_buffer,
+        eval_segment_windows=settings.eval_segment_windows,
+        general_eval=general_set(settings),
     )
+
+
+def general_set(settings: Settings) -> GeneralSet | None:
+    """The general set of LORASTREAM_GENERAL_EVAL, read now (None when unset): a file that is
+    missing or bad stops the stage before it starts, in one line naming the variable."""
+    from lorastream.settings import SettingsError, variable_of
+    from trainer.general import GeneralSetError, read_general_set
+
+    if settings.general_eval is None:
+        return None
+    try:
+        return read_general_set(settings.general_eval)
+    except GeneralSetError as exc:
+        raise SettingsError(f"{variable_of('general_eval')}: {exc}") from exc
 
 
 def trainer_config(settings: Settings) -> TrainerConfig:
@@ -182,6 +201,7 @@ def serve_config(
     poll: float,
     max_regression: float = 0.02,
     name: str | None = None,
+    max_general_regression: float | None = None,
 ) -> ServeConfig:
     """Serve's configuration: the settings for Kafka, the topic, the trust and the cache;
     the rest comes from ``lorastream serve``'s flags. ``url`` must be an http(s) URL with
@@ -205,6 +225,7 @@ def serve_config(
         keep=keep,
         drain_seconds=drain,
         max_regression=max_regression,
+        max_general_regression=max_general_regression,
         adapters=frozenset(adapters),
         max_lora_rank=max_lora_rank,
         served_base=served_base,

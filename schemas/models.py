@@ -48,9 +48,12 @@ __all__ = [
     "ADAPTER_PATTERN",
     "SCHEMA_VERSION",
     "AdapterUpdate",
+    "GeneralEvalSpec",
     "GenerationResult",
     "LearningEvent",
     "LoraSpec",
+    "RehearsalSpec",
+    "SegmentEval",
     "SourcePosition",
     "WindowSpec",
     "window_text",
@@ -226,12 +229,57 @@ class LoraSpec(_Document):
     dropout: Annotated[FiniteFloat, Field(ge=0.0, lt=1.0)] = 0.0
 
 
+class SegmentEval(_Document):
+    """A version measured on the held-out events of one segment of its adapter's stream.
+
+    A segment is the producer's ``metadata.segment`` label, or else the range of
+    versions whose windows brought the events (``v1-v8``, ``v9-v16`` ...).
+    """
+
+    segment: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    loss: FiniteFloat
+    base_loss: FiniteFloat
+    events: Annotated[StrictInt, Field(ge=1)]
+
+
+class GeneralEvalSpec(_Document):
+    """A version measured on the general set (LORASTREAM_GENERAL_EVAL), beside the base model.
+
+    The set is the same for every adapter: an adapter that learns its task while getting
+    worse at everything else shows as ``loss`` above ``base_loss``. ``sha256`` is the
+    file's, so a reader knows which set two numbers share.
+    """
+
+    loss: FiniteFloat
+    base_loss: FiniteFloat
+    events: Annotated[StrictInt, Field(ge=1)]
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RehearsalSpec(_Document):
+    """The earlier events of its adapter that a version's step mixed into its window.
+
+    They are a sample of the parent version's rehearsal buffer; ``digest`` is the sha256
+    hex of their ids joined by newlines, in sample order, so a replay or a resumed
+    trainer can show that it rehearsed the same ones.
+    """
+
+    events: Annotated[StrictInt, Field(ge=0)]
+    digest: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class EvalSpec(_Document):
     """A version measured on its adapter's held-out events, which no window trains on."""
 
     loss: FiniteFloat  # the version's mean response-token loss on the held-out events
     base_loss: FiniteFloat  # the base model's (no adapter) on the same events
     events: Annotated[StrictInt, Field(ge=1)]
+    # The same measure per segment of the stream the events came from, in order of first
+    # appearance in the set: what the forgetting matrix is read from. None in
+    # announcements made before segments existed.
+    segments: list[SegmentEval] | None = None
+    # The segment this version's window trained in: its row of the forgetting matrix.
+    segment: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
 
 
 def window_text(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
@@ -285,6 +333,10 @@ class AdapterUpdate(_Document):
     train_loss: FiniteFloat
     created_at: Timestamp
     eval: EvalSpec | None = None  # null while the adapter has no held-out events
+    # null unless the trainer has a general set (LORASTREAM_GENERAL_EVAL)
+    general_eval: GeneralEvalSpec | None = None
+    # what the step rehearsed (LORASTREAM_REHEARSAL); null while rehearsal is off
+    rehearsal: RehearsalSpec | None = None
 
     @model_validator(mode="after")
     def _lineage(self) -> AdapterUpdate:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas import Topics
+from trainer.general import GeneralSet
 from trainer.kafka import KafkaConnection
 from trainer.ranges import Bound
 from trainer.signing import Verifier
@@ -55,6 +56,10 @@ class LoraSettings:
     # Other adapters' weights and moments kept on the device, in bytes; None: 1 GiB on a
     # GPU, none on the CPU (where a copy from the CPU is no copy at all).
     resident_bytes: int | None = None
+    # Pad each micro-batch to a length bucket (powers of two from 64 up to max_length,
+    # trainer.batching.bucket_length): a few shapes for a compiled or captured step. The
+    # padding is masked, so the numbers stay those of no buckets within fp32 rounding.
+    length_buckets: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -94,6 +99,17 @@ class TrainingConfig:
     eval_size: int = 256
     # Where versions on an object store are kept locally (written, and fetched to resume).
     cache_dir: Path | None = None
+    # Earlier trained events of the adapter mixed into each step (trainer.rehearsal), from a
+    # reservoir of rehearsal_buffer per adapter. 0: off, and windows, files and
+    # announcements are exactly those of a trainer without rehearsal.
+    rehearsal: int = 0
+    rehearsal_buffer: int = 256
+    # Held-out events fall in segments of this many versions (unless the producer labels
+    # them, metadata.segment): the columns of the forgetting matrix.
+    eval_segment_windows: int = 8
+    # The general set (LORASTREAM_GENERAL_EVAL) every version is measured on beside the
+    # base model; None: off. Read by the stage's configuration, so a bad file stops it first.
+    general_eval: GeneralSet | None = None
 
     def __post_init__(self) -> None:
         if self.window_size < 1:
@@ -108,10 +124,25 @@ class TrainingConfig:
             )
         if self.eval_size < 1:
             raise ValueError(f"TrainingConfig.eval_size must be at least 1, not {self.eval_size}")
+        if self.eval_segment_windows < 1:
+            raise ValueError(
+                "TrainingConfig.eval_segment_windows must be at least 1, "
+                f"not {self.eval_segment_windows}"
+            )
+        if self.rehearsal < 0:
+            raise ValueError(f"TrainingConfig.rehearsal must be at least 0, not {self.rehearsal}")
+        if self.rehearsal_buffer < 1:
+            raise ValueError(
+                f"TrainingConfig.rehearsal_buffer must be at least 1, not {self.rehearsal_buffer}"
+            )
 
     @property
     def evaluates(self) -> bool:
         return self.eval_fraction > 0
+
+    @property
+    def rehearses(self) -> bool:
+        return self.rehearsal > 0
 
 
 @dataclass(frozen=True)

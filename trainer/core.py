@@ -27,8 +27,18 @@ holds it, and the other adapters go on.
 With an evaluation fraction, each version is also measured on its adapter's
 evaluation set (:mod:`trainer.evaluation`) after its step: the new weights'
 and the base model's mean response-token loss go into the AdapterUpdate's
-``eval`` and the version's metadata. The evaluation reads the new state and
-changes nothing a step reads, so the weights are the same with or without it.
+``eval`` and the version's metadata, the whole set's and each segment's (the
+forgetting matrix's columns). With a general set (``TrainingConfig.general_eval``),
+each version is also measured on it beside the base model (``general_eval``). The
+evaluations read the new state and change nothing a step reads, so the weights are
+the same with or without them.
+
+With rehearsal (``TrainingConfig.rehearsal`` = k > 0), each step's batch is
+the window's events followed by k earlier trained events of the adapter,
+sampled from the parent version's rehearsal buffer (:mod:`trainer.rehearsal`);
+the window's trained events then join the buffer, which is written with the
+version as ``rehearsal.jsonl`` and announced as ``rehearsal`` (how many, and a
+digest of which). Off, nothing of it is read, written or announced.
 """
 
 from __future__ import annotations
@@ -36,21 +46,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from schemas import AdapterUpdate, EvalSpec, LoraSpec, QuarantineRecord
+from schemas import (
+    AdapterUpdate,
+    LoraSpec,
+    QuarantineRecord,
+)
 from trainer.config import TrainingConfig
-from trainer.evaluation import EvalExample, decode_eval_set, encode_eval_set, extend_eval_set
+from trainer.evaluation import (
+    EvalExample,
+    decode_eval_set,
+    encode_eval_set,
+)
 from trainer.exceptions import AdapterHeld, AdapterStoreError, ResourceError, TrainerError
 from trainer.faults import Faults
 from trainer.hold_reasons import settings_differ
 from trainer.lineage import Lineage
 from trainer.lora import AdapterState, LoraStepper, StepResult
+from trainer.measure import Evaluation, Measure
 from trainer.metrics import TrainerMetrics
 from trainer.model import BaseModel, load_base_model, resolve_device
-from trainer.store import EVAL_SET_FILE, AdapterStore, StoredVersion
+from trainer.rehearsal import Buffer, Plan, Rehearsed, decode_buffer, encode_buffer, plan
+from trainer.store import EVAL_SET_FILE, REHEARSAL_FILE, AdapterStore, StoredVersion
 from trainer.window import Window
 
 __all__ = [
@@ -101,6 +120,8 @@ class WindowTrainer:
         )
         self._states: dict[str, tuple[int, AdapterState]] = {}
         self._eval_sets: dict[str, tuple[int, list[EvalExample]]] = {}
+        self._rehearsals: dict[str, tuple[int, Buffer]] = {}
+        self.measure = Measure(config, self.stepper)
 
     @classmethod
     def load(cls, config: TrainingConfig, metrics: TrainerMetrics | None = None) -> WindowTrainer:
@@ -166,11 +187,45 @@ class WindowTrainer:
         self._eval_sets[lineage.adapter] = (lineage.version, examples)
         return examples
 
+    def rehearsal_of(self, lineage: Lineage) -> Buffer:
+        """The rehearsal buffer of ``lineage``'s newest version (empty for a new lineage, or
+        for a version written while rehearsal was off: the buffer starts there)."""
+        cached = self._rehearsals.get(lineage.adapter)
+        if cached is not None and cached[0] == lineage.version:
+            return cached[1]
+        latest = lineage.latest
+        buffer = Buffer()
+        if latest is not None:
+            data = self.store.read_optional(lineage.adapter, latest.version, REHEARSAL_FILE)
+            if data is not None:
+                where = self.store.version_dir(lineage.adapter, latest.version) / REHEARSAL_FILE
+                buffer = decode_buffer(data, str(where))
+        self._rehearsals[lineage.adapter] = (lineage.version, buffer)
+        return buffer
+
+    def _rehearsal(self, window: Window, lineage: Lineage) -> Plan | None:
+        """What version ``lineage.version + 1`` rehearses (a sample of its parent's buffer)
+        and the buffer it leaves (the parent's, offered the window's trained events);
+        None while rehearsal is off. A function of the seed, the version number and the
+        lineage's event ids only: never of the adapter's name, so a replay draws the same."""
+        if not self.config.rehearses:
+            return None
+        trained = (Rehearsed(p.event.id, p.event.prompt, p.event.response) for p in window.events)
+        config = self.config
+        return plan(
+            self.rehearsal_of(lineage),
+            lineage.version + 1,
+            trained,
+            config.rehearsal,
+            config.rehearsal_buffer,
+            config.seed,
+        )
+
     def forget(self, lineages: dict[str, Lineage]) -> None:
         """Free the cached states that no longer match ``lineages`` (read again from Kafka):
         those of adapters gone elsewhere, or moved on meanwhile. Only memory: a state is
         never used for a version other than its own."""
-        for cache in (self._states, self._eval_sets):
+        for cache in (self._states, self._eval_sets, self._rehearsals):
             for adapter in list(cache):
                 lineage = lineages.get(adapter)
                 if lineage is None or lineage.version != cache[adapter][0]:
@@ -207,26 +262,37 @@ class WindowTrainer:
         state = self.state_of(lineage)
         previous_eval = self.eval_set_of(lineage) if self.config.evaluates else []
         version = lineage.version + 1
+        try:
+            rehearsal = self._rehearsal(window, lineage)
+        except AdapterStoreError as exc:  # the parent's rehearsal.jsonl is missing or bad
+            raise AdapterHeld(lineage.adapter, str(exc)) from exc
+        rehearsed = rehearsal.examples if rehearsal is not None else []
         errors: list[str] = []
         for attempt in range(1, self.config.max_tries + 1):
             try:
                 with self.metrics.step_seconds.time():
-                    result = self._step(state, window, lineage.adapter, version)
+                    result = self._step(state, window, lineage.adapter, version, rehearsed)
             except Exception as exc:  # every failure of a step is retried, then quarantined
                 errors.append(f"try {attempt}: {type(exc).__name__}: {exc}")
                 self.metrics.step_failures.inc()
                 log.warning("%s v%d: step failed (%s)", lineage.adapter, version, errors[-1])
                 continue
-            evaluation = self._evaluation(window, previous_eval, result, lineage.adapter, version)
+            evaluation = self.measure.version(
+                window, previous_eval, result, lineage.adapter, version
+            )
             try:
-                stored = self._write(window, lineage.adapter, version, result, evaluation)
+                stored = self._write(
+                    window, lineage.adapter, version, result, evaluation, rehearsal
+                )
             except AdapterStoreError as exc:  # v<version> exists with other files
                 raise AdapterHeld(lineage.adapter, str(exc)) from exc
             self.faults.at("commit", lineage.adapter, version)
-            update = self._update(window, version, stored, result, evaluation)
+            update = self._update(window, version, stored, result, evaluation, rehearsal)
             # Kept under the version it becomes: once the driver records the update, the
             # next window steps on from it; until then (or if the commit fails) it is unused.
             self._states[lineage.adapter] = (version, result.state)
+            if rehearsal is not None:
+                self._rehearsals[lineage.adapter] = (version, rehearsal.buffer)
             if evaluation is None:
                 return Trained(update, result.state, result.seconds, attempt)
             self._eval_sets[lineage.adapter] = (version, evaluation.examples)
@@ -246,66 +312,21 @@ class WindowTrainer:
             events=[pending.event for pending in window.events],
         )
 
-    def _evaluation(
+    def _step(
         self,
+        state: AdapterState,
         window: Window,
-        previous: list[EvalExample],
-        result: StepResult,
         adapter: str,
         version: int,
-    ) -> _Evaluation | None:
-        """The new version's evaluation set (``previous`` plus the window's held-out
-        events) and its measure on it; None while evaluation is off."""
-        if not self.config.evaluates:
-            return None
-        eval_set = extend_eval_set(
-            previous,
-            (EvalExample.of(window.tp.topic, window.tp.partition, p) for p in window.held_out),
-            self.config.eval_size,
-        )
-        spec, seconds = self._evaluate(result.state, eval_set, adapter, version)
-        return _Evaluation(eval_set, spec, seconds)
-
-    def _step(self, state: AdapterState, window: Window, adapter: str, version: int) -> StepResult:
+        rehearsed: list[tuple[str, str]],
+    ) -> StepResult:
+        """The step on the window's examples, then the ``rehearsed`` ones, as one batch (each
+        of ``steps_per_window`` steps uses it all). Its loss, the version's ``train_loss``,
+        is the first step's mean over that whole batch: the window's alone without rehearsal."""
         state = self.faults.poison(state, window.ids)
-        result = self.stepper.step(state, window.examples())
+        result = self.stepper.step(state, window.examples() + rehearsed)
         self.faults.at("step", adapter, version)
         return result
-
-    def _evaluate(
-        self, state: AdapterState, eval_set: list[EvalExample], adapter: str, version: int
-    ) -> tuple[EvalSpec | None, float]:
-        """The version's ``eval`` (None for an empty set, or one that cannot be measured:
-        an evaluation never costs a window its version) and the seconds it took."""
-        started = time.perf_counter()
-        if not eval_set:
-            return None, 0.0
-        try:
-            new = [i for i, e in enumerate(eval_set) if e.base_loss_sum is None]
-            measured = self.stepper.losses(
-                None, [(eval_set[i].prompt, eval_set[i].response) for i in new]
-            )
-            for i, (total, tokens) in zip(new, measured, strict=True):
-                eval_set[i] = replace(eval_set[i], base_loss_sum=total, tokens=tokens)
-            sums = self.stepper.losses(state, [(e.prompt, e.response) for e in eval_set])
-            count = sum(tokens for _, tokens in sums)
-            spec = EvalSpec(
-                loss=sum(total for total, _ in sums) / count,
-                base_loss=sum(e.base_loss_sum or 0.0 for e in eval_set) / count,
-                events=len(eval_set),
-            )
-        except Exception as exc:
-            log.warning("%s v%d: evaluation failed, eval is null (%r)", adapter, version, exc)
-            spec = None
-        seconds = time.perf_counter() - started
-        log.info(
-            "%s v%d: evaluated on %d held-out events in %.1f ms",
-            adapter,
-            version,
-            len(eval_set),
-            seconds * 1000,
-        )
-        return spec, seconds
 
     def _write(
         self,
@@ -313,7 +334,8 @@ class WindowTrainer:
         adapter: str,
         version: int,
         result: StepResult,
-        evaluation: _Evaluation | None,
+        evaluation: Evaluation | None,
+        rehearsal: Plan | None = None,
     ) -> StoredVersion:
         metadata = {
             "adapter": adapter,
@@ -328,14 +350,28 @@ class WindowTrainer:
             "optimizer_steps": result.state.steps,
             "window": window.spec().model_dump(mode="json"),
         }
+        files: dict[str, bytes] = {}
+        if rehearsal is not None:
+            metadata["rehearsal"] = self.config.rehearsal
+            metadata["rehearsal_buffer"] = self.config.rehearsal_buffer
+            files[REHEARSAL_FILE] = encode_buffer(rehearsal.buffer)
         if evaluation is None:
-            return self.store.write(adapter, version, result.state, self.stepper, metadata)
-        spec = evaluation.spec
-        metadata["eval"] = spec.model_dump(mode="json") if spec is not None else None
-        metadata["eval_fraction"] = self.config.eval_fraction
-        metadata["eval_size"] = self.config.eval_size
-        files = {EVAL_SET_FILE: encode_eval_set(evaluation.examples)}
-        return self.store.write(adapter, version, result.state, self.stepper, metadata, files)
+            return self.store.write(
+                adapter, version, result.state, self.stepper, metadata, files or None
+            )
+        if self.config.evaluates:
+            spec = evaluation.spec
+            metadata["eval"] = spec.model_dump(mode="json") if spec is not None else None
+            metadata["eval_fraction"] = self.config.eval_fraction
+            metadata["eval_size"] = self.config.eval_size
+            metadata["eval_segment_windows"] = self.config.eval_segment_windows
+            files[EVAL_SET_FILE] = encode_eval_set(evaluation.examples)
+        if self.config.general_eval is not None:
+            general = evaluation.general
+            metadata["general_eval"] = general.model_dump(mode="json") if general else None
+        return self.store.write(
+            adapter, version, result.state, self.stepper, metadata, files or None
+        )
 
     def _update(
         self,
@@ -343,7 +379,8 @@ class WindowTrainer:
         version: int,
         stored: StoredVersion,
         result: StepResult,
-        evaluation: _Evaluation | None,
+        evaluation: Evaluation | None,
+        rehearsal: Plan | None = None,
     ) -> AdapterUpdate:
         return AdapterUpdate(
             adapter=stored.adapter,
@@ -359,13 +396,6 @@ class WindowTrainer:
             train_loss=result.loss,
             created_at=datetime.now(tz=UTC),
             eval=evaluation.spec if evaluation is not None else None,
+            general_eval=evaluation.general if evaluation is not None else None,
+            rehearsal=rehearsal.spec if rehearsal is not None else None,
         )
-
-
-@dataclass(frozen=True)
-class _Evaluation:
-    """A version's evaluation set, its measure on it, and how long measuring took."""
-
-    examples: list[EvalExample]
-    spec: EvalSpec | None
-    seconds: float

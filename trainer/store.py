@@ -3,7 +3,8 @@
 Each version directory holds what PEFT and vLLM load as it is
 (``adapter_model.safetensors``, ``adapter_config.json``), the optimizer state
 (``optimizer.safetensors``), ``lorastream.json`` (metadata), when evaluation
-is on ``eval-set.jsonl`` (the adapter's evaluation set), and last
+is on ``eval-set.jsonl`` (the adapter's evaluation set), when rehearsal is on
+``rehearsal.jsonl`` (its rehearsal buffer, :mod:`trainer.rehearsal`), and last
 ``manifest.json`` (:mod:`trainer.manifest`: every other file's sha256; the
 announcement carries the manifest's own). Everything is written into a hidden
 temporary directory beside the target, fsynced, and renamed into place; the
@@ -55,6 +56,7 @@ __all__ = [
     "MANIFEST_FILE",
     "METADATA_FILE",
     "OPTIMIZER_FILE",
+    "REHEARSAL_FILE",
     "AdapterStore",
     "StoredVersion",
     "resource_errno",
@@ -66,6 +68,7 @@ CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METADATA_FILE = "lorastream.json"
 EVAL_SET_FILE = "eval-set.jsonl"
+REHEARSAL_FILE = "rehearsal.jsonl"
 
 
 # Errors of the machine, not of the window: waiting (and freeing space) fixes them.

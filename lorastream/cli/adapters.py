@@ -1,5 +1,5 @@
-"""``lorastream adapters list|repair|fetch|follow``: the announced adapter versions,
-as a table, as files on disk, or as they are announced.
+"""``lorastream adapters list|forgetting|repair|fetch|follow``: the announced adapter
+versions, as a table, as a forgetting matrix, as files on disk, or as they are announced.
 """
 
 from __future__ import annotations
@@ -182,6 +182,38 @@ def adapters_list(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@adapters_app.command("forgetting")
+def adapters_forgetting(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="The adapter.")],
+    json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Print ADAPTER's forgetting matrix from its announcements: R[i][j] is the held-out
+    loss on segment j of the last version that trained in segment i (a segment is a
+    producer's metadata.segment label, else LORASTREAM_EVAL_SEGMENT_WINDOWS versions).
+    ACC is the mean of the last row; BWT the mean over earlier segments j of
+    R[j][j] - R[T][j]: negative means forgetting (the loss on earlier segments rose)."""
+    import orjson
+
+    from trainer.forgetting import forgetting
+    from trainer.lineage import check_adapter_name
+
+    check_adapter_name("ADAPTER", adapter)
+    settings = settings_of(ctx)
+    lineages = _lineages(settings)
+    if adapter not in lineages or not lineages[adapter].updates:
+        raise _announced_only(settings, adapter, lineages)
+    matrix = forgetting(adapter, lineages[adapter].updates)
+    if json:
+        sys.stdout.write(orjson.dumps(matrix.to_json()).decode() + "\n")
+        return
+    if not matrix.segments:
+        out.print(f"{adapter}: no version has a per-segment evaluation yet", highlight=False)
+        return
+    for line in matrix.lines():
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _open_window(waiting: int, window_size: int | None) -> str:

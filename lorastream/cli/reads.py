@@ -39,6 +39,10 @@ _TRAINING = (
     "token_budget",
     "lora_dropout",
     "gradient_checkpointing",
+    "rehearsal",
+    "rehearsal_buffer",
+    "eval_segment_windows",
+    "general_eval",
 )
 _ALL_TRAINING = (
     *_TRAINING,
@@ -84,6 +88,7 @@ READS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("adapters", "repair"): (*_KAFKA, *_TRUST, *_CACHE, *_ALL_TRAINING),
     ("adapters", "fetch"): (*_KAFKA, *_TRUST, *_CACHE),
     ("adapters", "follow"): (*_KAFKA, *_TRUST),
+    ("adapters", "forgetting"): (*_KAFKA, *_TRUST),
     ("dead-letters", "list"): _KAFKA,
     ("dead-letters", "export"): _KAFKA,
     ("quarantine", "list"): _KAFKA,

@@ -90,6 +90,18 @@ def serve(
             "is any version while no live version has one.",
         ),
     ] = 0.02,
+    max_general_regression: Annotated[
+        float | None,
+        typer.Option(
+            "--max-general-regression",
+            metavar="FRACTION",
+            min=0,
+            help="The general-drift gate: a version whose loss on the trainer's general set "
+            "(LORASTREAM_GENERAL_EVAL) is above the base model's by more than this fraction "
+            "(0.05 = 5%) is refused and never loaded: it learnt its task at the cost of "
+            "everything else. Off by default; a version without a general eval passes.",
+        ),
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(
@@ -150,7 +162,8 @@ def serve(
 ) -> None:
     """Load every verified adapter version into vLLM or SGLang as <adapter>-v<N>, keep the
     newest K, unload older ones after the drain, reload after a server restart. A version
-    whose eval loss regresses past --max-regression is refused."""
+    whose eval loss regresses past --max-regression (or whose general-set loss drifts
+    past --max-general-regression) is refused."""
     from lorastream.cli.common import client_logs_on, settings_of
     from lorastream.cli.stage import start_stage, stop_on_signals
     from lorastream.serving import Serve, ServeMetrics
@@ -187,6 +200,7 @@ def serve(
         poll=poll,
         max_regression=max_regression,
         name=name,
+        max_general_regression=max_general_regression,
     )
     metrics = ServeMetrics()
     start_stage(settings, metrics.registry, topics=[settings.topics.adapter_updates])

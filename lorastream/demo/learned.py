@@ -24,7 +24,7 @@ __all__ = ["load", "picture", "preload"]
 def picture(run: Run, lines: list[bytes]) -> None:
     """Draw the loss of every version (the file stays after clean-up) and say, per
     adapter, how far it fell and how an offline fine-tune on the same events did."""
-    from lorastream.demo.picture import Panel, draw_learning
+    from lorastream.demo.picture import Panel, draw_learning, general_curve, segment_curves
 
     run.stage(5, "What the adapters learned")
     newest: dict[str, AdapterUpdate] = {}
@@ -49,6 +49,9 @@ def picture(run: Run, lines: list[bytes]) -> None:
                 base=first.base_loss if first else None,
                 offline=offline[adapter][-1] if adapter in offline else None,
                 offline_label=f"offline, {TRAINING.offline_epochs} epochs, same events",
+                segments=segment_curves(updates),
+                general=general_curve(updates)[0],
+                general_base=general_curve(updates)[1],
             )
         )
     run.results.mkdir(parents=True, exist_ok=True)

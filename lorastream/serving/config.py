@@ -25,6 +25,9 @@ class ServeConfig:
     drain_seconds: float = 30.0
     max_regression: float = 0.02
     """Refuse a version whose eval loss exceeds the best live one's by more than this fraction."""
+    max_general_regression: float | None = None
+    """Refuse a version whose general-set loss exceeds the base model's by more than this
+    fraction (None: off)."""
     adapters: frozenset[str] = frozenset()
     """Only these adapters (all when empty)."""
     max_lora_rank: int = 16
@@ -57,6 +60,10 @@ class ServeConfig:
             raise ValueError(f"drain_seconds must be 0 or more, not {self.drain_seconds}")
         if not self.max_regression >= 0:
             raise ValueError(f"max_regression must be 0 or more, not {self.max_regression}")
+        if self.max_general_regression is not None and not self.max_general_regression >= 0:
+            raise ValueError(
+                f"max_general_regression must be 0 or more, not {self.max_general_regression}"
+            )
 
     @property
     def server(self) -> str:

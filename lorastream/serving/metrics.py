@@ -24,7 +24,7 @@ class ServeMetrics:
         self.refusals = Counter(
             "lorastream_serve_refusals_total",
             "Adapter versions refused (sha256, missing, manifest, config, rank, bias, base_model, server, "
-            "regression).",
+            "regression, general-regression).",
             ["adapter", "reason"],
             registry=r,
         )

@@ -35,7 +35,13 @@ from lorastream.serving.capacity import Capacity, Retries
 from lorastream.serving.config import ServeConfig
 from lorastream.serving.exceptions import BackendFull, BackendRefused, BackendUnavailable
 from lorastream.serving.metrics import ServeMetrics
-from lorastream.serving.verify import Refusal, check_base, check_files, judge_versions
+from lorastream.serving.verify import (
+    GATE_REASONS,
+    Refusal,
+    check_base,
+    check_files,
+    judge_versions,
+)
 from lorastream.serving.versions import Announced, parse_version_name, version_name
 from trainer.exceptions import AdapterStoreError, ResourceError
 from trainer.objects import fetch_version, is_remote
@@ -224,6 +230,7 @@ class Reconciler:
             self.config.keep,
             self.config.max_regression,
             versions.refused,
+            self.config.max_general_regression,
         )
 
     async def _kept(self, adapter: str) -> list[int]:
@@ -284,7 +291,7 @@ class Reconciler:
         live = self.live(adapter)
         # A regression is the gate doing its job; the other reasons are faults to fix.
         log.log(
-            logging.WARNING if refusal.reason == "regression" else logging.ERROR,
+            logging.WARNING if refusal.reason in GATE_REASONS else logging.ERROR,
             "refused %s (%s): %s; %s",
             version_name(adapter, version),
             refusal.reason,

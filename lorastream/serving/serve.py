@@ -14,6 +14,9 @@ The promotion gate (:func:`~lorastream.serving.verify.check_regression`) judges 
 version, in version order, against the versions the gate let through before it (the
 newest ``keep`` of them not refused otherwise): one whose held-out eval loss is worse
 than the best of theirs by more than ``max_regression`` is refused and never loaded.
+With ``max_general_regression``, one whose loss on the general set is worse than the
+base model's by more than that (:func:`~lorastream.serving.verify.check_general`) is
+refused first, the same way.
 The verdicts depend on the announced eval losses (and the other refusals known by then),
 not on how announcements were batched, so a serve that starts again reaches the same ones.
 

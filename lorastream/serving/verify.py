@@ -20,14 +20,19 @@ from trainer import manifest
 from trainer.exceptions import AdapterStoreError
 
 __all__ = [
+    "GATE_REASONS",
     "VLLM_RANKS",
     "Refusal",
     "check_base",
     "check_files",
+    "check_general",
     "check_regression",
     "judge_versions",
     "sha256_file",
 ]
+
+# The refusals of the promotion gate: it doing its job, where the other reasons are faults.
+GATE_REASONS = frozenset({"regression", "general-regression"})
 
 # vLLM's --max-lora-rank accepts only these (its LoRAConfig validator).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -161,12 +166,33 @@ def check_regression(
     )
 
 
+def check_general(update: AdapterUpdate, max_general_regression: float | None) -> Refusal | None:
+    """The general-drift gate: refuse ``update`` when its loss on the general set is above
+    the base model's by more than ``max_general_regression`` (a fraction), i.e. when
+    ``general_eval.loss > general_eval.base_loss * (1 + max_general_regression)``: it learnt
+    its task at the cost of everything else. Off (None), and for a version without
+    ``general_eval`` (its trainer had no LORASTREAM_GENERAL_EVAL), it passes.
+    """
+    general = update.general_eval
+    if max_general_regression is None or general is None:
+        return None
+    threshold = general.base_loss * (1 + max_general_regression)
+    if general.loss <= threshold:
+        return None
+    return Refusal(
+        "general-regression",
+        f"general-set loss {general.loss:.4f} is above {threshold:.4f}, the base model's "
+        f"({general.base_loss:.4f}) plus --max-general-regression {max_general_regression:g}",
+    )
+
+
 def judge_versions(
     updates: Mapping[int, AdapterUpdate],
     verdicts: dict[int, Refusal | None],
     keep: int,
     max_regression: float,
     refused: Container[int] = frozenset(),
+    max_general_regression: float | None = None,
 ) -> None:
     """The promotion gate over one adapter's versions: a verdict for each version that has
     none in ``verdicts`` yet, in version order, added to ``verdicts``. A verdict once made
@@ -176,7 +202,8 @@ def judge_versions(
     before it that the gate let through and that are not in ``refused`` (versions another
     check refused: never live). From the announcements alone (``refused`` empty) this is
     what ``lorastream serve --keep K --max-regression F`` decides, and ``adapters list``
-    shows it.
+    shows it. With ``max_general_regression``, a version that fails
+    :func:`check_general` is refused first, and never counts as live.
     """
     promoted = sorted(v for v, verdict in verdicts.items() if verdict is None)
     for version in sorted(updates.keys() - verdicts.keys()):
@@ -186,7 +213,9 @@ def judge_versions(
                 break
             if earlier not in refused:
                 live.append(updates[earlier])
-        verdict = check_regression(updates[version], live, max_regression)
+        verdict = check_general(updates[version], max_general_regression) or check_regression(
+            updates[version], live, max_regression
+        )
         verdicts[version] = verdict
         if verdict is None:
             bisect.insort(promoted, version)

@@ -23,6 +23,7 @@ def test_the_readme_lists_exactly_the_files_of_a_version() -> None:
         EVAL_SET_FILE,
         METADATA_FILE,
         OPTIMIZER_FILE,
+        REHEARSAL_FILE,
     )
 
     paragraph = _section("Serving the adapters by hand").split("\n\n", 1)[0]
@@ -33,6 +34,7 @@ def test_the_readme_lists_exactly_the_files_of_a_version() -> None:
         OPTIMIZER_FILE,
         METADATA_FILE,
         EVAL_SET_FILE,
+        REHEARSAL_FILE,
         MANIFEST_FILE,
         "README.md",
     }
