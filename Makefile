@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test unit lint format typecheck bench soak clean
+.PHONY: setup demo test unit lint format typecheck bench soak gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,15 @@ bench: setup
 SOAK_ARGS ?=
 soak: setup
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# The lent GPU machine has torch, transformers and PEFT but no registry: the rest of what
+# the trainer imports, as wheels for its Python 3.12, to carry as .whl/ (bench/gpu/).
+GPU_WHEELS := aiokafka async-timeout orjson pydantic pydantic-core pydantic-settings \
+	typing-inspection annotated-types prometheus-client python-dotenv
+gpu-wheels: setup
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  -c constraints.txt -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

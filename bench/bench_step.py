@@ -31,6 +31,11 @@ kind, as the trainer measures it after each step.
 
     .venv/bin/python bench/bench_step.py                          # tiny model, CPU
     .venv/bin/python bench/bench_step.py --preset 1b --device cuda --windows 20
+    .venv/bin/python bench/bench_step.py --adapters 4 --kinds short     # many adapters
+
+``--adapters N`` times N adapters' windows instead: one at a time, N per step
+(``trainer.grouped``) and the plain PEFT loop in turn (``bench/step_adapters.py``).
+Every table also counts the graphs torch compiled after warm-up (recompiles).
 
 ``--json PATH`` also writes the results as one JSON object (``bench/report.py``).
 """
@@ -52,6 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import step_adapters
 from bench.report import Row, add_json_option, write_json
 from trainer.batching import build_batch
 from trainer.config import LoraSettings
@@ -139,6 +145,7 @@ class Cell:
     times: list[float] = field(default_factory=list)
     peak: int = 0  # bytes, CUDA only
     loss: float | None = None
+    graphs: int = 0  # compiled by torch during the timed windows: recompiles
     oom: bool = False
 
     def median(self) -> float | None:
@@ -149,6 +156,7 @@ def _timed(step: Callable[[], float], device: torch.device, cell: Cell, timed: b
     """Run one step (which returns its loss) into ``cell``; an OOM marks the cell instead."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    graphs = step_adapters.compiled_graphs()
     try:
         _sync(device)
         started = time.perf_counter()
@@ -169,6 +177,7 @@ def _timed(step: Callable[[], float], device: torch.device, cell: Cell, timed: b
     cell.loss = loss
     if timed:
         cell.times.append(seconds)
+        cell.graphs += step_adapters.compiled_graphs() - graphs
 
 
 class PlainLoop:
@@ -238,6 +247,18 @@ def main() -> None:
         "--compile", action="store_true", help="lorastream's step with torch.compile (GPU only)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--length-buckets", action="store_true", help="pad micro-batches to length buckets"
+    )
+    parser.add_argument(
+        "--adapters", type=int, default=0, help="N adapters: one at a time against N per step"
+    )
+    parser.add_argument(
+        "--grouped-mm",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="with --adapters: torch._grouped_mm for the LoRA deltas (auto: on SM90+)",
+    )
     add_json_option(parser)
     args = parser.parse_args()
 
@@ -254,7 +275,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     settings = LoraSettings(
         r=8, alpha=16, target_modules=("q_proj", "v_proj"), learning_rate=2e-3,
-        max_length=args.max_length, compile=args.compile,
+        max_length=args.max_length, compile=args.compile, length_buckets=args.length_buckets,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.base_model is not None:
@@ -263,6 +284,13 @@ def main() -> None:
             path = _build_1b(Path(tmp) / "llama-1b")
         else:
             path = build_tiny_model_dir(Path(tmp) / "tiny")
+        if args.adapters > 0:
+            step_adapters.run(
+                path, device, settings, args.adapters, kinds, _length, _examples,
+                args.window_size, args.warmup, args.windows, _peak_flops(device),
+                {"auto": None, "on": True, "off": False}[args.grouped_mm],
+            )  # fmt: skip
+            return
         base = load_base_model(path, device)
         n_params = sum(p.numel() for p in base.model.parameters())
         stepper = LoraStepper(base, settings, seed=0)
@@ -324,7 +352,8 @@ def main() -> None:
             results.append((kind, window_tokens, response_tokens, ours, theirs))
 
         head = ["kind", "window tok", "resp tok", "ls ms", "plain ms", "plain/ls", "ls tok/s",
-                "plain tok/s", "ls MFU", "plain MFU", "ls GiB", "plain GiB", "ls loss", "plain loss"]  # fmt: skip
+                "plain tok/s", "ls MFU", "plain MFU", "ls GiB", "plain GiB", "ls loss", "plain loss",
+                "ls graphs", "plain graphs"]  # fmt: skip
         rows = []
         for kind, window_tokens, response_tokens, ours, theirs in results:
             row = [kind, str(window_tokens), str(response_tokens)]
@@ -338,13 +367,17 @@ def main() -> None:
                 row.append(_fmt(mfu and mfu * 100, ".1f", c.oom) + ("%" if mfu else ""))
             row += [_fmt(c.peak / 2**30 if cuda else None, ".2f", c.oom) for c in (ours, theirs)]
             row += [_fmt(c.loss, ".4f", c.oom) for c in (ours, theirs)]
+            row += [str(c.graphs) for c in (ours, theirs)]
             rows.append(row)
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         print()
         print(_row(head, widths))
         for row in rows:
             print(_row(row, widths))
-        print("(ls: lorastream's step; plain/ls above 1: lorastream is faster)")
+        print(
+            "(ls: lorastream's step; plain/ls above 1: lorastream is faster; graphs: compiled "
+            "by torch after warm-up, recompiles)"
+        )
 
         json_rows = _json_rows(results, n_params, peak_flops, cuda)
         step_median = medians.get(kinds[0]) if kinds else None

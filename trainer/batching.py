@@ -8,6 +8,11 @@ computed exactly as one batch). One that does not is sorted longest first and
 packed greedily, so that rows of like length share a micro-batch and little
 is spent on padding. An example longer than the budget is a micro-batch of
 its own: ``max_length`` bounds it.
+
+With length buckets (:func:`bucket_length`), a micro-batch is padded past its
+longest row up to the next bucket, so that a compiled or captured step sees a
+few shapes, not one per window. The padding is masked out of attention and of
+the loss, so it changes no number beyond rounding.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IGNORE", "Row", "build_batch", "pad", "plan", "tokenize"]
+__all__ = ["IGNORE", "MIN_BUCKET", "Row", "bucket_length", "build_batch", "pad", "plan", "tokenize"]
 
 IGNORE = -100
+MIN_BUCKET = 64
 
 Row = tuple[list[int], list[int]]
 """An example's prompt token ids and response token ids (eos included)."""
@@ -44,10 +50,24 @@ def tokenize(tokenizer: object, examples: Sequence[tuple[str, str]], max_length:
     return rows
 
 
-def pad(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, labels)``, right-padded to the longest row; labels are
-    -100 on prompt and padding."""
-    width = max(len(p) + len(r) for p, r in rows)
+def bucket_length(length: int, max_length: int) -> int:
+    """The bucket a row of ``length`` tokens is padded to: the least power of two from
+    MIN_BUCKET up that holds it, or ``max_length`` past the last such below it."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return max(length, min(bucket, max_length))
+
+
+def pad(
+    rows: Sequence[Row], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)``, right-padded to the longest row (or to
+    ``width``, at least that); labels are -100 on prompt and padding."""
+    longest = max(len(p) + len(r) for p, r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"pad: width {width} is shorter than the longest row ({longest})")
+    width = longest if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

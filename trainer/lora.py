@@ -1,9 +1,8 @@
 """One LoRA training step per window, through PEFT, with the state carried between windows.
 
-An adapter's whole training state is an :class:`AdapterState`: the LoRA
-weights (keyed as in ``adapter_model.safetensors``) and AdamW's moments as
-plain named tensors, so it is written as safetensors, never pickled. The
-stepper owns one PeftModel over the frozen base; each step loads a state
+An adapter's whole training state is an :class:`AdapterState`
+(:mod:`trainer.adapter_state`): the LoRA weights and AdamW's moments as plain
+named tensors, so it is written as safetensors, never pickled. The stepper owns one PeftModel over the frozen base; each step loads a state
 into it, runs one AdamW step on the whole window (``steps_per_window`` of
 them if asked) and returns a new state, leaving the caller's untouched.
 
@@ -26,43 +25,34 @@ trained adapters' weights and moments on the device (``resident_bytes``), so
 that switching adapters is a copy on the device, not from the CPU. The
 arithmetic is the same either way: on the CPU the results are bit for bit
 those of loading every state afresh.
+
+The host waits for the device once per AdamW step (the loss and the weights'
+finiteness, in one read), not per micro-batch, and the new state comes back
+without blocking (:class:`~trainer.adapter_state.HostCopies`, on a GPU): it is
+waited for only when it is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.batching import IGNORE, Row, pad, plan, tokenize
+from trainer.adapter_state import AdapterState, HostCopies
+from trainer.batching import IGNORE, Row, bucket_length, pad, plan, tokenize
 from trainer.config import LoraSettings
 from trainer.exceptions import NonFiniteLossError, StepError
 from trainer.loss import response_token_losses, supports_chunked
 from trainer.model import BaseModel
 
 __all__ = ["AdapterState", "LoraStepper", "StepResult"]
-
-
-@dataclass(repr=False)
-class AdapterState:
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
-
-    def __repr__(self) -> str:
-        # Short on purpose: printing every weight took seconds, and asyncio (3.11) formats
-        # the result of a run's main task on its way out.
-        size = sum(t.numel() for t in self.weights.values())
-        return (
-            f"AdapterState({len(self.weights)} LoRA tensors, {size} values, "
-            f"{len(self.optimizer)} optimizer tensors, steps={self.steps})"
-        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +92,16 @@ class LoraStepper:
 
     ADAPTER = "default"
 
-    def __init__(self, base: BaseModel, lora: LoraSettings, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        lora: LoraSettings,
+        seed: int = 0,
+        *,
+        buffered_copy: bool | None = None,
+    ) -> None:
+        """``buffered_copy``: bring new states to the host through reused buffers without
+        blocking (None: on a GPU only; True on the CPU gives the same bytes, for tests)."""
         from peft import LoraConfig, get_peft_model
 
         self.base = base
@@ -154,6 +153,8 @@ class LoraStepper:
         self._holds: weakref.ref[AdapterState] | None = None
         self._optimizer_of_held: torch.optim.AdamW | None = None
         self._resident: OrderedDict[int, _Resident] = OrderedDict()
+        buffered = on_gpu if buffered_copy is None else buffered_copy
+        self.host_copies = HostCopies(base.device) if buffered else None
 
     def initial_state(self) -> AdapterState:
         return AdapterState(weights={k: t.clone() for k, t in self._initial.items()})
@@ -251,19 +252,38 @@ class LoraStepper:
         (the examples' indices, input_ids, attention_mask, labels); and the response tokens."""
         rows: list[Row] = tokenize(self.base.tokenizer, examples, self.lora.max_length)
         pad_id = self.base.tokenizer.pad_token_id
+        lengths = [len(p) + len(r) for p, r in rows]
+        buckets = self.lora.length_buckets
+        if buckets:  # the budget bounds what is allocated: the bucket, not the row
+            lengths = [bucket_length(n, self.lora.max_length) for n in lengths]
         batches = []
-        for indices in plan([len(p) + len(r) for p, r in rows], self.lora.token_budget):
-            batches.append((indices, *pad([rows[i] for i in indices], pad_id)))
         # The tokens a loss is taken on: those that a position before them predicts.
-        tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, _, labels in batches)
+        tokens = 0
+        for indices in plan(lengths, self.lora.token_budget):
+            width = max(lengths[i] for i in indices) if buckets else None
+            ids, mask, labels = pad([rows[i] for i in indices], pad_id, width)
+            tokens += sum(len(rows[i][1]) - (not rows[i][0]) for i in indices)
+            batches.append((indices, *self._to_device(ids, mask, labels)))
         return batches, tokens
+
+    def _to_device(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On a GPU: through pinned memory, without blocking the host (the kernels that
+        read them are queued after the copies)."""
+        device = self.base.device
+        if device.type != "cuda":
+            return ids, mask, labels
+        ids, mask, labels = (
+            t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels)
+        )
+        return ids, mask, labels
 
     def _token_losses(
         self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per response token of a micro-batch: its loss (fp32) and its row."""
         device = self.base.device
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if self.chunked:
                 return response_token_losses(
@@ -290,38 +310,49 @@ class LoraStepper:
         batches, tokens = self._micro_batches(examples)
         self._load(state)
         optimizer = self._optimizer(state)
+        params = list(self.params.values())
         try:
-            for parameter in self.params.values():
+            for parameter in params:
                 parameter.grad = None  # a failed try must not leak its gradients into the next
-            self.model.train()
+            self._train(True)
             first = 0.0
             for n in range(self.lora.steps_per_window):
-                total = 0.0
+                # Summed on the device in float64 (as Python summed the floats before), read
+                # once per step: no wait for the device between micro-batches.
+                total = torch.zeros((), dtype=torch.float64, device=self.base.device)
                 for _, ids, mask, labels in batches:
                     losses, _ = self._token_losses(ids, mask, labels)
                     summed = losses.sum()
-                    if not torch.isfinite(summed):
-                        raise NonFiniteLossError(float(summed.detach()) / max(1, len(losses)))
                     (summed / tokens).backward()
-                    total += float(summed.detach())
-                first = total if n == 0 else first
+                    total += summed.detach().double()
+                value = float(total)
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(value / tokens)
+                first = value if n == 0 else first
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
-            new = self._snapshot(optimizer, state.steps + self.lora.steps_per_window)
-            if not all(torch.isfinite(t).all() for t in new.weights.values()):
+            # The largest magnitude per tensor (NaN or inf where one is), in one fused call.
+            largest = torch._foreach_norm(list[torch.Tensor](params), float("inf"))
+            if not bool(torch.isfinite(torch.stack(largest)).all()):
                 raise NonFiniteLossError(
                     first / tokens, "the step made the LoRA weights non-finite"
                 )
+            new = self._snapshot(optimizer, state.steps + self.lora.steps_per_window)
         except BaseException:
-            self.model.eval()
+            self._train(False)
             self._forget()
             raise
         # The parameters and this optimizer now hold the new state: the next window of this
-        # adapter steps on from them.
+        # adapter steps on from them. The model stays in training mode for it.
         self._holds = weakref.ref(new)
         self._optimizer_of_held = optimizer
         return StepResult(new, first / tokens, tokens, time.perf_counter() - started)
+
+    def _train(self, training: bool) -> None:
+        """Set the model's mode, only if it changes: a PeftModel's ``train()`` walks
+        every module of the base, host work a step need not repeat."""
+        if self.model.training != training:
+            self.model.train(training)
 
     def losses(
         self, state: AdapterState | None, examples: Sequence[tuple[str, str]]
@@ -341,7 +372,7 @@ class LoraStepper:
         batches, _ = self._micro_batches(examples)
         out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
         was_training = self.model.training
-        self.model.eval()
+        self._train(False)
         try:
             # Evaluation runs eager: forward-only and without gradients, it would compile
             # graphs of its own, for little gain.
@@ -360,20 +391,26 @@ class LoraStepper:
                     ):
                         out[i] = (float(total), int(count))
         finally:
-            self.model.train(was_training)
+            self._train(was_training)
         return out
 
     def _snapshot(self, optimizer: torch.optim.Optimizer, steps: int) -> AdapterState:
-        weights = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        """The parameters and moments as a new state on the host: through the reused
+        buffers without blocking where ``host_copies`` is set, else copied at once."""
+        weights = {k: p.detach() for k, p in self.params.items()}
         moments: dict[str, torch.Tensor] = {}
         for key, parameter in self.params.items():
             slot = optimizer.state.get(parameter, {})
             for name in ("step", "exp_avg", "exp_avg_sq"):
                 if name in slot:
-                    moments[f"{key}.{name}"] = (
-                        torch.as_tensor(slot[name]).detach().to("cpu", copy=True)
-                    )
-        return AdapterState(weights=weights, optimizer=moments, steps=steps)
+                    moments[f"{key}.{name}"] = torch.as_tensor(slot[name]).detach()
+        if self.host_copies is not None:
+            return self.host_copies.copy(weights, moments, steps)
+        return AdapterState(
+            weights={k: t.to("cpu", copy=True) for k, t in weights.items()},
+            optimizer={k: t.to("cpu", copy=True) for k, t in moments.items()},
+            steps=steps,
+        )
 
     def save_peft(self, state: AdapterState, directory: Path) -> None:
         """``adapter_model.safetensors`` + ``adapter_config.json``, as PEFT and vLLM load them.
