@@ -31,9 +31,15 @@ answers, else starts a local one on free ports for the run.
 
 With ``--steps-per-window K`` the trainer takes K AdamW steps on each window
 (``LORASTREAM_STEPS_PER_WINDOW``); the offline run keeps one step per batch.
+``--rehearsal k`` (``LORASTREAM_REHEARSAL``, with ``--rehearsal-buffer``) mixes k
+earlier events into each step; the offline run has none. ``--learning-rate`` and
+``--target-modules`` change both runs (the offline one is always trained with the
+stream's LoRA settings); left out, they are the demo's, as in every figure before
+issue #23.
 
     .venv/bin/python bench/bench_learning.py [--repeats 4] [--epochs 3] [--steps-per-window 1]
-        [--json PATH]
+        [--rehearsal 0] [--rehearsal-buffer 256] [--learning-rate 2.5e-3]
+        [--target-modules LIST] [--json PATH]
 """
 
 from __future__ import annotations
@@ -271,6 +277,24 @@ class Params:
     timeout: float = 300
     shuffles: int = 3
     json: Path | None = None
+    rehearsal: int = 0
+    rehearsal_buffer: int = 256
+    learning_rate: float = TRAINING.learning_rate
+    target_modules: str = TRAINING.target_modules
+
+
+def _variant(params: Params) -> str:
+    """The title's tail naming what differs from the demo's training ("" when nothing)."""
+    parts = []
+    if params.steps_per_window != 1:
+        parts.append(f"{params.steps_per_window} steps per window")
+    if params.rehearsal:
+        parts.append(f"rehearsal {params.rehearsal}")
+    if params.learning_rate != TRAINING.learning_rate:
+        parts.append(f"lr {params.learning_rate:g}")
+    if params.target_modules != TRAINING.target_modules:
+        parts.append(f"targets {params.target_modules}")
+    return f", with {' and '.join(parts)} (#23)" if parts else ""
 
 
 def run(params: Params) -> None:
@@ -329,14 +353,18 @@ def _bench(
         **TRAINING.environment(),
         "LORASTREAM_WINDOW_SIZE": str(WINDOW),
         "LORASTREAM_STEPS_PER_WINDOW": str(params.steps_per_window),
+        "LORASTREAM_LEARNING_RATE": str(params.learning_rate),
+        "LORASTREAM_LORA_TARGET_MODULES": params.target_modules,
+        "LORASTREAM_REHEARSAL": str(params.rehearsal),
+        "LORASTREAM_REHEARSAL_BUFFER": str(params.rehearsal_buffer),
     }
     settings = load_settings(
         window_size=WINDOW,
-        learning_rate=TRAINING.learning_rate,
+        learning_rate=params.learning_rate,
         lora_r=TRAINING.lora_r,
         lora_alpha=TRAINING.lora_alpha,
         lora_dropout=0.0,
-        lora_target_modules=TRAINING.target_modules,
+        lora_target_modules=params.target_modules,
     )
     # The offline run takes one step per batch whatever the trainer takes per window.
     lora = replace(lora_settings(settings), steps_per_window=1)
@@ -359,7 +387,9 @@ def _bench(
         f"weight decay {lora.weight_decay:g}, seed {settings.seed}; windows/batches of {WINDOW}; "
         "the trainer's own hold-out off (LORASTREAM_EVAL_FRACTION=0); "
         f"the trainer takes {params.steps_per_window} step(s) per window "
-        "(LORASTREAM_STEPS_PER_WINDOW), the offline run one per batch"
+        f"(LORASTREAM_STEPS_PER_WINDOW) with {params.rehearsal} rehearsed event(s) "
+        f"(LORASTREAM_REHEARSAL, buffer {params.rehearsal_buffer}), the offline run one step "
+        "per batch"
     )
 
     asyncio.run(
@@ -571,7 +601,7 @@ def _bench(
         )
         write_json(
             params.json,
-            "Does it learn? Streamed against offline held-out loss (#11)",
+            "Does it learn? Streamed against offline held-out loss (#11)" + _variant(params),
             rows,
             [
                 f"{len(tasks)} adapters x {words} made-up words, one pair in {HOLD_OUT} held "
@@ -579,8 +609,11 @@ def _bench(
                 f"perturbed; {len(received)} versions through real score and train processes, "
                 f"windows of {WINDOW}, CPU.",
                 f"The trainer took {params.steps_per_window} AdamW step(s) per window "
-                "(LORASTREAM_STEPS_PER_WINDOW); the offline run one step per batch of "
-                f"{WINDOW}, {epochs} epochs on exactly the windows' events.",
+                f"(LORASTREAM_STEPS_PER_WINDOW), rehearsing {params.rehearsal} earlier "
+                f"event(s) per step (LORASTREAM_REHEARSAL, buffer {params.rehearsal_buffer}), "
+                f"lr {lora.learning_rate:g}, targets {','.join(lora.target_modules)}; the "
+                f"offline run one step per batch of {WINDOW}, {epochs} epochs on exactly the "
+                "windows' events, with the same LoRA settings.",
                 f"offline = the mean of {params.shuffles} shuffled runs, as the shuffle order "
                 "alone moves it (by up to 40% in issue #11's runs); range after the last "
                 f"epoch here: {ranges}.",
@@ -609,6 +642,18 @@ if __name__ == "__main__":
     parser.add_argument(
         "--shuffles", type=int, default=3, help="offline runs, each in its own shuffled order"
     )
+    parser.add_argument(
+        "--rehearsal", type=int, default=0, help="earlier events mixed into each step"
+    )
+    parser.add_argument(
+        "--rehearsal-buffer", type=int, default=256, help="the rehearsal buffer per adapter"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=TRAINING.learning_rate, help="both runs' rate"
+    )
+    parser.add_argument(
+        "--target-modules", default=TRAINING.target_modules, help="both runs' LoRA targets"
+    )
     add_json_option(parser)
     args = parser.parse_args()
     run(
@@ -620,5 +665,9 @@ if __name__ == "__main__":
             args.timeout,
             args.shuffles,
             args.json,
+            args.rehearsal,
+            args.rehearsal_buffer,
+            args.learning_rate,
+            args.target_modules,
         )
     )

@@ -42,6 +42,14 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     ("replay", "bench_replay.py", []),
     ("resume", "bench_resume.py", []),
     ("learning", "bench_learning.py", []),
+    # The same bench with issue #23's chosen training (bench/sweep_defaults.py): the "after"
+    # beside the "before" above, which keeps the demo's one step per window.
+    (
+        "learning-23",
+        "bench_learning.py",
+        ["--steps-per-window", "2", "--rehearsal", "8", "--learning-rate", "2e-3"],
+    ),
+    ("forgetting", "bench_forgetting.py", []),
 ]
 PACKAGES = ["torch", "transformers", "peft", "faust-streaming", "aiokafka", "rouge-score"]
 
