@@ -29,6 +29,7 @@ __all__ = [
     "STOP_GRACE",
     "run_faust_worker",
     "start_stage",
+    "stop_deadline_on_early_signals",
     "stop_on_signals",
     "watch_broker_certificate",
 ]
@@ -65,6 +66,7 @@ def start_stage(
     From then on, a broker whose TLS certificate stops verifying (restarted with a new
     CA) ends the process with one line (:func:`watch_broker_certificate`).
     """
+    stop_deadline_on_early_signals()
     kafka = settings.kafka_connection()
     if topics:
         from lorastream.ops.admin import require_topics
@@ -86,6 +88,22 @@ def start_stage(
                 f"LORASTREAM_METRICS_PORT (metrics_port): cannot serve metrics on "
                 f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
             ) from exc
+
+
+def stop_deadline_on_early_signals(what: str = "the stage") -> None:
+    """Until the running stage installs its own handlers (:func:`stop_on_signals`), a
+    SIGINT or SIGTERM starts the stop deadline and interrupts as Python does. Without it, a
+    signal during start-up (a model loading in a worker thread, which asyncio.run waits
+    for) left the process running past the 10 s a stop may take (#22)."""
+
+    def early(signum: int, frame: object) -> None:
+        stop_deadline(what)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)  # as a SIGTERM ends a process, with cleanup
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, early)
 
 
 def watch_broker_certificate(kafka: KafkaConnection) -> None:

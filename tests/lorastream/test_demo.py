@@ -201,7 +201,8 @@ def test_demo_shows_reasons_loss_and_learning_then_leaves_no_topic_or_file(
     assert png.is_relative_to(tmp_path / "home"), png
     head = png.read_bytes()[:24]
     assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR", head
-    assert struct.unpack(">II", head[16:24]) == (500 * len(TASKS), 420)  # a panel each
+    # a panel each, over a second row of the held-out loss per segment (#23)
+    assert struct.unpack(">II", head[16:24]) == (500 * len(TASKS), 840)
     # Every version evaluated on held-out events: from the base model's loss down to the
     # newest version's, beside an offline fine-tune on the same events.
     held = re.findall(

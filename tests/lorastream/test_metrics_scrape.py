@@ -69,6 +69,13 @@ async def test_scorer_and_trainer_metrics_move_with_the_stream(
         )
         await produce(kafka_bootstrap, topics.generation_results, [(None, v) for v in lines[:20]])
         await wait_for(_reaches(scorer_port, "lorastream_scored_total", 20), 45, "20 scored")
+
+        # A record counts as scored when routed, as qualified once its LearningEvent is
+        # written: on a loaded machine the scrape can fall between the two.
+        async def written() -> bool:
+            return _scrape(scorer_port).get(("lorastream_learning_events_total", ()), 0) > 0
+
+        await wait_for(written, 30, "the learning events written")
         first = _scrape(scorer_port)
         qualified = first[("lorastream_learning_events_total", ())]
         assert 0 < qualified < 35

@@ -39,6 +39,7 @@ ARGUMENTS: dict[tuple[str, ...], list[str]] = {
     ("topics", "delete"): ["--prefix", "nothing-here.", "--yes"],
     ("adapters", "repair"): ["tutor"],
     ("adapters", "fetch"): ["tutor"],
+    ("adapters", "forgetting"): ["tutor"],
     ("dead-letters", "export"): ["{out}"],
     ("quarantine", "retry"): ["--adapter", "tutor"],
 }
