@@ -32,14 +32,19 @@ typecheck: setup
 # Most of the suite waits on the broker or on a subprocess, so it runs on $(TEST_WORKERS) xdist
 # workers sharing the one broker the controller starts; the tests marked `timed` (wall time,
 # memory) run one after another on one of them. Every run prints its 25 slowest tests.
+# One torch/OpenMP thread per process: the workers and the trainers they start already
+# outnumber the cores, and idle OpenMP threads spin (every process gets the same setting,
+# so the tests that compare a subprocess's files with an in-process run still compare like
+# with like).
 TEST_WORKERS ?= 4
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: lint typecheck
-	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(TEST_ENV) $(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # The inner loop, under a minute: every test that needs no broker and no S3Proxy, less the
 # wall-time and memory bounds (`make test` runs those), on two workers.
 unit: setup
-	$(BIN)/python -m pytest -q -m "not integration and not timed" -n 2 --durations=10
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not integration and not timed" -n 2 --durations=10
 
 format: setup
 	$(BIN)/ruff format .

@@ -149,6 +149,8 @@ SLOW_FIRST = (
     "tests/lorastream/test_demo.py",
     "tests/lorastream/test_secure.py",
     "tests/lorastream/test_broker_gone.py",
+    "tests/lorastream/test_broker.py",
+    "tests/trainer/test_rehearsal_integration.py",
     "tests/trainer/test_instances.py",
     "tests/serving/test_instances.py",
     "tests/streams/test_rouge_parity.py",
@@ -159,6 +161,10 @@ SLOW_FIRST = (
     "tests/lorastream/test_errors.py",
     "tests/lorastream/test_walk.py",
     "tests/serving/test_capacity.py",
+    "tests/lorastream/test_views.py",
+    "tests/lorastream/test_s3_command.py",
+    "tests/serving/test_general_gate.py",
+    "tests/lorastream/test_metrics_scrape.py",
 )
 
 
