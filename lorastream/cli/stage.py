@@ -39,7 +39,7 @@ __all__ = [
 # the other) and ignore a second signal (#22); past this, the process exits anyway. Nothing
 # half-done is committed: an open transaction is aborted by the broker, uncommitted offsets
 # are read again.
-STOP_GRACE = 8.0
+STOP_GRACE = 6.0  # within the 10 s a stop may take (#22), with room for a loaded machine
 
 _deadline_lock = threading.Lock()
 _deadline: threading.Timer | None = None
@@ -126,15 +126,20 @@ def _give_up(error: KafkaAuthenticationError) -> NoReturn:
 def stop_on_signals(stop: Callable[[], None], what: str = "the stage") -> None:
     """From inside the running event loop: SIGTERM and SIGINT call ``stop``, which asks
     the stage to finish what it is doing and return, rather than die halfway through;
-    if it has not returned :data:`STOP_GRACE` seconds later, the process exits."""
+    if it has not returned :data:`STOP_GRACE` seconds later, the process exits.
+
+    A Python-level handler, not ``loop.add_signal_handler``: that one runs only when the
+    loop next turns, and a loop busy for seconds (a trainer decoding its lineages) kept
+    the deadline from starting at all (#22). This one runs at the main thread's next
+    bytecode, starts the deadline there, and hands ``stop`` to the loop."""
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
+    def on_signal(signum: int, frame: object) -> None:
         stop_deadline(what)
-        stop()
+        loop.call_soon_threadsafe(stop)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
+        signal.signal(signum, on_signal)
 
 
 def stop_deadline(what: str, grace: float = STOP_GRACE) -> None:
