@@ -140,7 +140,7 @@ async def test_stages_stop_at_once_on_a_signal_while_the_broker_is_down(
         assert len(scored) == 1, [w.output() for w, _ in workers.values()]
         train = workers["train SIGINT"][0]
         # Its lineages read (fresh topics: it writes the snapshots): it is running. A stop
-        # during that read waits for the stop deadline (a StopTimeout line at 8 s).
+        # during that read waits for the stop deadline (a StopTimeout line at the deadline).
         await wait_for(train.said("wrote the snapshots"), 90, "the trainer running")
         broker.stop()
         for name, (worker, _) in workers.items():
