@@ -3,13 +3,22 @@
 The stages themselves live in ``schemas`` (the contract), ``streams`` (scoring)
 and ``trainer`` (training); this package builds typed settings and hands them
 down. Only :mod:`lorastream.settings` reads the environment.
+
+Importing it imports nothing else: the ``lorastream`` script's first step
+(:mod:`lorastream.entry`) must come before any slow import.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("lorastream")
-except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0+unknown"
+from __future__ import annotations
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("lorastream")
+        except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+            return "0+unknown"
+    raise AttributeError(f"module 'lorastream' has no attribute {name!r}")

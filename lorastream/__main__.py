@@ -1,3 +1,3 @@
-from lorastream.cli import main
+from lorastream.entry import main
 
 main()

@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     except BrokenPipeError:
         _stdout_closed()
+    except KeyboardInterrupt:
+        # Ctrl-C before a command handles it itself (typer still building the commands,
+        # a stage still starting): the shell's status for it, without a traceback.
+        sys.exit(130)
     except SystemExit as exit_:
         if exit_.code not in (0, None) and _reader_gone():
             _stdout_closed()

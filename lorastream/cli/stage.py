@@ -14,8 +14,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from lorastream.cli.common import client_logs_on, setup_logging
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STOP_GRACE",
+    "run_cancellable",
     "run_faust_worker",
     "start_stage",
     "stop_deadline_on_early_signals",
@@ -43,6 +44,8 @@ STOP_GRACE = 6.0  # within the 10 s a stop may take (#22), with room for a loade
 
 _deadline_lock = threading.Lock()
 _deadline: threading.Timer | None = None
+
+T = TypeVar("T")
 
 
 def start_stage(
@@ -71,7 +74,7 @@ def start_stage(
     if topics:
         from lorastream.ops.admin import require_topics
 
-        asyncio.run(require_topics(kafka, list(topics)))
+        run_cancellable(require_topics(kafka, list(topics)))
     if kafka.ssl_context is not None:
         watch_broker_certificate(kafka)
     if logs:
@@ -104,6 +107,44 @@ def stop_deadline_on_early_signals(what: str = "the stage") -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, early)
+
+
+def run_cancellable(coro: Coroutine[Any, Any, T], what: str = "the stage") -> T:
+    """``asyncio.run(coro)`` for a stage's start-up: SIGINT or SIGTERM cancels ``coro``,
+    so that its clients close as they would on an error, then ends the command as the
+    signal would (KeyboardInterrupt, or SystemExit with 143), and starts the stop
+    deadline. Raised inside the running loop instead, the interrupt left tasks pending
+    and coroutines unclosed, each a line of noise on stderr (#22)."""
+    got: list[int] = []
+
+    async def cancellable() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int, frame: object) -> None:
+            stop_deadline(what)
+            got.append(signum)
+            loop.call_soon_threadsafe(task.cancel)
+
+        before = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+        try:
+            return await coro
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+
+    try:
+        return asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        if got[0] == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise SystemExit(128 + got[0]) from None
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def watch_broker_certificate(kafka: KafkaConnection) -> None:
