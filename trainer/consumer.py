@@ -207,6 +207,17 @@ class Trainer:
         self.committer.rename(self._claim.transactional_id)
         return True
 
+    async def _ready_unless_stopping(self) -> bool:
+        """Wait until the lineages are up to date (:meth:`resume`, after an assignment);
+        False if a stop came first: reading a long history must not hold up a SIGINT."""
+        if not self._ready.is_set():
+            ready = asyncio.ensure_future(self._ready.wait())
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            stopping.cancel()
+        return self._ready.is_set() and not self._stopping.is_set()
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -239,8 +250,8 @@ class Trainer:
             with kafka_errors(self.config.kafka.servers, "reading learning events"):
                 batch = await consumer.getmany(timeout_ms=500, max_records=256)
                 await self.progress.report_lag(consumer)
-            if batch:
-                await self._ready.wait()
+            if batch and not await self._ready_unless_stopping():
+                break
             if self._resume_error is not None:
                 raise self._resume_error
             records = [(tp, record) for tp, part in batch.items() for record in part]
