@@ -346,8 +346,7 @@ class LocalBroker:
                         code = self._proc.wait(timeout=5)
                 self.pid_path.unlink(missing_ok=True)
                 raise BrokerError(
-                    f"Kafka broker (pid {pid}) exited while starting"
-                    f"{f' with code {code}' if code is not None else ''}; "
+                    f"Kafka broker (pid {pid}) exited while starting{_how(code)}; "
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
             context = client_ssl_context(self.secure) if self.secure is not None else None
@@ -379,3 +378,19 @@ class LocalBroker:
             return tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
         except OSError:
             return "(no log)"
+
+
+def _how(code: int | None) -> str:
+    """How a broker process ended, for the error that says it did: a signal is named,
+    since a log that just stops means the broker was killed, not that it failed."""
+    if code is None:
+        return " (it was still exiting 5 s later)"
+    if code >= 0:
+        return f" with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f", killed by {name} (the kernel's out-of-memory killer, or kill -9)"
+    return f", killed by {name}"

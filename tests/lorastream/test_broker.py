@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -221,6 +222,29 @@ def test_a_broker_that_dies_while_starting_is_reported(tmp_path: Path) -> None:
         local.start(timeout=WAIT)
     assert str(local.log_path) in str(caught.value)
     assert "Error occurred during initialization of VM" in str(caught.value)
+    assert not local.status().running and not local.pid_path.exists()
+
+
+def test_a_broker_killed_while_starting_is_named(tmp_path: Path) -> None:
+    """A log that just stops: the error names the signal (an out-of-memory kill is a
+    SIGKILL), so that a broker that was killed does not read as one that failed."""
+    local = LocalBroker(
+        tmp_path,
+        port=free_port(),
+        controller_port=free_port(),
+        heap="256m",
+        jars_dir=default_home() / "jars",
+    )
+    spawn = local._spawn
+
+    def spawn_and_kill(jars: Path) -> int:
+        pid = spawn(jars)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    local._spawn = spawn_and_kill  # type: ignore[method-assign]
+    with pytest.raises(BrokerError, match=r"exited while starting, killed by SIGKILL \(the kernel"):
+        local.start(timeout=WAIT)
     assert not local.status().running and not local.pid_path.exists()
 
 
