@@ -78,12 +78,13 @@ def _container_broker() -> Iterator[str]:
 def _local_broker(home: Path) -> Iterator[str]:
     from lorastream.dev.broker import LocalBroker
     from lorastream.settings import default_home
+    from tests.kafka_util import start_test_broker
 
     port = free_port()
     controller = free_port()
     jars = default_home() / "jars"
     broker = LocalBroker(home, port=port, controller_port=controller, heap="512m", jars_dir=jars)
-    broker.start(timeout=120)
+    start_test_broker(broker)
     try:
         yield broker.bootstrap
     finally:

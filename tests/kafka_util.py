@@ -8,10 +8,11 @@ Topics, producing and worker processes are shared with the benchmarks and the so
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -19,6 +20,9 @@ from aiokafka.structs import ConsumerRecord
 from trainer.committed import drain, topic_partitions
 from trainer.exceptions import TrainerError
 from trainer.kafka import KafkaConnection, reader
+
+if TYPE_CHECKING:
+    from lorastream.dev.broker import LocalBroker
 
 
 async def read_all(
@@ -122,3 +126,26 @@ class Ran:
             f"lorastream {' '.join(self.command)} → {self.returncode} in {self.seconds:.1f}s\n"
             f"stdout: {self.stdout}\nstderr: {self.stderr}"
         )
+
+
+def start_test_broker(broker: LocalBroker, timeout: float = 120.0) -> None:
+    """Start a test's own broker; one that died while starting is started once more.
+
+    Such a death is the machine's, not the code under test's: ports from
+    :func:`~lorastream.dev.ports.free_port` are ephemeral ones, and in the seconds before
+    the JVM binds them a client connection of another test may take one as its local
+    port; or the broker was killed. The first error goes to stderr (the test's captured
+    output), so that a second look at a failure finds it.
+    """
+    from lorastream.dev.broker import BrokerError
+    from lorastream.dev.ports import free_port
+
+    try:
+        broker.start(timeout=timeout)
+    except BrokerError as first:
+        if "exited while starting" not in str(first):
+            raise
+        print(f"the test broker died while starting; once more:\n{first}", file=sys.stderr)
+        if "Address already in use" in str(first):
+            broker.port, broker.controller_port = free_port(), free_port()
+        broker.start(timeout=timeout)

@@ -25,6 +25,7 @@ from aiokafka.structs import ConsumerRecord
 from lorastream.dev.broker import KAFKA_VERSION, BrokerError, LocalBroker
 from lorastream.dev.ports import free_port
 from lorastream.settings import default_home
+from tests.kafka_util import start_test_broker
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def _broker(home: Path) -> LocalBroker:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A started broker; stopped at the end whatever the tests did."""
     local = _broker(tmp_path_factory.mktemp("broker"))
-    local.start(timeout=120)
+    start_test_broker(local)
     try:
         yield local
     finally:

@@ -24,7 +24,7 @@ from lorastream.dev.process import signal_group
 from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.settings import default_home
 from schemas import Topics
-from tests.kafka_util import read_all, wait_for
+from tests.kafka_util import read_all, start_test_broker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
         heap="512m",
         jars_dir=default_home() / "jars",
     )
-    local.start(timeout=120)
+    start_test_broker(local)
     try:
         yield local
     finally:

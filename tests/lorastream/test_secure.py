@@ -27,7 +27,7 @@ from lorastream.dev.secure import client_ssl_context
 from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.settings import default_home
 from schemas import Topics
-from tests.kafka_util import Ran, wait_for
+from tests.kafka_util import Ran, start_test_broker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         jars_dir=default_home() / "jars",
         secure=True,
     )
-    broker.start(timeout=120)
+    start_test_broker(broker)
     try:
         yield Secure(broker, _parse_exports(broker.client_exports()), root)
     finally:
