@@ -165,7 +165,7 @@ def serve(
     whose eval loss regresses past --max-regression (or whose general-set loss drifts
     past --max-general-regression) is refused."""
     from lorastream.cli.common import client_logs_on, settings_of
-    from lorastream.cli.stage import start_stage, stop_on_signals
+    from lorastream.cli.stage import serve_metrics, start_stage, stop_on_signals
     from lorastream.serving import Serve, ServeMetrics
     from lorastream.stages import serve_config
 
@@ -203,13 +203,15 @@ def serve(
         max_general_regression=max_general_regression,
     )
     metrics = ServeMetrics()
-    start_stage(settings, metrics.registry, topics=[settings.topics.adapter_updates])
+    # Its metrics port once it knows it is the only serve for this server (below).
+    start_stage(settings, metrics.registry, topics=[settings.topics.adapter_updates], metrics=False)
 
     async def run() -> None:
         loop = Serve(config, metrics)
         stop_on_signals(loop.request_stop)
         client_logs_on()
-        await loop.claim()  # before the proxy takes its port: a clash is the one error
+        await loop.claim()  # before it takes any port: a clash is the one error
+        serve_metrics(settings, metrics.registry)
         proxy = None
         if address is not None:
             from lorastream.serving.proxy import Proxy

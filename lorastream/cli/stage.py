@@ -29,6 +29,7 @@ __all__ = [
     "STOP_GRACE",
     "run_cancellable",
     "run_faust_worker",
+    "serve_metrics",
     "start_stage",
     "stop_deadline_on_early_signals",
     "stop_on_signals",
@@ -64,7 +65,8 @@ def start_stage(
     loads anything (Faust would idle forever on a missing topic). ``logs=False`` for a
     stage that sets up its own logging (Faust); ``quiet`` logs warnings only, for a job
     whose progress is a bar. ``metrics=False`` serves nothing even when the port is set:
-    a job inside a stage's container would otherwise take that stage's port.
+    a job inside a stage's container would otherwise take that stage's port; or the stage
+    serves them itself later (:func:`serve_metrics`).
 
     From then on, a broker whose TLS certificate stops verifying (restarted with a new
     CA) ends the process with one line (:func:`watch_broker_certificate`).
@@ -79,18 +81,28 @@ def start_stage(
         watch_broker_certificate(kafka)
     if logs:
         setup_logging(quiet=quiet, log_format=settings.log_format)
-    if metrics and settings.metrics_port:
-        from prometheus_client import start_http_server
+    if metrics:
+        serve_metrics(settings, registry)
 
-        from lorastream.settings import SettingsError
 
-        try:
-            start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        except OSError as exc:  # a port another process holds: one line, not a traceback
-            raise SettingsError(
-                f"LORASTREAM_METRICS_PORT (metrics_port): cannot serve metrics on "
-                f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
-            ) from exc
+def serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` on LORASTREAM_METRICS_PORT, if it is set; a port another process
+    holds is one line naming the setting. For a stage that must first make sure it is the
+    only one of its kind (``serve``): a second one would otherwise be refused for the port
+    its twin holds, not for being a twin."""
+    if not settings.metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    from lorastream.settings import SettingsError
+
+    try:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+    except OSError as exc:  # a port another process holds: one line, not a traceback
+        raise SettingsError(
+            f"LORASTREAM_METRICS_PORT (metrics_port): cannot serve metrics on "
+            f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+        ) from exc
 
 
 def stop_deadline_on_early_signals(what: str = "the stage") -> None:

@@ -77,6 +77,8 @@ async def test_a_load_the_server_answers_but_does_not_list_is_failed_and_tried_a
     config = config_for(kafka_bootstrap, topics, prefix, server)
     async with running(config) as serve, watching(serve, server, ["tutor"]) as seen:
         await eventually(lambda: serve.live("tutor") == "tutor-v1", what="v1 live at last")
+        # The watcher samples every few ms: on a busy machine it may not have turned yet.
+        await eventually(lambda: bool(seen), 10, "the watcher saw v1 live")
     assert [(a, n) for _, a, n in server.events if a in ("lie", "load")] == [
         ("lie", "tutor-v1"),
         ("lie", "tutor-v1"),
@@ -121,6 +123,7 @@ async def test_many_adapters_on_a_server_with_little_room_each_get_their_newest_
             await eventually(
                 lambda: all(serve.live(n) == v for n, v in newest.items()), 30, "every v3 live"
             )
+            await eventually(lambda: bool(seen), 10, "the watcher saw versions live")
             async with aiohttp.ClientSession() as client:
                 for name in names:
                     body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}

@@ -127,6 +127,8 @@ async def test_a_second_serve_for_the_same_server_is_refused_in_one_line_and_the
     topics = await make_topics(kafka_bootstrap, prefix)
     await announce(kafka_bootstrap, topics, versions[:1])
     env = _env(kafka_bootstrap, prefix, tmp_path / "home", versions)
+    # Same settings, same metrics port: the twin is refused as a twin, not for the port.
+    env["LORASTREAM_METRICS_PORT"] = str(free_port())
     port = free_port()
     async with contract_server("vllm", base=versions[0].base_model) as server:
         with Worker(_serve_args(server, port), env, tmp_path / "first.log") as first:
