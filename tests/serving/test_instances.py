@@ -177,6 +177,13 @@ async def test_a_serve_elsewhere_for_the_same_server_is_found_by_its_group_membe
     topics = await make_topics(kafka_bootstrap, prefix)
     config = config_for(kafka_bootstrap, topics, prefix, vllm_server, session_timeout=6.0)
     async with running(config):
+        # Ready is not yet joined: on a busy machine the check could run before the first
+        # serve is a member, and both would serve (two started in the same second can).
+        kafka = KafkaConnection(kafka_bootstrap)
+        for _ in range(120):
+            if await group_members(kafka, config.group_id):
+                break
+            await asyncio.sleep(0.5)
         elsewhere = Serve(config)
         with pytest.raises(ServeClash) as refused:
             await elsewhere.run()
