@@ -34,6 +34,7 @@ from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from lorastream.ops.admin import create_topics, topic_specs
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import read_all, wait_for
+from tests.lorastream.test_errors import _run_here
 from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -450,9 +451,11 @@ async def test_a_replay_onto_another_base_model_records_it_and_loads_on_it(
     ],
 )
 def test_a_replay_that_cannot_run_says_why_in_one_line(
-    live: Live, args: list[str], expected: str
+    live: Live, args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    done = _replay(live, *args)
+    # In this process, as the script runs it (a process of its own per case cost seconds
+    # each of imports; the closed-pipe and signal walks keep the script's own path).
+    done = _run_here(["replay", *args], live.env(), monkeypatch)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
