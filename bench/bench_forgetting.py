@@ -56,8 +56,9 @@ from aiokafka import TopicPartition
 from bench.bench_learning import HOLD_OUT, NOISE, RULES, WINDOW, _held_out, _perturb, _words
 from bench.report import Row, add_json_option, write_json
 from lorastream.demo.data import TRAINING
+from lorastream.dev.events import learning_event
 from lorastream.settings import default_home
-from schemas import LearningEvent, SourcePosition
+from schemas import LearningEvent
 from trainer.config import LoraSettings, TrainingConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.lineage import Lineage
@@ -164,17 +165,8 @@ def make_data(seed: int, words: int, repeats: int) -> Data:
 
 
 def _event(event_id: str, prompt: str, response: str, task: str, offset: int) -> LearningEvent:
-    return LearningEvent(
-        id=event_id,
-        adapter=ADAPTER,
-        prompt=prompt,
-        response=response,
-        rouge_score=0.9,
-        entropy_delta=-0.3,
-        is_breakthrough=True,
-        timestamp=datetime(2026, 1, 1, tzinfo=UTC),
-        source=SourcePosition(topic="generation-results", partition=0, offset=offset),
-        metadata={"segment": task},
+    return learning_event(
+        ADAPTER, offset, event_id=event_id, pair=(prompt, response), metadata={"segment": task}
     )
 
 

@@ -184,17 +184,10 @@ class PlainLoop:
     """A plain PEFT training loop, as a user writes it, on a second load of the base."""
 
     def __init__(self, path: Path, device: torch.device, settings: LoraSettings) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         base = load_base_model(path, device)  # a fresh load: its own injected LoRA layers
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,  # type: ignore[arg-type]  # typed int; PEFT divides it
-            target_modules=list(settings.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        config = step_adapters.plain_lora_config(settings)
         self.tokenizer = base.tokenizer
         self.device = device
         self.max_length = settings.max_length

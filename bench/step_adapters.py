@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch._dynamo.utils
@@ -47,21 +48,28 @@ def adapter_window(
     return [(f"[tenant {adapter}] {p}", r) for p, r in window]
 
 
+def plain_lora_config(lora: LoraSettings) -> Any:
+    """The PEFT LoraConfig a user's plain loop would write for ``lora`` (no dropout)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # typed int; PEFT divides it
+        target_modules=list(lora.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 class PlainAdapters:
     """A plain PEFT loop over N named adapters of one model, stepped in turn."""
 
     def __init__(self, path: Path, device: torch.device, lora: LoraSettings, n: int) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         base = load_base_model(path, device)
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # typed int; PEFT divides it
-            target_modules=list(lora.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        config = plain_lora_config(lora)
         self.model = get_peft_model(base.model, config, adapter_name="a0")
         for i in range(1, n):
             self.model.add_adapter(f"a{i}", config)

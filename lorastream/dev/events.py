@@ -20,11 +20,20 @@ PAIRS = [
 ]
 
 
-def learning_event(adapter: str, n: int) -> LearningEvent:
-    """Event ``n`` of ``adapter`` (id ``<adapter>-<n:03d>``): pair ``n % 4``, a breakthrough."""
-    prompt, response = PAIRS[n % len(PAIRS)]
+def learning_event(
+    adapter: str,
+    n: int,
+    *,
+    event_id: str | None = None,
+    pair: tuple[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> LearningEvent:
+    """Event ``n`` of ``adapter`` (id ``<adapter>-<n:03d>``): pair ``n % 4``, a breakthrough,
+    at offset ``n``; ``event_id``, ``pair`` (prompt, response) and ``metadata`` replace
+    those for a benchmark's own tasks."""
+    prompt, response = pair if pair is not None else PAIRS[n % len(PAIRS)]
     return LearningEvent(
-        id=f"{adapter}-{n:03d}",
+        id=event_id if event_id is not None else f"{adapter}-{n:03d}",
         adapter=adapter,
         prompt=prompt,
         response=response,
@@ -33,4 +42,5 @@ def learning_event(adapter: str, n: int) -> LearningEvent:
         is_breakthrough=True,
         timestamp=datetime(2026, 1, 1, tzinfo=UTC),
         source=SourcePosition(topic="generation-results", partition=0, offset=n),
+        metadata=metadata,
     )
