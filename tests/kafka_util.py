@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -129,13 +130,16 @@ class Ran:
 
 
 def start_test_broker(broker: LocalBroker, timeout: float = 120.0) -> None:
-    """Start a test's own broker; one that died while starting is started once more.
+    """Start, or start again, a test's own broker; one that died while starting is
+    started once more.
 
     Such a death is the machine's, not the code under test's: ports from
     :func:`~lorastream.dev.ports.free_port` are ephemeral ones, and in the seconds before
     the JVM binds them a client connection of another test may take one as its local
-    port; or the broker was killed. The first error goes to stderr (the test's captured
-    output), so that a second look at a failure finds it.
+    port; or the broker was killed (its log just stops; CI saw it about once in three
+    runs, on a first start and on a restart alike). The first error, with the machine's
+    free memory and load then, goes to stderr (the test's captured output), so that a
+    second look at a failure finds it.
     """
     from lorastream.dev.broker import BrokerError
     from lorastream.dev.ports import free_port
@@ -145,7 +149,21 @@ def start_test_broker(broker: LocalBroker, timeout: float = 120.0) -> None:
     except BrokerError as first:
         if "exited while starting" not in str(first):
             raise
-        print(f"the test broker died while starting; once more:\n{first}", file=sys.stderr)
+        print(
+            f"the test broker died while starting ({_machine_now()}); once more:\n{first}",
+            file=sys.stderr,
+        )
         if "Address already in use" in str(first):
             broker.port, broker.controller_port = free_port(), free_port()
         broker.start(timeout=timeout)
+
+
+def _machine_now() -> str:
+    """Free memory and load, for the line that says a test's broker died."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except (OSError, ValueError):
+        return "memory and load unknown"
+    available = int(info["MemAvailable"].split()[0]) // 1024
+    return f"{available} MiB available, load {' '.join(load)}"

@@ -38,6 +38,7 @@ __all__ = [
     "BrokerStatus",
     "LocalBroker",
     "kafka_answers",
+    "kernel_kill_lines",
 ]
 
 _LOG4J2 = Path(__file__).parent / "kafka" / "log4j2.properties"
@@ -345,8 +346,10 @@ class LocalBroker:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         code = self._proc.wait(timeout=5)
                 self.pid_path.unlink(missing_ok=True)
+                kernel = kernel_kill_lines(pid) if code is None or code < 0 else []
+                said = "".join(f"\nthe kernel's log: {line}" for line in kernel)
                 raise BrokerError(
-                    f"Kafka broker (pid {pid}) exited while starting{_how(code)}; "
+                    f"Kafka broker (pid {pid}) exited while starting{_how(code)};{said}\n"
                     f"last lines of {self.log_path}:\n{self._log_tail()}"
                 )
             context = client_ssl_context(self.secure) if self.secure is not None else None
@@ -378,6 +381,21 @@ class LocalBroker:
             return tail_text(self.log_path.read_text(errors="replace"), _LOG_TAIL)
         except OSError:
             return "(no log)"
+
+
+def kernel_kill_lines(pid: int, dmesg: str | None = None) -> list[str]:
+    """The kernel log's lines that say it killed ``pid`` (the out-of-memory killer's), where
+    that log can be read (``dmesg``; often it cannot without privileges): a broker whose log
+    just stops was killed, and these say by whom."""
+    if dmesg is None:
+        try:
+            dmesg = subprocess.run(
+                ["dmesg"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+    victim = re.compile(rf"((Killed|reaped) process {pid}\b|[,: ]pid={pid}[,\s])")
+    return [line.strip() for line in dmesg.splitlines() if victim.search(line)]
 
 
 def _how(code: int | None) -> str:

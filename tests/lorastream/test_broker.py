@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
-from lorastream.dev.broker import KAFKA_VERSION, BrokerError, LocalBroker
+from lorastream.dev.broker import KAFKA_VERSION, BrokerError, LocalBroker, kernel_kill_lines
 from lorastream.dev.ports import free_port
 from lorastream.settings import default_home
 from tests.kafka_util import start_test_broker
@@ -249,6 +249,24 @@ def test_a_broker_killed_while_starting_is_named(tmp_path: Path) -> None:
     assert not local.status().running and not local.pid_path.exists()
 
 
+def test_the_kernels_word_on_a_killed_broker_is_found_by_its_pid() -> None:
+    """The out-of-memory killer's lines about the broker's pid go into the error (from
+    ``dmesg``, where it can be read); lines about other pids do not."""
+    dmesg = (
+        "[ 812.1] oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,"
+        "mems_allowed=0,global_oom,task_memcg=/,task=java,pid=17345,uid=0\n"
+        "[ 812.2] Out of memory: Killed process 17345 (java) total-vm:4001020kB, "
+        "anon-rss:612300kB, file-rss:0kB, shmem-rss:0kB, UID:0 oom_score_adj:0\n"
+        "[ 812.3] oom_reaper: reaped process 17345 (java), now anon-rss:0kB\n"
+        "[ 900.0] Out of memory: Killed process 173450 (java) total-vm:1kB\n"
+        "[ 901.0] oom-kill:constraint=CONSTRAINT_NONE,task=python,pid=1734,uid=0\n"
+    )
+    lines = kernel_kill_lines(17345, dmesg)
+    assert [line.split("]")[0] for line in lines] == ["[ 812.1", "[ 812.2", "[ 812.3"]
+    assert kernel_kill_lines(4242, dmesg) == []
+    assert kernel_kill_lines(os.getpid()) == []  # the real dmesg (or none): nothing killed us
+
+
 def test_stale_pid_file_does_not_fool_status(tmp_path: Path) -> None:
     local = _broker(tmp_path)
     # Our own pid: alive, but not kafka.Kafka with this home's config.
@@ -274,13 +292,13 @@ def test_stop_is_idempotent(broker: LocalBroker) -> None:
 @pytest.mark.timeout(120)
 async def test_restart_keeps_the_data(broker: LocalBroker) -> None:
     topic = f"t{uuid.uuid4().hex[:8]}.kept"
-    await asyncio.to_thread(broker.start, 120)
+    await asyncio.to_thread(start_test_broker, broker, 120)
     try:
         await _create(broker.bootstrap, topic)
         await _produce(broker.bootstrap, topic, [b"kept"])
     finally:
         await asyncio.to_thread(broker.stop)
-    await asyncio.to_thread(broker.start, 120)
+    await asyncio.to_thread(start_test_broker, broker, 120)
     try:
         assert await _read_committed(broker.bootstrap, topic, 1) == [b"kept"]
         assert broker.log_path.read_text().count("StorageTool format") == 1
@@ -298,7 +316,7 @@ async def test_follow_says_once_that_kafka_went_away_and_gives_up_in_bounded_tim
     import sys
     import time
 
-    await asyncio.to_thread(broker.start, 120)
+    await asyncio.to_thread(start_test_broker, broker, 120)
     prefix = f"f{uuid.uuid4().hex[:6]}."
     try:
         await _create(broker.bootstrap, f"{prefix}adapter-updates")

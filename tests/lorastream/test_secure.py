@@ -262,7 +262,7 @@ async def test_a_new_ca_ends_score_and_train_in_one_line(
         await wait_for(trainer.said("wrote the snapshots"), 90, "the trainer running")
         old_ca = files.ca_pem.read_bytes()
         secure.broker.stop()
-        secure.broker.start(timeout=120)
+        start_test_broker(secure.broker, 120)
         assert files.ca_pem.read_bytes() != old_ca
         for name, worker in (("score", scorer), ("train", trainer)):
             status = await _exited(worker, 60, f"{name} giving up on the new CA")
