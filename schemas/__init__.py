@@ -35,6 +35,7 @@ from schemas.models import (
     RehearsalSpec,
     SegmentEval,
     SourcePosition,
+    StepGroup,
     WindowSpec,
     window_text,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "SchemaError",
     "SegmentEval",
     "SourcePosition",
+    "StepGroup",
     "Topics",
     "WindowSpec",
     "dead_letter_headers",

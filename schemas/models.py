@@ -287,6 +287,31 @@ def window_text(topic: str, partition: int, first_offset: int, last_offset: int)
     return f"{topic}[{partition}]@{first_offset}..{last_offset}"
 
 
+class StepGroup(_Document):
+    """The adapters whose windows went through one forward and backward together
+    (``LORASTREAM_ADAPTERS_PER_STEP``), in the step's order, this version's own among
+    them, and each one's rows as token counts: the batch's shape, which a replay
+    rebuilds so that its step is this one bit for bit."""
+
+    adapters: Annotated[list[AdapterName], Field(min_length=2)]
+    # Per adapter, per row: [prompt tokens, response tokens].
+    rows: list[list[tuple[Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=1)]]]]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StepGroup:
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError("adapters names an adapter twice")
+        if len(self.rows) != len(self.adapters):
+            raise ValueError(f"rows has {len(self.rows)} lists for {len(self.adapters)} adapters")
+        if any(not rows for rows in self.rows):
+            raise ValueError("every adapter of a group has at least one row")
+        return self
+
+    def named(self, old: str, new: str) -> StepGroup:
+        """The same group with ``old`` called ``new`` (a replay's own adapter)."""
+        return self.model_copy(update={"adapters": [new if a == old else a for a in self.adapters]})
+
+
 class WindowSpec(_Document):
     """The learning events a version was trained on."""
 
@@ -300,6 +325,9 @@ class WindowSpec(_Document):
     # show the trainer's figure, never their own setting's. ``size`` is smaller for a
     # partial window (LORASTREAM_MAX_WAIT_SECONDS). None in announcements made before it.
     full_size: Annotated[StrictInt, Field(ge=1)] | None = None
+    # Stepped together with other adapters' windows: who, and the batch's shape. None for a
+    # window stepped alone, and in announcements made before groups existed.
+    group: StepGroup | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> WindowSpec:

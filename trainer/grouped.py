@@ -28,6 +28,13 @@ A failure is one adapter's: a non-finite loss or non-finite weights of one
 window leave the other adapters' steps as they would have been, and that
 window's result is the error (its rows' NaNs never reach another row).
 
+No number of a row depends on another row's numbers, only on the batch's shape
+(each row's GEMM outputs, attention, loss and gradients are its own). So a
+replay reproduces one adapter's grouped step bit for bit without the others:
+it steps its window with *stand-ins* (:func:`stand_in`) in the others' places,
+rows of the recorded token counts (:attr:`GroupedStepper.rows`, announced as
+the window's ``group``) that go through no LoRA and take no step.
+
 The group runs on a :class:`~trainer.lora.LoraStepper`'s model, with its
 PEFT adapter switched off for the pass (its held state stays as it was).
 """
@@ -48,18 +55,31 @@ from trainer.config import LoraSettings
 from trainer.exceptions import NonFiniteLossError, StepError
 from trainer.lora import LoraStepper, StepResult
 
-__all__ = ["GroupedStepper", "Member", "grouped_mm_available", "plan_groups"]
+__all__ = ["GroupedStepper", "Member", "grouped_mm_available", "plan_groups", "stand_in"]
 
 _PREFIX = "base_model.model."  # PEFT's saved names start here, then the module's path
 
 
 @dataclass(frozen=True)
 class Member:
-    """One adapter's part of a group: its state, its window, its settings."""
+    """One adapter's part of a group: its state, its window, its settings; or a stand-in
+    for another adapter's rows (``state`` None: see :func:`stand_in`)."""
 
-    state: AdapterState
+    state: AdapterState | None
     examples: Sequence[tuple[str, str]]
     lora: LoraSettings
+    shape: Sequence[tuple[int, int]] = ()  # a stand-in's rows: (prompt, response) tokens
+
+
+def stand_in(shape: Sequence[Sequence[int]], lora: LoraSettings) -> Member:
+    """A stand-in for an adapter of a recorded group: rows of ``shape``'s (prompt,
+    response) token counts, each position the eos token, through no LoRA, taking no step.
+    Its rows give the batch the shape of the group's, so the others' rows come out as
+    they did in it (the module's doc)."""
+    rows = tuple((int(p), int(r)) for p, r in shape)
+    if not rows or any(p < 0 or r < 1 for p, r in rows):
+        raise StepError(f"a stand-in needs rows of at least one response token, not {rows}")
+    return Member(None, (), lora, rows)
 
 
 def plan_groups(settings: Sequence[LoraSettings], per_step: int) -> list[list[int]]:
@@ -98,7 +118,7 @@ class _Adapter:
 
     weights: dict[str, torch.nn.Parameter]  # keyed as the state's weights
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> A, B, scale
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.AdamW | None  # None: a stand-in's, which takes no step
 
 
 class GroupedStepper:
@@ -110,11 +130,15 @@ class GroupedStepper:
         self.grouped_mm = grouped_mm_available(self.device) if grouped_mm is None else grouped_mm
         self._layout: list[tuple[int, int, int]] = []  # (member, first row, end row)
         self._adapters: list[_Adapter] = []
+        # The last step's rows per member, as (prompt, response) token counts: its shape.
+        self.rows: list[list[tuple[int, int]]] = []
 
     # ── the members' tensors ────────────────────────────────────────────────
 
     def _adapter(self, member: Member) -> _Adapter:
         state, lora = member.state, member.lora
+        if state is None:
+            return _Adapter({}, {}, None)
         weights = {
             key: torch.nn.Parameter(t.to(self.device, copy=True))
             for key, t in state.weights.items()
@@ -219,10 +243,17 @@ class GroupedStepper:
         response tokens."""
         rows: list[Row] = []
         owner: list[int] = []
+        eos = self.stepper.base.tokenizer.eos_token_id
+        self.rows = []
         for m, member in enumerate(members):
-            mine = tokenize(self.stepper.base.tokenizer, member.examples, member.lora.max_length)
+            if member.state is None:
+                mine = [([eos] * p, [eos] * r) for p, r in member.shape]
+            else:
+                tokenizer, limit = self.stepper.base.tokenizer, member.lora.max_length
+                mine = tokenize(tokenizer, member.examples, limit)
             rows += mine
             owner += [m] * len(mine)
+            self.rows.append([(len(p), len(r)) for p, r in mine])
         tokens = [0] * len(members)
         for (p, r), m in zip(rows, owner, strict=True):
             tokens[m] += len(r) - (not p)  # those a position before them predicts
@@ -242,13 +273,14 @@ class GroupedStepper:
             )
         return batches, tokens
 
-    def step(self, members: Sequence[Member]) -> list[StepResult | StepError]:
+    def step(self, members: Sequence[Member]) -> list[StepResult | StepError | None]:
         """One group's step: per member, in order, its StepResult, or the StepError (a
-        NonFiniteLossError) that its window alone raised. Each result is the one its
-        member would have had from ``LoraStepper.step`` alone (within fp32 rounding)."""
+        NonFiniteLossError) that its window alone raised (None for a stand-in). Each
+        result is the one its member would have had from ``LoraStepper.step`` alone
+        (within fp32 rounding); its shape is in :attr:`rows`."""
         if not members:
             return []
-        if any(not m.examples for m in members):
+        if any(not (m.examples if m.state is not None else m.shape) for m in members):
             raise StepError("each window of a group needs at least one example")
         counts = {m.lora.steps_per_window for m in members}
         if len(counts) > 1 or any(m.lora.dropout > 0 for m in members):
@@ -260,6 +292,8 @@ class GroupedStepper:
         batches, tokens = self._micro_batches(members)
         self._adapters = [self._adapter(m) for m in members]
         scale = torch.ones(len(members)) / torch.tensor(tokens, dtype=torch.float32)
+        # A stand-in's loss counts for nothing: its rows only give the batch its shape.
+        scale = torch.where(torch.tensor([m.state is None for m in members]), 0.0, scale)
         scale = scale.to(self.device)
         paths = sorted({path for a in self._adapters for path in a.pairs})
         hooks = [self._base_layer(p).register_forward_hook(self._hook(p)) for p in paths]
@@ -271,22 +305,26 @@ class GroupedStepper:
                 for n in range(counts.pop()):
                     sums = self._pass(batches, scale, len(members))
                     for m, value in enumerate(sums):
-                        if m in failed:
+                        if m in failed or self._adapters[m].optimizer is None:
                             continue
                         if not math.isfinite(value):
                             failed[m] = NonFiniteLossError(value / tokens[m])
                             continue
                         first[m] = value if n == 0 else first[m]
-                        self._adapters[m].optimizer.step()
+                        self._adapters[m].optimizer.step()  # type: ignore[union-attr]
                     for adapter in self._adapters:
-                        adapter.optimizer.zero_grad(set_to_none=True)
+                        if adapter.optimizer is not None:
+                            adapter.optimizer.zero_grad(set_to_none=True)
         finally:
             for hook in hooks:
                 hook.remove()
             self._layout = []
-        results: list[StepResult | StepError] = []
+        results: list[StepResult | StepError | None] = []
         seconds = time.perf_counter() - started
         for m, (member, adapter) in enumerate(zip(members, self._adapters, strict=True)):
+            if member.state is None:
+                results.append(None)
+                continue
             if m not in failed and not all(
                 bool(torch.isfinite(p).all()) for p in adapter.weights.values()
             ):
@@ -325,6 +363,7 @@ class GroupedStepper:
     def _snapshot(self, adapter: _Adapter, steps: int) -> AdapterState:
         weights = {k: p.detach() for k, p in adapter.weights.items()}
         moments: dict[str, torch.Tensor] = {}
+        assert adapter.optimizer is not None  # a stand-in's is never snapshotted
         for key, parameter in adapter.weights.items():
             slot = adapter.optimizer.state.get(parameter, {})
             for name in ("step", "exp_avg", "exp_avg_sq"):

@@ -15,7 +15,7 @@ import torch
 from trainer.adapter_state import AdapterState
 from trainer.config import LoraSettings
 from trainer.exceptions import NonFiniteLossError, StepError
-from trainer.grouped import GroupedStepper, Member, plan_groups
+from trainer.grouped import GroupedStepper, Member, plan_groups, stand_in
 from trainer.lora import LoraStepper, StepResult
 from trainer.model import load_base_model
 
@@ -155,6 +155,58 @@ def test_a_window_that_fails_inside_a_group_fails_alone(tiny_model_dir: Path) ->
     assert isinstance(results[1], NonFiniteLossError)
     _assert_within(_ok(results[0]).state, singles[0][1])
     _assert_within(_ok(results[2]).state, singles[2][1])
+
+
+def _equal(a: AdapterState, b: AdapterState) -> bool:
+    return (
+        a.steps == b.steps
+        and a.weights.keys() == b.weights.keys()
+        and a.optimizer.keys() == b.optimizer.keys()
+        and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+        and all(torch.equal(a.optimizer[k], b.optimizer[k]) for k in a.optimizer)
+    )
+
+
+def test_stand_ins_of_the_recorded_shape_give_each_adapter_its_grouped_step_bit_for_bit(
+    tiny_model_dir: Path,
+) -> None:
+    """What replay relies on: one adapter stepped with stand-ins (eos rows of the group's
+    recorded token counts, no LoRA) in the others' places, on another load of the model,
+    takes bit for bit the step it took in the group, for two windows in a row; without
+    the stand-ins it does not (so the check can tell)."""
+    live = GroupedStepper(_stepper(tiny_model_dir, LoraSettings()), grouped_mm=False)
+    replay = GroupedStepper(_stepper(tiny_model_dir, LoraSettings()), grouped_mm=False)
+    states = [_stepper(tiny_model_dir, lora).initial_state() for lora in MIXED]
+    for _ in range(2):
+        results = live.step(
+            [Member(s, w, lora) for s, w, lora in zip(states, WINDOWS, MIXED, strict=True)]
+        )
+        shape = live.rows
+        assert [len(rows) for rows in shape] == [len(w) for w in WINDOWS]
+        for m in range(len(MIXED)):
+            members = [
+                Member(states[m], WINDOWS[m], MIXED[m]) if i == m else stand_in(shape[i], lora)
+                for i, lora in enumerate(MIXED)
+            ]
+            again = replay.step(members)
+            assert [r is None for r in again] == [i != m for i in range(len(MIXED))]
+            assert replay.rows == shape
+            assert _equal(_ok(again[m]).state, _ok(results[m]).state), m
+            assert _ok(again[m]).loss == _ok(results[m]).loss
+        states = [_ok(r).state for r in results]
+    alone = replay.step([Member(states[1], WINDOWS[1], MIXED[1])])
+    grouped = live.step(
+        [Member(s, w, lora) for s, w, lora in zip(states, WINDOWS, MIXED, strict=True)]
+    )
+    assert not _equal(_ok(alone[0]).state, _ok(grouped[1]).state)
+    _assert_within(_ok(alone[0]).state, _ok(grouped[1]).state)
+
+
+def test_a_stand_in_needs_a_response_token_in_every_row() -> None:
+    with pytest.raises(StepError, match="at least one response token"):
+        stand_in([(3, 0)], LoraSettings())
+    with pytest.raises(StepError, match="at least one response token"):
+        stand_in([], LoraSettings())
 
 
 def test_the_group_leaves_the_steppers_own_adapter_as_it_was(tiny_model_dir: Path) -> None:
