@@ -110,8 +110,15 @@ class TrainingConfig:
     # The general set (LORASTREAM_GENERAL_EVAL) every version is measured on beside the
     # base model; None: off. Read by the stage's configuration, so a bad file stops it first.
     general_eval: GeneralSet | None = None
+    # Full windows of up to this many adapters, closed in one batch of records, step in one
+    # forward and backward (trainer.grouped) and commit in one transaction. 1: one at a time.
+    adapters_per_step: int = 1
 
     def __post_init__(self) -> None:
+        if self.adapters_per_step < 1:
+            raise ValueError(
+                f"TrainingConfig.adapters_per_step must be at least 1, not {self.adapters_per_step}"
+            )
         if self.window_size < 1:
             raise ValueError(
                 f"TrainingConfig.window_size must be at least 1, not {self.window_size}"

@@ -39,6 +39,16 @@ sampled from the parent version's rehearsal buffer (:mod:`trainer.rehearsal`);
 the window's trained events then join the buffer, which is written with the
 version as ``rehearsal.jsonl`` and announced as ``rehearsal`` (how many, and a
 digest of which). Off, nothing of it is read, written or announced.
+
+Many adapters' windows (``TrainingConfig.adapters_per_step`` > 1) go through
+:meth:`WindowTrainer.train_group`: one forward and backward for up to that
+many (:mod:`trainer.grouped`), each its own version, files and outcome. The
+window's announcement records the group (``window.group``: the adapters, and
+each one's rows as token counts); a window whose grouped step failed is tried
+again alone, and quarantined alone if those tries fail too. A replay passes the
+recorded group to :meth:`WindowTrainer.train`, which steps the window with
+stand-ins of that shape in the other adapters' places: bit for bit the step it
+took in the group.
 """
 
 from __future__ import annotations
@@ -46,22 +56,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
 
 from schemas import (
     AdapterUpdate,
     LoraSpec,
     QuarantineRecord,
+    StepGroup,
+    WindowSpec,
 )
+from trainer.batching import tokenize
 from trainer.config import TrainingConfig
 from trainer.evaluation import (
     EvalExample,
     decode_eval_set,
     encode_eval_set,
 )
-from trainer.exceptions import AdapterHeld, AdapterStoreError, ResourceError, TrainerError
+from trainer.exceptions import (
+    AdapterHeld,
+    AdapterStoreError,
+    ResourceError,
+    StepError,
+    TrainerError,
+)
 from trainer.faults import Faults
+from trainer.grouped import GroupedStepper, Member, plan_groups, stand_in
 from trainer.hold_reasons import settings_differ
 from trainer.lineage import Lineage
 from trainer.lora import AdapterState, LoraStepper, StepResult
@@ -79,6 +102,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 # The wait for a resource says so under the name it has always had in the trainer's log.
 _resource_log = logging.getLogger("trainer.committer")
 
@@ -96,6 +120,18 @@ class Trained:
 
 
 Outcome = Trained | QuarantineRecord
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a window's step starts from: the parent's state, the version it makes, the
+    rehearsal it mixes in, the evaluation set it carries on."""
+
+    state: AdapterState
+    version: int
+    rehearsal: Plan | None
+    examples: list[tuple[str, str]]
+    previous_eval: list[EvalExample]
 
 
 class WindowTrainer:
@@ -122,6 +158,14 @@ class WindowTrainer:
         self._eval_sets: dict[str, tuple[int, list[EvalExample]]] = {}
         self._rehearsals: dict[str, tuple[int, Buffer]] = {}
         self.measure = Measure(config, self.stepper)
+        self._grouped: GroupedStepper | None = None
+
+    @property
+    def grouped(self) -> GroupedStepper:
+        """The stepper of groups, on this trainer's model (made on first use)."""
+        if self._grouped is None:
+            self._grouped = GroupedStepper(self.stepper)
+        return self._grouped
 
     @classmethod
     def load(cls, config: TrainingConfig, metrics: TrainerMetrics | None = None) -> WindowTrainer:
@@ -234,17 +278,31 @@ class WindowTrainer:
     # ── one window ───────────────────────────────────────────────────────────
 
     async def train_waiting(
-        self, window: Window, lineage: Lineage, stopping: asyncio.Event | None = None
+        self,
+        window: Window,
+        lineage: Lineage,
+        stopping: asyncio.Event | None = None,
+        group: StepGroup | None = None,
     ) -> Outcome:
         """:meth:`train` in a worker thread, as both drivers call it.
 
         A resource that ran out (a full disk …) is not the window's fault: it is waited for,
         with one line per try and a backoff up to a minute, until it is back or ``stopping``.
         """
+        return await self._waiting(lambda: self.train(window, lineage, group), stopping)
+
+    async def train_group_waiting(
+        self, items: list[tuple[Window, Lineage]], stopping: asyncio.Event | None = None
+    ) -> list[Outcome | AdapterHeld]:
+        """:meth:`train_group` in a worker thread, waiting out a resource as
+        :meth:`train_waiting` does."""
+        return await self._waiting(lambda: self.train_group(items), stopping)
+
+    async def _waiting(self, work: Callable[[], _T], stopping: asyncio.Event | None) -> _T:
         delay = 1.0
         while True:
             try:
-                return await asyncio.to_thread(self.train, window, lineage)
+                return await asyncio.to_thread(work)
             except ResourceError as exc:
                 if stopping is not None and stopping.is_set():
                     raise
@@ -256,54 +314,134 @@ class WindowTrainer:
                         await asyncio.wait_for(stopping.wait(), delay)
                 delay = min(delay * 2, 60.0)
 
-    def train(self, window: Window, lineage: Lineage) -> Outcome:
+    def train(self, window: Window, lineage: Lineage, group: StepGroup | None = None) -> Outcome:
         """Train ``window`` as the next version of ``lineage``; files durable, nothing
-        announced, the lineage unchanged (the driver records the outcome once committed)."""
+        announced, the lineage unchanged (the driver records the outcome once committed).
+
+        With ``group`` (a replay's: the group the window was stepped in, named as
+        ``lineage``), the window is stepped with stand-ins of the group's shape in the
+        other adapters' places, so that its step is the group's bit for bit; should its
+        own rows not have the recorded shape (another tokenizer or max_length), alone.
+        """
+        return self._train(window, lineage, self._prepare(window, lineage), group)
+
+    def train_group(self, items: list[tuple[Window, Lineage]]) -> list[Outcome | AdapterHeld]:
+        """Train each ``(window, lineage)`` as :meth:`train` would, up to
+        ``adapters_per_step`` windows in one forward and backward: per item, in order, its
+        outcome, or the :class:`AdapterHeld` that holds its adapter alone.
+
+        The adapters must differ. A window whose grouped step failed is tried again
+        alone, for the tries left; its version, if it makes one, records no group.
+        """
+        if len({lineage.adapter for _, lineage in items}) != len(items):
+            raise ValueError("a group steps each adapter's window once")
+        out: list[Outcome | AdapterHeld | None] = [None] * len(items)
+        ready: list[tuple[int, _Prepared]] = []
+        for i, (window, lineage) in enumerate(items):
+            try:
+                ready.append((i, self._prepare(window, lineage)))
+            except AdapterHeld as held:
+                out[i] = held
+        lora = self.config.lora
+        for chosen in plan_groups([lora] * len(ready), self.config.adapters_per_step):
+            group = [ready[c] for c in chosen]
+            if len(group) == 1:
+                i, prepared = group[0]
+                out[i] = self._held_or(partial(self._train, *items[i], prepared))
+                continue
+            members = [
+                Member(self.faults.poison(p.state, items[i][0].ids), p.examples, lora)
+                for i, p in group
+            ]
+            try:
+                with self.metrics.step_seconds.time():
+                    results: list[object] = list(self.grouped.step(members))
+            except Exception as exc:  # the whole group's: each window tries again alone
+                results = [exc] * len(group)
+            shape = StepGroup(
+                adapters=[items[i][1].adapter for i, _ in group], rows=self.grouped.rows
+            )
+            for (i, prepared), result in zip(group, results, strict=True):
+                window, lineage = items[i]
+                out[i] = self._held_or(
+                    partial(self._after_group, window, lineage, prepared, result, shape)
+                )
+        return [o for o in out if o is not None]
+
+    def _after_group(
+        self,
+        window: Window,
+        lineage: Lineage,
+        prepared: _Prepared,
+        result: object,
+        shape: StepGroup,
+    ) -> Outcome:
+        if isinstance(result, StepResult):
+            try:
+                self.faults.at("step", lineage.adapter, prepared.version)
+            except Exception as exc:
+                result = exc
+            else:
+                return self._finish(window, lineage, prepared, result, 1, shape)
+        assert isinstance(result, Exception)
+        error = self._failed(lineage.adapter, prepared.version, 1, result)
+        return self._train(window, lineage, prepared, None, [error])
+
+    @staticmethod
+    def _held_or(work: Callable[[], Outcome]) -> Outcome | AdapterHeld:
+        try:
+            return work()
+        except AdapterHeld as held:
+            return held
+
+    def _prepare(self, window: Window, lineage: Lineage) -> _Prepared:
         state = self.state_of(lineage)
         previous_eval = self.eval_set_of(lineage) if self.config.evaluates else []
-        version = lineage.version + 1
         try:
             rehearsal = self._rehearsal(window, lineage)
         except AdapterStoreError as exc:  # the parent's rehearsal.jsonl is missing or bad
             raise AdapterHeld(lineage.adapter, str(exc)) from exc
         rehearsed = rehearsal.examples if rehearsal is not None else []
-        errors: list[str] = []
-        for attempt in range(1, self.config.max_tries + 1):
+        return _Prepared(
+            state, lineage.version + 1, rehearsal, window.examples() + rehearsed, previous_eval
+        )
+
+    def _failed(self, adapter: str, version: int, attempt: int, exc: BaseException) -> str:
+        error = f"try {attempt}: {type(exc).__name__}: {exc}"
+        self.metrics.step_failures.inc()
+        log.warning("%s v%d: step failed (%s)", adapter, version, error)
+        return error
+
+    def _train(
+        self,
+        window: Window,
+        lineage: Lineage,
+        prepared: _Prepared,
+        group: StepGroup | None = None,
+        errors: list[str] | None = None,
+    ) -> Outcome:
+        errors = list(errors or [])
+        version = prepared.version
+        if group is not None and not self._fits(group, lineage.adapter, prepared.examples):
+            log.info(
+                "%s v%d: its rows are not those of the group it was stepped in (another "
+                "tokenizer or max_length?): stepped alone",
+                lineage.adapter,
+                version,
+            )
+            group = None
+        for attempt in range(len(errors) + 1, self.config.max_tries + 1):
             try:
                 with self.metrics.step_seconds.time():
-                    result = self._step(state, window, lineage.adapter, version, rehearsed)
+                    if group is None:
+                        result = self._step(prepared, window, lineage.adapter)
+                    else:
+                        result = self._step_as_in(group, prepared, window, lineage.adapter)
             except Exception as exc:  # every failure of a step is retried, then quarantined
-                errors.append(f"try {attempt}: {type(exc).__name__}: {exc}")
-                self.metrics.step_failures.inc()
-                log.warning("%s v%d: step failed (%s)", lineage.adapter, version, errors[-1])
+                errors.append(self._failed(lineage.adapter, version, attempt, exc))
+                group = None  # tried again alone, as the live trainer does
                 continue
-            evaluation = self.measure.version(
-                window, previous_eval, result, lineage.adapter, version
-            )
-            try:
-                stored = self._write(
-                    window, lineage.adapter, version, result, evaluation, rehearsal
-                )
-            except AdapterStoreError as exc:  # v<version> exists with other files
-                raise AdapterHeld(lineage.adapter, str(exc)) from exc
-            self.faults.at("commit", lineage.adapter, version)
-            update = self._update(window, version, stored, result, evaluation, rehearsal)
-            # Kept under the version it becomes: once the driver records the update, the
-            # next window steps on from it; until then (or if the commit fails) it is unused.
-            self._states[lineage.adapter] = (version, result.state)
-            if rehearsal is not None:
-                self._rehearsals[lineage.adapter] = (version, rehearsal.buffer)
-            if evaluation is None:
-                return Trained(update, result.state, result.seconds, attempt)
-            self._eval_sets[lineage.adapter] = (version, evaluation.examples)
-            return Trained(
-                update,
-                result.state,
-                result.seconds,
-                attempt,
-                evaluation.examples,
-                evaluation.seconds,
-            )
+            return self._finish(window, lineage, prepared, result, attempt, group)
         return QuarantineRecord(
             adapter=lineage.adapter,
             error="; ".join(errors),
@@ -312,25 +450,84 @@ class WindowTrainer:
             events=[pending.event for pending in window.events],
         )
 
-    def _step(
+    def _finish(
         self,
-        state: AdapterState,
         window: Window,
-        adapter: str,
-        version: int,
-        rehearsed: list[tuple[str, str]],
+        lineage: Lineage,
+        prepared: _Prepared,
+        result: StepResult,
+        attempt: int,
+        group: StepGroup | None,
+    ) -> Trained:
+        """Evaluate, write and describe the version a successful step made."""
+        version, rehearsal = prepared.version, prepared.rehearsal
+        spec = window.spec()
+        if group is not None:
+            spec = spec.model_copy(update={"group": group})
+        evaluation = self.measure.version(
+            window, prepared.previous_eval, result, lineage.adapter, version
+        )
+        try:
+            stored = self._write(spec, lineage.adapter, version, result, evaluation, rehearsal)
+        except AdapterStoreError as exc:  # v<version> exists with other files
+            raise AdapterHeld(lineage.adapter, str(exc)) from exc
+        self.faults.at("commit", lineage.adapter, version)
+        update = self._update(spec, version, stored, result, evaluation, rehearsal)
+        # Kept under the version it becomes: once the driver records the update, the
+        # next window steps on from it; until then (or if the commit fails) it is unused.
+        self._states[lineage.adapter] = (version, result.state)
+        if rehearsal is not None:
+            self._rehearsals[lineage.adapter] = (version, rehearsal.buffer)
+        if evaluation is None:
+            return Trained(update, result.state, result.seconds, attempt)
+        self._eval_sets[lineage.adapter] = (version, evaluation.examples)
+        return Trained(
+            update,
+            result.state,
+            result.seconds,
+            attempt,
+            evaluation.examples,
+            evaluation.seconds,
+        )
+
+    def _fits(self, group: StepGroup, adapter: str, examples: list[tuple[str, str]]) -> bool:
+        """Whether ``adapter``'s rows are those ``group`` recorded for it."""
+        if adapter not in group.adapters:
+            return False
+        rows = tokenize(self.base.tokenizer, examples, self.config.lora.max_length)
+        mine = [(len(p), len(r)) for p, r in rows]
+        return mine == [tuple(row) for row in group.rows[group.adapters.index(adapter)]]
+
+    def _step_as_in(
+        self, group: StepGroup, prepared: _Prepared, window: Window, adapter: str
     ) -> StepResult:
-        """The step on the window's examples, then the ``rehearsed`` ones, as one batch (each
+        """The window's step in ``group``'s batch, stand-ins in the other adapters' places."""
+        lora = self.config.lora
+        own = group.adapters.index(adapter)
+        members = [
+            Member(self.faults.poison(prepared.state, window.ids), prepared.examples, lora)
+            if k == own
+            else stand_in(rows, lora)
+            for k, rows in enumerate(group.rows)
+        ]
+        result = self.grouped.step(members)[own]
+        if not isinstance(result, StepResult):
+            raise result if isinstance(result, Exception) else StepError("no result")
+        self.faults.at("step", adapter, prepared.version)
+        return result
+
+    def _step(self, prepared: _Prepared, window: Window, adapter: str) -> StepResult:
+        """The step on the window's examples, then the rehearsed ones, as one batch (each
         of ``steps_per_window`` steps uses it all). Its loss, the version's ``train_loss``,
         is the first step's mean over that whole batch: the window's alone without rehearsal."""
-        state = self.faults.poison(state, window.ids)
-        result = self.stepper.step(state, window.examples() + rehearsed)
-        self.faults.at("step", adapter, version)
+        state = self.faults.poison(prepared.state, window.ids)
+        result = self.stepper.step(state, prepared.examples)
+        self.faults.at("step", adapter, prepared.version)
         return result
 
     def _write(
         self,
-        window: Window,
+        spec: WindowSpec,
         adapter: str,
         version: int,
         result: StepResult,
@@ -348,7 +545,9 @@ class WindowTrainer:
             "train_loss": result.loss,
             "tokens": result.tokens,
             "optimizer_steps": result.state.steps,
-            "window": window.spec().model_dump(mode="json"),
+            "window": spec.model_dump(
+                mode="json", exclude={"group"} if spec.group is None else None
+            ),
         }
         files: dict[str, bytes] = {}
         if rehearsal is not None:
@@ -360,8 +559,8 @@ class WindowTrainer:
                 adapter, version, result.state, self.stepper, metadata, files or None
             )
         if self.config.evaluates:
-            spec = evaluation.spec
-            metadata["eval"] = spec.model_dump(mode="json") if spec is not None else None
+            measured = evaluation.spec
+            metadata["eval"] = measured.model_dump(mode="json") if measured is not None else None
             metadata["eval_fraction"] = self.config.eval_fraction
             metadata["eval_size"] = self.config.eval_size
             metadata["eval_segment_windows"] = self.config.eval_segment_windows
@@ -375,7 +574,7 @@ class WindowTrainer:
 
     def _update(
         self,
-        window: Window,
+        spec: WindowSpec,
         version: int,
         stored: StoredVersion,
         result: StepResult,
@@ -392,7 +591,7 @@ class WindowTrainer:
             sha256=stored.sha256,
             manifest_sha256=stored.manifest_sha256,
             lora=self.lora_spec,
-            window=window.spec(),
+            window=spec,
             train_loss=result.loss,
             created_at=datetime.now(tz=UTC),
             eval=evaluation.spec if evaluation is not None else None,

@@ -15,13 +15,17 @@ instance and every replay hold out the same events.
 An adapter on hold (:meth:`Windows.pin`) keeps its closed window's first
 offset as the partition's committable bound and takes no more events: they
 are read again, from the committed offset, once the hold is lifted.
+
+A closed window holds the committable offset back too, until the driver
+settles it (its outcome committed) or pins it: a driver that gathers closed
+windows to step them together commits nothing past one still waiting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
@@ -133,6 +137,8 @@ class Windows:
         self._pinned: dict[tuple[TopicPartition, str], int] = {}
         # Duplicates refused since the driver last asked (:meth:`take_skipped`).
         self._skipped: dict[TopicPartition, Skipped] = {}
+        # Closed windows not yet settled or pinned, by (partition, adapter, first offset).
+        self._closed: set[tuple[TopicPartition, str, int]] = set()
 
     def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
         """Add an event; return its window when this event filled it (the window is closed)."""
@@ -147,6 +153,7 @@ class Windows:
 
     def _close(self, key: tuple[TopicPartition, str]) -> Window:
         window = self._open.pop(key)
+        self._closed.add((window.tp, window.adapter, window.first_offset))
         # Copied, not moved: until the driver commits the window's outcome they still hold
         # the committable offset back (a crash reads them again), then :meth:`settle` drops them.
         window.held_out = list(self._held.get(key, ()))
@@ -156,6 +163,7 @@ class Windows:
         """The driver committed ``window``'s outcome: its held-out events are no longer
         pending (in the version's evaluation set, or gone with a quarantined window)."""
         key = (window.tp, window.adapter)
+        self._closed.discard((window.tp, window.adapter, window.first_offset))
         taken = {pending.offset for pending in window.held_out}
         left = [p for p in self._held.get(key, ()) if p.offset not in taken]
         if left:
@@ -223,6 +231,7 @@ class Windows:
         """Hold ``window``'s adapter on its partition: nothing is committed from the window's
         first event on, and the adapter's later events are not taken (read again later)."""
         key = (window.tp, window.adapter)
+        self._closed.discard((window.tp, window.adapter, window.first_offset))
         self._pinned[key] = min(self._pinned.get(key, window.first_offset), window.first_offset)
 
     def pinned(self) -> set[str]:
@@ -240,9 +249,13 @@ class Windows:
         for key in [k for k, w in self._open.items() if now - w.opened_at >= max_wait]:
             yield self._close(key)
 
-    def committable(self) -> dict[TopicPartition, int]:
-        """Per partition: the offset below which every record is handled for good."""
+    def committable(self, settling: Iterable[Window] = ()) -> dict[TopicPartition, int]:
+        """Per partition: the offset below which every record is handled for good, once
+        the outcomes of the closed windows ``settling`` are committed with it."""
         offsets = dict(self._next)
+        going = {(w.tp, w.adapter, w.first_offset) for w in settling}
+        for tp, _, first in self._closed - going:
+            offsets[tp] = min(offsets.get(tp, first), first)
         for (tp, _), window in self._open.items():
             offsets[tp] = min(offsets.get(tp, window.first_offset), window.first_offset)
         for (tp, _), held in self._held.items():
@@ -260,6 +273,7 @@ class Windows:
             del self._held[key]
         for key in [k for k in self._pinned if k[0] in partitions]:
             del self._pinned[key]
+        self._closed = {c for c in self._closed if c[0] not in partitions}
         for tp in partitions:
             self._next.pop(tp, None)
 
@@ -270,6 +284,7 @@ class Windows:
             | {tp for tp, _ in self._open}
             | {tp for tp, _ in self._held}
             | {tp for tp, _ in self._pinned}
+            | {tp for tp, _, _ in self._closed}
         )
         self.drop(known - partitions)
 

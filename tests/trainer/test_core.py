@@ -135,6 +135,7 @@ def test_windows_admit_each_event_once_per_lineage() -> None:
     admitted, closed = windows.offer(TP, 3, learning_event("a", 2), lineage)
     assert admitted and closed is not None and closed.ids == ["a-000", "a-001", "a-002"]
     lineage.record_window(closed.spec())
+    windows.settle(closed)  # committed, as the driver does
     assert windows.offer(TP, 4, learning_event("a", 1), lineage) == (False, None)  # already trained
     assert windows.offer(TP, 2, learning_event("a", 9), lineage) == (False, None)  # offset handled
     assert windows.committable() == {TP: 5}

@@ -75,7 +75,7 @@ def _drive(
         _, closed = windows.offer(TP, offset, events[offset], lineage)
         if closed is None:
             continue
-        offsets = windows.committable()  # what the driver commits with the outcome
+        offsets = windows.committable(settling=[closed])  # what the driver commits with it
         outcome = core.train(closed, lineage)
         lineage.record(outcome.update if isinstance(outcome, Trained) else outcome)
         windows.settle(closed)
