@@ -247,6 +247,15 @@ class Settings(BaseSettings):
         ge=1,
         le=65536,
     )
+    adapters_per_step: int = _setting(
+        1,
+        "LORASTREAM_ADAPTERS_PER_STEP",
+        "full windows of up to this many adapters, closed in one batch of records, train in "
+        "one forward and backward and commit in one transaction (each still its own "
+        "version); 1 trains them one at a time",
+        ge=1,
+        le=256,
+    )
     rouge_threshold: float = _setting(
         0.7, "LORASTREAM_ROUGE_THRESHOLD", "a breakthrough needs ROUGE-L above this"
     )

@@ -124,6 +124,7 @@ def training_config(settings: Settings) -> TrainingConfig:
         rehearsal_buffer=settings.rehearsal_buffer,
         eval_segment_windows=settings.eval_segment_windows,
         general_eval=general_set(settings),
+        adapters_per_step=settings.adapters_per_step,
     )
 
 

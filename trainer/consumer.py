@@ -40,7 +40,7 @@ from schemas.limits import clip
 from trainer.claims import Claim, claim_instance, still_unclaimed
 from trainer.committer import Committer, Outgoing, announce, quarantine
 from trainer.config import TrainerConfig
-from trainer.core import Trained, WindowTrainer
+from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import AdapterHeld, TrainerError
 from trainer.held import Holds
 from trainer.history import LineageLog
@@ -255,18 +255,28 @@ class Trainer:
             if self._resume_error is not None:
                 raise self._resume_error
             records = [(tp, record) for tp, part in batch.items() for record in part]
+            # Windows closed in this batch, not yet stepped: with adapters_per_step > 1 they
+            # step together (up to that many), at the batch's end or once there are enough.
+            closed: list[Window] = []
             for tp, record in records:
                 async with self._busy:
                     if self._stopping.is_set():
                         break
                     if self._generation != generation:
+                        closed = []  # dropped with the rest: read again from the committed offset
                         await self._rewind()  # the assignment changed while this batch waited
                         break
-                    await self._handle(tp, record)
+                    window = await self._handle(tp, record)
+                    if window is not None:
+                        closed = await self._gather(closed, window)
             self._report_skipped()
             async with self._busy:
+                if self._generation != generation:
+                    closed = []  # a rebalance dropped their partitions' windows meanwhile
                 for window in self.windows.expired(self.config.max_wait_seconds):
-                    await self._train(window)
+                    closed = await self._gather(closed, window)
+                if closed and not self._stopping.is_set():
+                    await self._train(closed)
                 await self._commit_offsets()
                 await self._recheck_holds()
             if not batch:
@@ -342,7 +352,10 @@ class Trainer:
             topic,
         )
 
-    async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _handle(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]
+    ) -> Window | None:
+        """Read one record into its adapter's window: the window, if it closed it."""
         position = KafkaPosition(tp.topic, tp.partition, record.offset)
         try:
             event = decode(record.value, LearningEvent, position=position)
@@ -352,14 +365,26 @@ class Trainer:
                 self.metrics.skipped.inc()
             else:
                 self._quarantine_record(tp, record, exc)
-            return
+            return None
         admitted, window = self.windows.offer(
             tp, record.offset, event, self._lineage(event.adapter)
         )
         if not admitted:
             self.metrics.skipped.inc()
-        if window is not None:
-            await self._train(window)
+        return window
+
+    async def _gather(self, closed: list[Window], window: Window) -> list[Window]:
+        """Add the closed ``window`` to those waiting to step; step them when there are
+        ``adapters_per_step``, or first if its adapter already has one waiting (the new
+        window steps on that one's version). What still waits."""
+        if any(w.adapter == window.adapter for w in closed):
+            await self._train(closed)
+            closed = []
+        closed = [*closed, window]
+        if len(closed) >= self.config.training.adapters_per_step:
+            await self._train(closed)
+            return []
+        return closed
 
     def _report_skipped(self) -> None:
         """One line per partition and batch for the events skipped as already trained or
@@ -373,42 +398,78 @@ class Trainer:
                 extra=at(skipped.tp, skipped.last_offset),
             )
 
-    async def _train(self, window: Window) -> None:
-        """Ask the core for ``window``'s outcome, have the committer commit it with the
-        offsets, and only then record it in the lineage: a crash before the commit repeats
-        the window, and nothing is recorded that was not committed."""
+    async def _train(self, windows: list[Window]) -> None:
+        """Ask the core for the outcomes of ``windows`` (of different adapters: stepped
+        together where ``adapters_per_step`` allows), have the committer commit them all
+        with the offsets in one transaction, and only then record them in the lineages: a
+        crash before the commit repeats the windows, and nothing is recorded that was not
+        committed. An adapter put on hold is held alone; the others are committed."""
         assert self.core is not None
-        lineage = self._lineage(window.adapter)
-        if lineage.is_empty:
-            # A lineage this instance has not seen may have been started since its last
-            # assignment (a replay into this name): catch up rather than announce a second v1.
-            await self._refresh()
+        items: list[tuple[Window, Lineage]] = []
+        for window in windows:
             lineage = self._lineage(window.adapter)
-        try:
-            outcome = await self.core.train_waiting(window, lineage, self._stopping)
-        except AdapterHeld as held:
-            self._hold(window, held)
+            if lineage.is_empty:
+                # A lineage this instance has not seen may have been started since its last
+                # assignment (a replay into this name): catch up rather than announce a
+                # second v1.
+                await self._refresh()
+                lineage = self._lineage(window.adapter)
+            items.append((window, lineage))
+        if len(items) == 1:
+            window, lineage = items[0]
+            try:
+                outcomes: list[Outcome | AdapterHeld] = [
+                    await self.core.train_waiting(window, lineage, self._stopping)
+                ]
+            except AdapterHeld as held:
+                outcomes = [held]
+        else:
+            outcomes = await self.core.train_group_waiting(items, self._stopping)
+        done: list[tuple[Window, Lineage, Outcome]] = []
+        for (window, lineage), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, AdapterHeld):
+                self._hold(window, outcome)
+            else:
+                done.append((window, lineage, outcome))
+        if not done:
             return
-        version = lineage.version + 1  # the crash tests' commit-inside fault fires in it
+        faults = self.core.faults
+        # The crash tests' commit-inside fault fires in the version it names.
+        inside = [
+            partial(faults.at, "commit-inside", lineage.adapter, lineage.version + 1)
+            for _, lineage, _ in done
+        ]
+
+        def inside_the_transaction() -> None:
+            for fault in inside:
+                fault()
+
         await self.committer.commit(
-            announce(outcome, lineage, self.config.topics),
-            self.windows.committable(),
-            inside=partial(self.core.faults.at, "commit-inside", lineage.adapter, version),
+            [r for _, lineage, o in done for r in announce(o, lineage, self.config.topics)],
+            self.windows.committable(settling=[window for window, _, _ in done]),
+            inside=inside_the_transaction,
         )
-        self.windows.settle(window)  # committed: its held-out events no longer hold offsets
+        for window, lineage, outcome in done:
+            self.windows.settle(window)  # committed: its held-out events no longer hold offsets
+            self._record(window, lineage, outcome)
+
+    def _record(self, window: Window, lineage: Lineage, outcome: Outcome) -> None:
+        """``outcome`` is committed: into the lineage, the metrics and the log."""
         if isinstance(outcome, Trained):
             lineage.record(outcome.update)
             self.metrics.windows.inc()
             self.metrics.version.labels(lineage.adapter).set(outcome.update.version)
             self.metrics.loss.labels(lineage.adapter).set(outcome.update.train_loss)
+            group = outcome.update.window.group
             log.info(
-                "%s v%d: %s (%d events) loss %.4f in %.3fs",
+                "%s v%d: %s (%d events) loss %.4f in %.3fs%s",
                 lineage.adapter,
                 lineage.version,
                 str(window),
                 len(window.events),
                 outcome.update.train_loss,
                 outcome.step_seconds,
+                f" (one step with {len(group.adapters) - 1} other adapters)" if group else "",
                 extra=at(window.tp, window.last_offset),
             )
         else:

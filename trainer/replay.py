@@ -41,6 +41,7 @@ from schemas import (
     LearningEvent,
     QuarantineRecord,
     SchemaError,
+    StepGroup,
     decode,
 )
 from trainer.committed import first_keyed
@@ -291,6 +292,7 @@ class Replay:
         windows = Windows(cfg.training.window_size, cfg.training.eval_fraction)
         plan = Plan(self.ranges or [])
         starts = {tp: offset + 1 for tp, offset in lineage.handled.items()}
+        groups = self._groups(session.history)
 
         events = self._events(plan, starts)
         try:
@@ -305,7 +307,8 @@ class Replay:
                             on_event()
                     if closed is None:
                         continue
-                    outcome = await core.train_waiting(closed, lineage)
+                    group = groups.get(tuple(closed.ids))
+                    outcome = await core.train_waiting(closed, lineage, group=group)
                     version = lineage.version + 1
                     await committer.commit(
                         announce(outcome, lineage, cfg.topics),
@@ -326,6 +329,21 @@ class Replay:
         report.open_events = sum(len(w.events) for w in windows.open_windows())
         report.seconds = time.perf_counter() - started
         return report
+
+    def _groups(self, history: LineageLog) -> dict[tuple[str, ...], StepGroup]:
+        """The groups the source's windows were stepped in (``window.group`` of its
+        announcements), by the window's event ids, each named for the target: a window
+        the replay closes with the same events is stepped in the same batch's shape."""
+        cfg = self.config
+        assert cfg.source is not None and cfg.target is not None
+        source = history.lineages.get(cfg.source)
+        if source is None:
+            return {}
+        return {
+            tuple(update.window.event_ids): update.window.group.named(cfg.source, cfg.target)
+            for update in source.updates
+            if update.window.group is not None
+        }
 
 
 def _copy(lineage: Lineage) -> Lineage:

@@ -160,9 +160,9 @@ async def test_the_live_trainer_and_replay_train_through_one_core(
     calls: list[tuple[str, list[str]]] = []
     real_train = WindowTrainer.train
 
-    def spy(self: WindowTrainer, window: object, lineage: object) -> object:
+    def spy(self: WindowTrainer, window: object, lineage: object, *group: object) -> object:
         calls.append((lineage.adapter, window.ids))  # type: ignore[attr-defined]
-        return real_train(self, window, lineage)  # type: ignore[arg-type]
+        return real_train(self, window, lineage, *group)  # type: ignore[arg-type]
 
     monkeypatch.setattr(WindowTrainer, "train", spy)
     topics = await make_topics(kafka_bootstrap, prefix)
