@@ -13,7 +13,9 @@ base model together, and only the LoRA deltas differ by row:
   or later) two grouped matmuls for the layers whose adapters all share one
   shape, the loop for the others;
 * each adapter has its own AdamW, over its own tensors, with its own
-  learning rate and weight decay;
+  learning rate and weight decay; after its step they stay on the device for
+  its next one, in the stepper's LRU (``resident_bytes``, one budget shared
+  with the single steps'), instead of coming back from the host state;
 * the objective is the *sum* over adapters of each one's mean loss over its
   own response tokens. Rows of a causal LM never see one another and the base
   is frozen, so adapter i's gradients come from its rows alone, exactly those
@@ -139,10 +141,16 @@ class GroupedStepper:
         state, lora = member.state, member.lora
         if state is None:
             return _Adapter({}, {}, None)
-        weights = {
-            key: torch.nn.Parameter(t.to(self.device, copy=True))
-            for key, t in state.weights.items()
-        }
+        resident = self.stepper.take_resident(state)
+        if resident is not None and resident.weights.keys() != state.weights.keys():
+            resident = None
+        if resident is not None:  # on the device since its last step: no copy
+            weights = {key: torch.nn.Parameter(t) for key, t in resident.weights.items()}
+        else:
+            weights = {
+                key: torch.nn.Parameter(t.to(self.device, copy=True))
+                for key, t in state.weights.items()
+            }
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for key, a in weights.items():
             if ".lora_A." not in key:
@@ -162,7 +170,9 @@ class GroupedStepper:
             fused=True if self.device.type == "cuda" else None,
         )  # as LoraStepper's, so that the step is its step
         for key, parameter in weights.items():
-            if f"{key}.exp_avg" in state.optimizer:
+            if resident is not None and key in resident.moments:
+                optimizer.state[parameter] = resident.moments[key]
+            elif f"{key}.exp_avg" in state.optimizer:
                 optimizer.state[parameter] = {
                     "step": state.optimizer[f"{key}.step"].clone(),
                     "exp_avg": state.optimizer[f"{key}.exp_avg"].to(self.device, copy=True),
@@ -336,6 +346,7 @@ class GroupedStepper:
                 continue
             steps = member.state.steps + member.lora.steps_per_window
             state = self._snapshot(adapter, steps)
+            self._keep(state, adapter)
             results.append(StepResult(state, first[m] / tokens[m], tokens[m], seconds))
         self._adapters = []
         return results
@@ -359,6 +370,17 @@ class GroupedStepper:
             (per_member * scale).sum().backward()
             sums += per_member.detach().double()
         return sums.tolist()
+
+    def _keep(self, state: AdapterState, adapter: _Adapter) -> None:
+        """Keep the tensors that made ``state`` on the device for its next step, within
+        the stepper's ``resident_bytes`` (none on the CPU by default)."""
+        assert adapter.optimizer is not None
+        optimizer = adapter.optimizer
+        self.stepper.keep_resident(
+            state,
+            {key: p.detach() for key, p in adapter.weights.items()},
+            {key: optimizer.state[p] for key, p in adapter.weights.items() if p in optimizer.state},
+        )
 
     def _snapshot(self, adapter: _Adapter, steps: int) -> AdapterState:
         weights = {k: p.detach() for k, p in adapter.weights.items()}

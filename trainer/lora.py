@@ -174,9 +174,9 @@ class LoraStepper:
                 f"the adapter state lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}"
             )
         self._stash()
-        resident = self._resident.pop(id(state), None)
-        if resident is not None and resident.state() is not state:
-            resident = None  # another state at a reused address
+        resident = self.take_resident(state)
+        if resident is not None and resident.weights.keys() != self.params.keys():
+            resident = None  # another adapter's targets (a group's, trainer.grouped)
         with torch.no_grad():
             for key, parameter in self.params.items():
                 parameter.copy_(resident.weights[key] if resident else state.weights[key])
@@ -195,13 +195,34 @@ class LoraStepper:
         with torch.no_grad():
             weights = {k: p.detach().clone() for k, p in self.params.items()}
         moments = {key: dict(optimizer.state[p]) for key, p in self.params.items()}
+        self.keep_resident(held, weights, moments)
+
+    def take_resident(self, state: AdapterState) -> _Resident | None:
+        """``state``'s tensors on the device, if they are kept (then no longer: the caller
+        steps them in place); None when they are not, and it copies them from ``state``."""
+        resident = self._resident.pop(id(state), None)
+        if resident is not None and resident.state() is not state:
+            return None  # another state at a reused address
+        return resident
+
+    def keep_resident(
+        self,
+        state: AdapterState,
+        weights: dict[str, torch.Tensor],
+        moments: dict[str, dict[str, torch.Tensor]],
+    ) -> None:
+        """Keep ``state``'s ``weights`` and ``moments``, on the device, for the next step
+        of it, as long as ``state`` is in use and there is room (``resident_bytes``, one
+        budget for this stepper's adapter and a group's, trainer.grouped)."""
+        if self.resident_bytes <= 0:
+            return
         size = sum(t.numel() * t.element_size() for t in weights.values()) + sum(
             t.numel() * t.element_size()
             for slot in moments.values()
             for t in slot.values()
             if isinstance(t, torch.Tensor)
         )
-        self._resident[id(held)] = _Resident(weakref.ref(held), weights, moments, size)
+        self._resident[id(state)] = _Resident(weakref.ref(state), weights, moments, size)
         while sum(r.size for r in self._resident.values()) > self.resident_bytes:
             self._resident.popitem(last=False)  # the least recently trained goes
 

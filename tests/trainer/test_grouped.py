@@ -202,6 +202,36 @@ def test_stand_ins_of_the_recorded_shape_give_each_adapter_its_grouped_step_bit_
     _assert_within(_ok(alone[0]).state, _ok(grouped[1]).state)
 
 
+@pytest.mark.parametrize("room", [2**30, 1])
+def test_an_adapter_kept_on_the_device_steps_from_there_with_the_same_result(
+    tiny_model_dir: Path, room: int
+) -> None:
+    """With room (``resident_bytes``), each adapter's tensors stay on the device after its
+    grouped step, and its next step starts from them, not from its state's host copies: so
+    garbling those copies changes nothing, and the steps are bit for bit those made from
+    the host. Without room they are read from the host (and the garbling shows)."""
+    reference = GroupedStepper(_stepper(tiny_model_dir, LoraSettings()), grouped_mm=False)
+    kept = GroupedStepper(
+        _stepper(tiny_model_dir, LoraSettings(resident_bytes=room)), grouped_mm=False
+    )
+    states = [_stepper(tiny_model_dir, lora).initial_state() for lora in MIXED]
+
+    def members(of: list[AdapterState]) -> list[Member]:
+        return [Member(s, w, lora) for s, w, lora in zip(of, WINDOWS, MIXED, strict=True)]
+
+    expected = [_ok(r).state for r in reference.step(members(states))]
+    first = [_ok(r).state for r in kept.step(members(states))]
+    assert all(_equal(a, b) for a, b in zip(first, expected, strict=True))
+    for state in first:  # the host copies, garbled in place
+        for tensor in (*state.weights.values(), *state.optimizer.values()):
+            if tensor.is_floating_point():
+                tensor.fill_(0.5)
+    second = [_ok(r).state for r in kept.step(members(first))]
+    again = [_ok(r).state for r in reference.step(members(expected))]
+    same = [_equal(a, b) for a, b in zip(second, again, strict=True)]
+    assert same == ([True] * 3 if room > 1 else [False] * 3)
+
+
 def test_a_stand_in_needs_a_response_token_in_every_row() -> None:
     with pytest.raises(StepError, match="at least one response token"):
         stand_in([(3, 0)], LoraSettings())
