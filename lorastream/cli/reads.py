@@ -43,6 +43,7 @@ _TRAINING = (
     "rehearsal_buffer",
     "eval_segment_windows",
     "general_eval",
+    "adapters_per_step",
 )
 _ALL_TRAINING = (
     *_TRAINING,

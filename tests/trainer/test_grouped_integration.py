@@ -1,6 +1,6 @@
 """Many adapters per step in the live trainer, on the real broker (#24): windows that close
-in one batch step together and commit in one transaction, and a replay of one of their
-lineages is bit for bit the live one."""
+in one batch step together and commit in one transaction, a window that fails in its group
+is quarantined alone, and a replay of a lineage trained in groups is bit for bit the live one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from lorastream.dev.events import learning_event
 from lorastream.dev.topics import make_topics, produce
 from lorastream.dev.workers import LORASTREAM, Worker, worker_env
-from schemas import AdapterUpdate, decode, encode
+from schemas import AdapterUpdate, QuarantineRecord, decode, encode
 from tests.kafka_util import read_all, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -65,14 +65,24 @@ async def test_windows_closed_together_step_together_commit_together_and_replay_
     finally:
         paused.kill()
 
-    # The same instance id again: its start aborts the paused transaction, and it trains all.
-    with Worker(["train"], env, tmp_path / "train.log") as trainer:
-        records = await read_all(kafka_bootstrap, topics.adapter_updates, 6, timeout=150)
+    # The same instance id again: its start aborts the paused transaction, and it trains
+    # all, but for cyrus's second window, which makes a NaN loss, alone.
+    poison = {"LORASTREAM_FAULTS": "nan:cyrus-005", "LORASTREAM_MAX_TRIES": "2"}
+    with Worker(["train"], {**env, **poison}, tmp_path / "train.log") as trainer:
+        records = await read_all(kafka_bootstrap, topics.adapter_updates, 5, timeout=150)
+        quarantined = await read_all(kafka_bootstrap, topics.quarantine, 1, timeout=60)
         assert trainer.alive(), trainer.output()
     updates = [decode(r.value, AdapterUpdate) for r in records]
-    assert sorted((u.adapter, u.version) for u in updates) == sorted(
-        (name, v) for name in NAMES for v in (1, 2)
-    )
+    assert sorted((u.adapter, u.version) for u in updates) == [
+        ("ada", 1),
+        ("ada", 2),
+        ("bo", 1),
+        ("bo", 2),
+        ("cyrus", 1),
+    ]
+    (failed,) = [decode(r.value, QuarantineRecord) for r in quarantined]
+    assert failed.adapter == "cyrus" and "cyrus-005" in [e.id for e in failed.events]
+    assert failed.tries == 2 and "NonFiniteLossError" in failed.error
     grouped = [u for u in updates if u.window.group is not None]
     assert grouped, f"no window was stepped with others:\n{trainer.output()}"
     for update in grouped:
@@ -91,7 +101,7 @@ async def test_windows_closed_together_step_together_commit_together_and_replay_
         timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    records = await read_all(kafka_bootstrap, topics.adapter_updates, 8, settle=1)
+    records = await read_all(kafka_bootstrap, topics.adapter_updates, 7, settle=1)
     again = [decode(r.value, AdapterUpdate) for r in records]
     live = sorted((u for u in again if u.adapter == "bo"), key=lambda u: u.version)
     replayed = sorted((u for u in again if u.adapter == "bo-again"), key=lambda u: u.version)
