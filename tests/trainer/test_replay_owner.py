@@ -21,25 +21,27 @@ from lorastream.dev.topics import make_topics, produce
 from lorastream.dev.workers import LORASTREAM, worker_env
 from schemas import AdapterUpdate, Topics, decode, encode
 from tests.kafka_util import read_all, wait_for
+from tests.lorastream.test_errors import _run_here
 from trainer.committed import first_keyed
 from trainer.kafka import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
+def _env(bootstrap: str, prefix: str, tmp_path: Path) -> dict[str, str]:
+    return worker_env(
+        bootstrap,
+        prefix,
+        tmp_path / "home",
+        LORASTREAM_ADAPTER_DIR=str(tmp_path / "adapters"),
+        LORASTREAM_WINDOW_SIZE="4",
+    )
+
+
 def _replay(
     bootstrap: str, prefix: str, tmp_path: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        **worker_env(
-            bootstrap,
-            prefix,
-            tmp_path / "home",
-            LORASTREAM_ADAPTER_DIR=str(tmp_path / "adapters"),
-            LORASTREAM_WINDOW_SIZE="4",
-        ),
-    }
+    env = {**os.environ, **_env(bootstrap, prefix, tmp_path)}
     return subprocess.run(
         [LORASTREAM, "replay", *args], env=env, capture_output=True, text=True, timeout=180
     )
@@ -73,22 +75,27 @@ async def _train_live(bootstrap: str, prefix: str, tmp_path: Path, topics: Topic
         await running
 
 
-async def test_replay_into_a_live_name_is_refused_and_its_own_lineage_resumes(
-    kafka_bootstrap: str, prefix: str, tmp_path: Path
+def test_replay_into_a_live_name_is_refused_and_its_own_lineage_resumes(
+    kafka_bootstrap: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topics = await make_topics(kafka_bootstrap, prefix)
+    # Not a coroutine: the refusals run in this process, as the script runs them (a process
+    # each cost seconds of imports), and a command runs its own event loop.
+    topics = asyncio.run(make_topics(kafka_bootstrap, prefix))
     # alpha: 16 events to replay (offsets 0–15), and tutor: the live trainer trains both.
-    await produce(
-        kafka_bootstrap,
-        topics.learning_events,
-        [(b"alpha", encode(learning_event("alpha", n))) for n in range(16)]
-        + [(b"tutor", encode(learning_event("tutor", n))) for n in range(4)],
+    asyncio.run(
+        produce(
+            kafka_bootstrap,
+            topics.learning_events,
+            [(b"alpha", encode(learning_event("alpha", n))) for n in range(16)]
+            + [(b"tutor", encode(learning_event("tutor", n))) for n in range(4)],
+        )
     )
-    await _train_live(kafka_bootstrap, prefix, tmp_path, topics)
+    asyncio.run(_train_live(kafka_bootstrap, prefix, tmp_path, topics))
     live_files = sorted((tmp_path / "adapters" / "tutor").rglob("*"))
+    env = _env(kafka_bootstrap, prefix, tmp_path)
 
     def refused(*args: str) -> str:
-        done = _replay(kafka_bootstrap, prefix, tmp_path, "--adapter", "alpha", *args)
+        done = _run_here(["replay", "--adapter", "alpha", *args], env, monkeypatch)
         assert done.returncode == 1, done.stdout + done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, done.stderr
@@ -105,8 +112,12 @@ async def test_replay_into_a_live_name_is_refused_and_its_own_lineage_resumes(
     assert sorted((tmp_path / "adapters" / "tutor").rglob("*")) == live_files
 
     # A name with events on learning-events and no version yet is the live pipeline's too.
-    await produce(
-        kafka_bootstrap, topics.learning_events, [(b"coach", encode(learning_event("coach", 0)))]
+    asyncio.run(
+        produce(
+            kafka_bootstrap,
+            topics.learning_events,
+            [(b"coach", encode(learning_event("coach", 0)))],
+        )
     )
     line = refused("--into", "coach")
     assert line == (
@@ -116,9 +127,9 @@ async def test_replay_into_a_live_name_is_refused_and_its_own_lineage_resumes(
     ), line
 
     # An announcement from before writers named themselves is not a replay's either.
-    old = await read_all(kafka_bootstrap, topics.adapter_updates, 1)
+    old = asyncio.run(read_all(kafka_bootstrap, topics.adapter_updates, 1))
     stale = decode(old[0].value, AdapterUpdate).model_copy(update={"adapter": "legacy"})
-    await produce(kafka_bootstrap, topics.adapter_updates, [(b"legacy", encode(stale))])
+    asyncio.run(produce(kafka_bootstrap, topics.adapter_updates, [(b"legacy", encode(stale))]))
     line = refused("--into", "legacy", "--resume")
     assert "a writer that did not name itself (no lorastream-writer header)" in line, line
 
@@ -134,7 +145,7 @@ async def test_replay_into_a_live_name_is_refused_and_its_own_lineage_resumes(
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming alpha-r at v2" in again.stderr, again.stderr
     assert "alpha-r: v3–v4 from 8 events of alpha" in again.stdout, again.stdout
-    records = await read_all(kafka_bootstrap, topics.adapter_updates, 6)
+    records = asyncio.run(read_all(kafka_bootstrap, topics.adapter_updates, 6))
     writers = {
         (decode(r.value, AdapterUpdate).adapter, dict(r.headers).get("lorastream-writer"))
         for r in records
