@@ -16,7 +16,7 @@ from lorastream.dev.events import learning_event
 from lorastream.dev.topics import make_topics, produce
 from lorastream.dev.workers import LORASTREAM, Worker, worker_env
 from schemas import AdapterUpdate, QuarantineRecord, decode, encode
-from tests.kafka_util import read_all, wait_for
+from tests.kafka_util import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
