@@ -15,7 +15,7 @@ from schemas import (
     QuarantineRecord,
     encode,
 )
-from trainer.config import TrainingConfig
+from tests.trainer.cores import cpu_core
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import TrainerError
 from trainer.lineage import Lineage, apply_records, lineages_from
@@ -38,15 +38,7 @@ def _windows(adapter: str, count: int, size: int = 4) -> list[Window]:
 
 
 def _core(model_dir: Path, adapters: Path, **more: object) -> WindowTrainer:
-    config = TrainingConfig(
-        adapter_dir=adapters,
-        base_model=model_dir,
-        base_model_name="tiny",
-        window_size=4,
-        device="cpu",
-        **more,  # type: ignore[arg-type]
-    )
-    return WindowTrainer.load(config)
+    return cpu_core(model_dir, adapters, 4, **more)
 
 
 def test_a_window_becomes_the_next_version_of_the_lineage_it_is_given(

@@ -22,8 +22,9 @@ from lorastream.dev.events import learning_event
 from lorastream.dev.topics import make_topics, produce
 from schemas import LearningEvent, encode
 from tests.kafka_util import wait_for
+from tests.trainer.cores import cpu_core
 from trainer.committed import group_offsets
-from trainer.config import LoraSettings, TrainingConfig
+from trainer.config import LoraSettings
 from trainer.core import Trained, WindowTrainer
 from trainer.evaluation import EvalExample, extend_eval_set
 from trainer.kafka import KafkaConnection
@@ -46,15 +47,7 @@ def _events(adapter: str, count: int) -> list[LearningEvent]:
 
 
 def _core(model_dir: Path, adapters: Path, **more: object) -> WindowTrainer:
-    config = TrainingConfig(
-        adapter_dir=adapters,
-        base_model=model_dir,
-        base_model_name="tiny",
-        window_size=WINDOW,
-        device="cpu",
-        **more,  # type: ignore[arg-type]
-    )
-    return WindowTrainer.load(config)
+    return cpu_core(model_dir, adapters, WINDOW, **more)
 
 
 def _drive(

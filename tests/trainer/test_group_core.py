@@ -14,8 +14,8 @@ from aiokafka import TopicPartition
 
 from lorastream.dev.events import learning_event
 from schemas import QuarantineRecord, StepGroup
+from tests.trainer.cores import cpu_core
 from trainer.adapter_state import AdapterState
-from trainer.config import TrainingConfig
 from trainer.core import Outcome, Trained, WindowTrainer
 from trainer.exceptions import AdapterHeld
 from trainer.lineage import Lineage
@@ -40,15 +40,7 @@ def _windows(adapter: str, count: int) -> list[Window]:
 
 
 def _core(model_dir: Path, adapters: Path, **more: object) -> WindowTrainer:
-    config = TrainingConfig(
-        adapter_dir=adapters,
-        base_model=model_dir,
-        base_model_name="tiny",
-        window_size=SIZE,
-        device="cpu",
-        **more,  # type: ignore[arg-type]
-    )
-    return WindowTrainer.load(config)
+    return cpu_core(model_dir, adapters, SIZE, **more)
 
 
 def _trained(outcome: Outcome | AdapterHeld) -> Trained:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from lorastream.dev.events import learning_event
 from schemas import AdapterUpdate, LearningEvent, RehearsalSpec, decode, encode, schema_document
+from tests.trainer.cores import cpu_core
 from trainer.config import LoraSettings, TrainingConfig
 from trainer.core import Trained, WindowTrainer
 from trainer.exceptions import AdapterStoreError
@@ -55,15 +56,7 @@ def _events(count: int) -> list[LearningEvent]:
 
 
 def _core(model_dir: Path, adapters: Path, **more: object) -> WindowTrainer:
-    config = TrainingConfig(
-        adapter_dir=adapters,
-        base_model=model_dir,
-        base_model_name="tiny",
-        window_size=WINDOW,
-        device="cpu",
-        **more,  # type: ignore[arg-type]
-    )
-    return WindowTrainer.load(config)
+    return cpu_core(model_dir, adapters, WINDOW, **more)
 
 
 def _drive(
