@@ -164,13 +164,16 @@ async def _rebuild(
                         continue
                     version = shadow.version + 1
                     update = announced.get(version)
-                    if update is None or update.window != spec:
+                    # Its group (the adapters it was stepped with) is no part of the window.
+                    if update is None or update.window.model_copy(update={"group": None}) != spec:
                         raise ReplayError(
                             f"{lineage.adapter} v{version}: the log no longer gives the window "
                             f"it was trained on ({spec.topic}[{spec.partition}]@"
                             f"{spec.first_offset}..{spec.last_offset} now); cannot repair"
                         )
-                    outcome = await asyncio.to_thread(core.train, closed, shadow)
+                    # A window stepped in a group is stepped in that group's shape again.
+                    group = update.window.group
+                    outcome = await asyncio.to_thread(core.train, closed, shadow, group)
                     if not isinstance(outcome, Trained):
                         raise ReplayError(
                             f"{lineage.adapter} v{version}: retraining failed ({outcome.error})"

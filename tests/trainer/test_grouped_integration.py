@@ -1,6 +1,7 @@
 """Many adapters per step in the live trainer, on the real broker (#24): windows that close
 in one batch step together and commit in one transaction, a window that fails in its group
-is quarantined alone, and a replay of a lineage trained in groups is bit for bit the live one."""
+is quarantined alone, and a replay or a repair of a lineage trained in groups is bit for bit
+the live one."""
 
 from __future__ import annotations
 
@@ -109,3 +110,18 @@ async def test_windows_closed_together_step_together_commit_together_and_replay_
         assert mine.sha256 == theirs.sha256
         assert _digests(mine) == _digests(theirs), f"bo-again v{mine.version}: files differ"
         assert mine.train_loss == theirs.train_loss
+
+    # A repair rebuilds a version trained in a group as it was: bit for bit, or not at all.
+    optimizer = Path(urlparse(live[0].uri).path) / "optimizer.safetensors"
+    announced = optimizer.read_bytes()
+    optimizer.write_bytes(announced[:-4] + b"\0\0\0\0")
+    repaired = subprocess.run(
+        [LORASTREAM, "adapters", "repair", "bo"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "restored v1 as announced" in repaired.stdout, repaired.stdout
+    assert optimizer.read_bytes() == announced
