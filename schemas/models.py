@@ -309,7 +309,7 @@ class StepGroup(_Document):
 
     def named(self, old: str, new: str) -> StepGroup:
         """The same group with ``old`` called ``new`` (a replay's own adapter)."""
-        return self.model_copy(update={"adapters": [new if a == old else a for a in self.adapters]})
+        return StepGroup(adapters=[new if a == old else a for a in self.adapters], rows=self.rows)
 
 
 class WindowSpec(_Document):
