@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -200,3 +201,39 @@ def test_adapter_update_round_trips() -> None:
     assert decode(encode(update), AdapterUpdate) == update
     first = decode(orjson.dumps(_adapter_update(version=1, parent_version=None)), AdapterUpdate)
     assert first.parent_version is None
+
+
+def _grouped(group: Any) -> bytes:
+    doc = _adapter_update()
+    doc["window"] = {**doc["window"], "group": group}
+    return orjson.dumps(doc)
+
+
+def test_a_windows_group_names_its_adapters_and_their_rows_and_older_records_have_none() -> None:
+    """#24: ``window.group`` says which adapters were stepped together and each one's rows
+    ([prompt, response] tokens); an announcement from before it decodes with None."""
+    assert decode(orjson.dumps(_adapter_update()), AdapterUpdate).window.group is None
+    update = decode(
+        _grouped({"adapters": ["a1", "b2"], "rows": [[[3, 2]], [[0, 1], [4, 5]]]}), AdapterUpdate
+    )
+    group = update.window.group
+    assert group is not None and group.adapters == ["a1", "b2"]
+    assert group.rows == [[(3, 2)], [(0, 1), (4, 5)]]
+    assert decode(encode(update), AdapterUpdate) == update
+    assert group.named("a1", "a1-again").adapters == ["a1-again", "b2"]
+
+
+@pytest.mark.parametrize(
+    ("group", "said"),
+    [
+        ({"adapters": ["a1"], "rows": [[[1, 1]]]}, "window.group.adapters"),
+        ({"adapters": ["a1", "a1"], "rows": [[[1, 1]], [[1, 1]]]}, "names an adapter twice"),
+        ({"adapters": ["a1", "b2"], "rows": [[[1, 1]]]}, "rows has 1 lists for 2 adapters"),
+        ({"adapters": ["a1", "b2"], "rows": [[[1, 1]], []]}, "at least one row"),
+        ({"adapters": ["a1", "b2"], "rows": [[[1, 0]], [[1, 1]]]}, "window.group.rows.0.0.1"),
+        ({"adapters": ["a1", "../b"], "rows": [[[1, 1]], [[1, 1]]]}, "window.group.adapters.1"),
+    ],
+)
+def test_a_bad_group_is_refused_naming_what_is_wrong(group: dict[str, Any], said: str) -> None:
+    with pytest.raises(SchemaError, match=re.escape(said)):
+        decode(_grouped(group), AdapterUpdate)
