@@ -138,7 +138,7 @@ class Windows:
         # Duplicates refused since the driver last asked (:meth:`take_skipped`).
         self._skipped: dict[TopicPartition, Skipped] = {}
         # Closed windows not yet settled or pinned, by (partition, adapter, first offset).
-        self._closed: set[tuple[TopicPartition, str, int]] = set()
+        self._closed: dict[tuple[TopicPartition, str, int], Window] = {}
 
     def add(self, tp: TopicPartition, offset: int, event: LearningEvent) -> Window | None:
         """Add an event; return its window when this event filled it (the window is closed)."""
@@ -153,7 +153,7 @@ class Windows:
 
     def _close(self, key: tuple[TopicPartition, str]) -> Window:
         window = self._open.pop(key)
-        self._closed.add((window.tp, window.adapter, window.first_offset))
+        self._closed[(window.tp, window.adapter, window.first_offset)] = window
         # Copied, not moved: until the driver commits the window's outcome they still hold
         # the committable offset back (a crash reads them again), then :meth:`settle` drops them.
         window.held_out = list(self._held.get(key, ()))
@@ -163,7 +163,7 @@ class Windows:
         """The driver committed ``window``'s outcome: its held-out events are no longer
         pending (in the version's evaluation set, or gone with a quarantined window)."""
         key = (window.tp, window.adapter)
-        self._closed.discard((window.tp, window.adapter, window.first_offset))
+        self._closed.pop((window.tp, window.adapter, window.first_offset), None)
         taken = {pending.offset for pending in window.held_out}
         left = [p for p in self._held.get(key, ()) if p.offset not in taken]
         if left:
@@ -224,14 +224,22 @@ class Windows:
         return held_out(event_id, self.eval_fraction)
 
     def holds(self, tp: TopicPartition, adapter: str, event_id: str) -> bool:
+        """Whether ``adapter``'s open window on ``tp``, or a closed window of it still
+        waiting for its outcome's commit (on any partition, as its lineage would), holds
+        ``event_id``: a duplicate of it is not admitted."""
         window = self._open.get((tp, adapter))
-        return window is not None and any(p.event.id == event_id for p in window.events)
+        if window is not None and any(p.event.id == event_id for p in window.events):
+            return True
+        return any(
+            w.adapter == adapter and any(p.event.id == event_id for p in w.events)
+            for w in self._closed.values()
+        )
 
     def pin(self, window: Window) -> None:
         """Hold ``window``'s adapter on its partition: nothing is committed from the window's
         first event on, and the adapter's later events are not taken (read again later)."""
         key = (window.tp, window.adapter)
-        self._closed.discard((window.tp, window.adapter, window.first_offset))
+        self._closed.pop((window.tp, window.adapter, window.first_offset), None)
         self._pinned[key] = min(self._pinned.get(key, window.first_offset), window.first_offset)
 
     def pinned(self) -> set[str]:
@@ -254,7 +262,7 @@ class Windows:
         the outcomes of the closed windows ``settling`` are committed with it."""
         offsets = dict(self._next)
         going = {(w.tp, w.adapter, w.first_offset) for w in settling}
-        for tp, _, first in self._closed - going:
+        for tp, _, first in self._closed.keys() - going:
             offsets[tp] = min(offsets.get(tp, first), first)
         for (tp, _), window in self._open.items():
             offsets[tp] = min(offsets.get(tp, window.first_offset), window.first_offset)
@@ -273,7 +281,7 @@ class Windows:
             del self._held[key]
         for key in [k for k in self._pinned if k[0] in partitions]:
             del self._pinned[key]
-        self._closed = {c for c in self._closed if c[0] not in partitions}
+        self._closed = {c: w for c, w in self._closed.items() if c[0] not in partitions}
         for tp in partitions:
             self._next.pop(tp, None)
 

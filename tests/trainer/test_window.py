@@ -8,6 +8,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from schemas import LearningEvent, SourcePosition
+from trainer.lineage import Lineage
 from trainer.window import Windows
 
 TP0 = TopicPartition("learning-events", 0)
@@ -65,6 +66,23 @@ def test_commit_never_passes_the_head_of_an_open_window() -> None:
     a = _feed(windows, TP0, 13, "a", 1)  # a closes too
     assert a is not None
     assert windows.committable(settling=[a, b]) == {TP0: 14, TP1: 5}
+
+
+def test_an_event_of_a_closed_window_waiting_for_its_commit_is_not_admitted_again() -> None:
+    """A window closed but not yet committed (waiting to step with others') is not yet in
+    its lineage: a re-delivered event of it, later in the batch, is still a duplicate (the
+    soak with --adapters-per-step found such events trained twice)."""
+    windows, lineage = Windows(2), Lineage("a")
+    _feed(windows, TP0, 0, "a", 0)
+    closed = _feed(windows, TP0, 1, "a", 1)
+    assert closed is not None
+    assert windows.offer(TP0, 2, _event("a", 0), lineage) == (False, None)
+    assert windows.offer(TP1, 0, _event("a", 1), lineage) == (False, None)
+    assert windows.offer(TP0, 3, _event("b", 0), lineage)[0]  # another adapter's id
+    assert windows.offer(TP0, 4, _event("a", 2), lineage) == (True, None)
+    lineage.record_window(closed.spec())  # committed, as the driver does
+    windows.settle(closed)
+    assert windows.offer(TP0, 5, _event("a", 0), lineage) == (False, None)
 
 
 def test_commit_never_passes_a_closed_window_until_it_is_settled_or_pinned() -> None:
