@@ -45,6 +45,11 @@ skipped). It prints a report and exits 1 on any failure (the logs are kept then)
 
     .venv/bin/python bench/soak.py [--seconds 600] [--rate 20] [--kills 100] [--seed 0]
                                    [--txn-share 0.3] [--stay-down 0.5] [--s3] [--keep] [-v]
+                                   [--adapters-per-step N]
+
+With ``--adapters-per-step N`` the trainers step the windows that close in one batch
+together (``LORASTREAM_ADAPTERS_PER_STEP``), and the retraining steps each such window in
+its recorded group's shape (``trainer.grouped.stand_in``).
 
 With ``--s3`` the adapters live in a bucket of a real S3Proxy (``lorastream.dev.s3proxy``,
 from Maven Central) and each member has its own local cache, as on separate machines: a
@@ -469,6 +474,7 @@ class Soak:
             LORASTREAM_ADAPTER_DIR=self.adapter_dir,
             LORASTREAM_ANNOUNCE_KEY=self.announce_key,
             LORASTREAM_DEVICE="cpu",
+            LORASTREAM_ADAPTERS_PER_STEP=str(self.args.adapters_per_step),
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
             TOKENIZERS_PARALLELISM="false",
@@ -1323,6 +1329,7 @@ class Soak:
         by_adapter: dict[str, list[int]] = defaultdict(list)
         for u in state["updates"]:
             by_adapter[u.adapter].append(u.version)
+        grouped = sum(1 for u in state["updates"] if u.window.group is not None)
         print("\n== lorastream soak ==")
         print(
             f"duration: {chaos_seconds:.0f}s of chaos and production, {drain_seconds:.0f}s of "
@@ -1372,6 +1379,10 @@ class Soak:
             for a, v in sorted(by_adapter.items())
         )
         print(f"versions per adapter ({len(state['updates'])} in all): {versions}")
+        print(
+            f"announcements of windows stepped with other adapters' (--adapters-per-step "
+            f"{self.args.adapters_per_step}): {grouped}"
+        )
         print(f"announcements signed with this run's key; records skipped: {len(self.skipped)}")
         for title, lines in (
             ("fault A, a corrupted file", corrupted),
@@ -1412,7 +1423,8 @@ def check_retrained(
     import torch
 
     from trainer.config import LoraSettings
-    from trainer.lora import LoraStepper
+    from trainer.grouped import GroupedStepper, Member, stand_in
+    from trainer.lora import LoraStepper, StepResult
     from trainer.model import default_tiny_model_dir, load_base_model
     from trainer.store import AdapterStore
 
@@ -1422,7 +1434,9 @@ def check_retrained(
         for offset, e in events:
             found[e.adapter, e.id].append((p, offset, e.prompt, e.response))
     base = load_base_model(default_tiny_model_dir(home), torch.device("cpu"))
-    stepper = LoraStepper(base, LoraSettings(), seed=0)
+    lora = LoraSettings()
+    stepper = LoraStepper(base, lora, seed=0)
+    grouped = GroupedStepper(stepper)
     store = AdapterStore(out)
     problems = []
     for adapter, lineage in sorted(lineages_of(updates).items()):
@@ -1444,7 +1458,18 @@ def check_retrained(
                     break
                 examples.append((chosen[2], chosen[3]))
             else:
-                state = stepper.step(state, examples).state
+                group = w.group
+                if group is None:
+                    state = stepper.step(state, examples).state
+                else:  # stepped with other adapters: in that batch's shape (trainer.grouped)
+                    own = group.adapters.index(adapter)
+                    members = [
+                        Member(state, examples, lora) if k == own else stand_in(rows, lora)
+                        for k, rows in enumerate(group.rows)
+                    ]
+                    result = grouped.step(members)[own]
+                    assert isinstance(result, StepResult), result
+                    state = result.state
                 digests[u.version] = store.write(adapter, u.version, state, stepper, {}).sha256
                 continue
             break
@@ -1531,6 +1556,12 @@ def main() -> int:
     parser.add_argument("--arm-timeout", type=float, default=60)
     parser.add_argument("--drain-timeout", type=float, default=None)
     parser.add_argument("--s3", action="store_true", help="adapters in a bucket of S3Proxy")
+    parser.add_argument(
+        "--adapters-per-step",
+        type=int,
+        default=1,
+        help="LORASTREAM_ADAPTERS_PER_STEP of the trainers: windows closed together step together",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs even on success")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each chaos action")
     args = parser.parse_args()
