@@ -241,6 +241,8 @@ class Windows:
         key = (window.tp, window.adapter)
         self._closed.pop((window.tp, window.adapter, window.first_offset), None)
         self._pinned[key] = min(self._pinned.get(key, window.first_offset), window.first_offset)
+        # Events taken after it while it waited to step with others': read again too.
+        self._open.pop(key, None)
 
     def pinned(self) -> set[str]:
         return {adapter for _, adapter in self._pinned}

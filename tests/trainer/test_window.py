@@ -98,7 +98,11 @@ def test_commit_never_passes_a_closed_window_until_it_is_settled_or_pinned() -> 
     assert windows.committable(settling=[a]) == {TP0: 11}
     windows.settle(a)
     assert windows.committable() == {TP0: 11}
+    _feed(windows, TP0, 14, "b", 2)  # b's next window opens while b waits
+    assert windows.pending() == {"b": 1}
     windows.pin(b)  # on hold: its pin keeps the bound, not its closing
+    assert windows.pending() == {}  # what b took since is read again once the hold lifts
+    assert windows.committable() == {TP0: 11}
     windows.keep_only(set())
     assert windows.committable() == {}
 
