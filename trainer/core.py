@@ -62,6 +62,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
+import orjson
+from pydantic import ValidationError
+
 from schemas import (
     AdapterUpdate,
     LoraSpec,
@@ -92,7 +95,13 @@ from trainer.measure import Evaluation, Measure
 from trainer.metrics import TrainerMetrics
 from trainer.model import BaseModel, load_base_model, resolve_device
 from trainer.rehearsal import Buffer, Plan, Rehearsed, decode_buffer, encode_buffer, plan
-from trainer.store import EVAL_SET_FILE, REHEARSAL_FILE, AdapterStore, StoredVersion
+from trainer.store import (
+    EVAL_SET_FILE,
+    METADATA_FILE,
+    REHEARSAL_FILE,
+    AdapterStore,
+    StoredVersion,
+)
 from trainer.window import Window
 
 __all__ = [
@@ -323,7 +332,26 @@ class WindowTrainer:
         other adapters' places, so that its step is the group's bit for bit; should its
         own rows not have the recorded shape (another tokenizer or max_length), alone.
         """
-        return self._train(window, lineage, self._prepare(window, lineage), group)
+        prepared = self._prepare(window, lineage)
+        if group is None:
+            group = self._as_written(window, lineage.adapter, prepared.version)[1]
+        return self._train(window, lineage, prepared, group)
+
+    def _as_written(
+        self, window: Window, adapter: str, version: int
+    ) -> tuple[bool, StepGroup | None]:
+        """Whether ``window`` already wrote ``version`` here (its writer died before the
+        commit, or the commit failed), and the group it was stepped in then (None: alone).
+        Such a window is stepped again as it was, so that it writes the same files: grouped
+        otherwise, it would write others, and the version, written once, would stop it."""
+        path = self.store.version_dir(adapter, version) / METADATA_FILE
+        try:
+            spec = WindowSpec.model_validate(orjson.loads(path.read_bytes())["window"])
+        except (OSError, ValueError, KeyError, TypeError, ValidationError):
+            return False, None
+        if spec.event_ids != window.ids:
+            return False, None
+        return True, spec.group
 
     def train_group(self, items: list[tuple[Window, Lineage]]) -> list[Outcome | AdapterHeld]:
         """Train each ``(window, lineage)`` as :meth:`train` would, up to
@@ -342,6 +370,15 @@ class WindowTrainer:
                 ready.append((i, self._prepare(window, lineage)))
             except AdapterHeld as held:
                 out[i] = held
+        fresh: list[tuple[int, _Prepared]] = []
+        for i, prepared in ready:
+            window, lineage = items[i]
+            written, recorded = self._as_written(window, lineage.adapter, prepared.version)
+            if written:  # stepped as it was before the crash, not in this group
+                out[i] = self._held_or(partial(self._train, window, lineage, prepared, recorded))
+            else:
+                fresh.append((i, prepared))
+        ready = fresh
         lora = self.config.lora
         for chosen in plan_groups([lora] * len(ready), self.config.adapters_per_step):
             group = [ready[c] for c in chosen]

@@ -189,3 +189,29 @@ def test_a_group_whose_rows_are_not_the_windows_is_stepped_alone(
     trained = _trained(_core(tiny_model_dir, tmp_path).train(window, Lineage("bo"), group))
     assert trained.update.window.group is None
     assert torch.isfinite(torch.tensor(trained.update.train_loss))
+
+
+def test_a_window_written_before_a_crash_is_stepped_again_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A trainer killed between a group's files and its commit leaves their versions on
+    disk. The next trainer may group those windows otherwise (or not at all): each is
+    stepped again in the group its files record, and writes the same files, instead of
+    putting its adapter on hold for a version "that exists with other content" (the soak
+    with --adapters-per-step found three adapters held so)."""
+    windows = {name: _windows(name, 1)[0] for name in NAMES}
+    first = _core(tiny_model_dir, tmp_path, adapters_per_step=3)
+    written = {
+        name: _trained(o).update
+        for name, o in zip(
+            NAMES, first.train_group([(windows[a], Lineage(a)) for a in NAMES]), strict=True
+        )
+    }  # and the process dies: nothing is committed, nothing recorded
+    again = _core(tiny_model_dir, tmp_path, adapters_per_step=2)
+    outcomes = again.train_group([(windows[a], Lineage(a)) for a in ("bo", "cyrus")])
+    alone = _core(tiny_model_dir, tmp_path).train(windows["ada"], Lineage("ada"))
+    for name, outcome in zip(("bo", "cyrus", "ada"), [*outcomes, alone], strict=True):
+        update = _trained(outcome).update
+        assert update.sha256 == written[name].sha256, name
+        assert update.manifest_sha256 == written[name].manifest_sha256, name
+        assert update.window.group == written[name].window.group, name
